@@ -1,0 +1,56 @@
+"""Hub-wide routes: version, config, status, load-check, log, entities."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..hublog import encode_record
+from ..load import load_check
+from .http import Request, Response, Router, StreamResponse, json_response
+
+if TYPE_CHECKING:
+    from ..service import Hub
+
+
+def register(router: Router, hub: Hub) -> None:
+    async def version(request: Request) -> Response:
+        return json_response(hub.version_info())
+
+    async def config(request: Request) -> Response:
+        return json_response({**hub.config.public(), "id": hub.id})
+
+    async def status(request: Request) -> Response:
+        return json_response({"id": hub.id, "cpm": {}, "uptime": hub.uptime()})
+
+    async def load(request: Request) -> Response:
+        paths = [hub.config.sequences_root]
+        return json_response(await trio.to_thread.run_sync(load_check, paths))
+
+    async def log(request: Request) -> StreamResponse:
+        async def lines() -> AsyncIterator[bytes]:
+            async for missed, record in hub.log_ring.follow():
+                if missed:
+                    yield encode_record(
+                        {"level": "WARN", "from": "Hub", "msg": f"{missed} log records skipped"}
+                    )
+                yield encode_record(record)
+
+        return StreamResponse(lines(), "application/x-ndjson")
+
+    async def entities(request: Request) -> Response:
+        return json_response(
+            {
+                "sequences": [s.info() for s in hub.store.list()],
+                "instances": [i.info() for i in hub.supervisor.list()],
+            }
+        )
+
+    router.add("GET", "/version", version)
+    router.add("GET", "/config", config)
+    router.add("GET", "/status", status)
+    router.add("GET", "/load-check", load)
+    router.add("GET", "/log", log)
+    router.add("GET", "/entities", entities)

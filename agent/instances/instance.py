@@ -1,0 +1,632 @@
+"""One Instance: a runner process, its streams, events, health and lifecycle.
+
+Theory of operation
+-------------------
+:meth:`Instance.run` is the Instance's whole life and runs in the supervisor's
+nursery. It spawns the runner through the runtime, starts one pump task per
+runner-to-hub channel, waits for the handshake (reporting ``started`` to the
+start request only then), and waits for the process to end. The pumps copy each
+channel into its own bounded buffer (:class:`~agent.streams.Broadcast`), so a
+flooded stdout back-pressures only stdout while monitoring, events and log keep
+flowing. After the process ends the Instance stays listed for the configured
+lifetime, so its final status, output and logs can still be read; then its tasks
+are cancelled and the supervisor forgets it.
+
+Status changes go through :func:`~agent.instances.lifecycle.next_status` only.
+Requests that cannot apply in the current state are refused before they touch
+the table (400/409/410), so a refusal of the table itself is a bug.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import signal
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterable, Callable
+from typing import TYPE_CHECKING, Any, Final
+
+import trio
+
+from spacehub.protocol import runner as proto
+
+from .. import limits
+from ..errors import Conflict, Gone, InstanceNotRunning, MethodNotAllowed, SequenceStartFailed
+from ..hublog import LogRecordDict
+from ..streams import Broadcast, RecordRing
+from .lifecycle import FINAL, LIVE, Status, Trigger, next_status
+
+if TYPE_CHECKING:
+    from ..config import HubConfig
+    from ..runtimes.base import LaunchSpec, RunnerProcess, Runtime
+    from ..sequences.store import Sequence
+
+#: Seconds a control message may wait for room in the control pipe.
+CONTROL_WRITE_TIMEOUT: Final = 5.0
+#: Seconds /health waits for the first health report of a new instance.
+FIRST_HEALTH_WAIT: Final = 2.0
+#: Bytes of stderr kept to explain a runner that fails before its handshake.
+STDERR_TAIL_BYTES: Final = 4096
+
+#: Exit codes of our runners (agent/runners) and what they mean.
+EXIT_REASONS: Final = {
+    20: "Runner environment is invalid (probably a bug in the hub)",
+    21: "Sequence entrypoint path is invalid",
+    22: "Sequence failed on start",
+    23: "Sequence failed during execution",
+}
+
+EventCallback = Callable[["Instance", str, Any], None]
+
+
+def iso_now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class _EventWaiter:
+    __slots__ = ("done", "message", "name")
+
+    def __init__(self, name: str | None) -> None:
+        self.name = name
+        self.done = trio.Event()
+        self.message: Any = None
+
+
+class Instance:
+    def __init__(
+        self,
+        *,
+        instance_id: str,
+        sequence: Sequence,
+        app_config: dict[str, Any],
+        args: list[Any],
+        runtime: Runtime,
+        config: HubConfig,
+        launch: Callable[[Instance], LaunchSpec],
+        input_topic: str | None = None,
+        output_topic: str | None = None,
+        limits_request: dict[str, Any] | None = None,
+        on_event: EventCallback | None = None,
+        on_removed: Callable[[Instance], None] | None = None,
+    ) -> None:
+        self.id = instance_id
+        self.sequence = sequence
+        self.app_config = app_config
+        self.args = args
+        self.input_topic = input_topic
+        self.output_topic = output_topic
+        self.limits_request = limits_request or {}
+        self._runtime = runtime
+        self._config = config
+        self._launch = launch
+        self._on_event = on_event
+        self._on_removed = on_removed
+        self._logger = logging.getLogger(f"agent.instance.{instance_id[:8]}")
+
+        self.status = Status.INITIALIZING
+        self.created = iso_now()
+        self.started: str | None = None
+        self.ended: str | None = None
+        self.exitcode: int | None = None
+        self.reason: str | None = None
+        self.provides: str | None = None
+        self.requires: str | None = None
+        self.pid: int | None = None
+
+        self.output = Broadcast(limits.INSTANCE_STREAM_BUFFER_BYTES)
+        self.stdout = Broadcast(limits.INSTANCE_STREAM_BUFFER_BYTES)
+        self.stderr = Broadcast(limits.INSTANCE_STREAM_BUFFER_BYTES)
+        self.log = RecordRing[LogRecordDict](limits.INSTANCE_LOG_RING_RECORDS)
+
+        self._process: RunnerProcess | None = None
+        self._control_lock = trio.Lock()
+        self._input_lock = trio.Lock()
+        self._stdin_lock = trio.Lock()
+        self._input_preamble_sent = False
+        self._input_ended = False
+        self._stdin_ended = False
+        self._stderr_tail: deque[bytes] = deque()
+        self._stderr_tail_size = 0
+
+        self._state_changed = trio.lowlevel.ParkingLot()
+        self._handshake = trio.Event()
+        self._exited = trio.Event()
+        self._removed = trio.Event()
+        self._kill_requested = trio.Event()
+        self._first_health = trio.Event()
+        self._health: dict[str, Any] = {}
+        self._keep_alive_seen = False
+        self._stopped_by_runner = False
+        self._runner_error: dict[str, Any] | None = None
+
+        self._last_events: dict[str, Any] = {}
+        self._has_last_any = False
+        self._last_any: Any = None
+        self._event_waiters: list[_EventWaiter] = []
+        self._event_streams: set[trio.MemorySendChannel[tuple[str, Any]]] = set()
+
+    # ------------------------------------------------------------------ info
+    @property
+    def is_live(self) -> bool:
+        return self.status in LIVE
+
+    def info(self) -> dict[str, Any]:
+        info: dict[str, Any] = {
+            "id": self.id,
+            "sequence": {
+                "id": self.sequence.id,
+                "name": self.sequence.package.name or None,
+                "config": self.sequence.config(),
+                "location": self.sequence.info().get("location"),
+            },
+            "appConfig": self.app_config,
+            "args": self.args,
+            "created": self.created,
+            "started": self.started,
+            "ended": self.ended,
+            "status": self.status.value,
+        }
+        if self.provides:
+            info["provides"] = self.provides
+        if self.requires:
+            info["requires"] = self.requires
+        if self.exitcode is not None or self.reason is not None:
+            info["terminated"] = {"exitcode": self.exitcode, "reason": self.reason}
+        return {k: v for k, v in info.items() if v is not None}
+
+    def _set_status(self, trigger: Trigger) -> None:
+        new = next_status(self.status, trigger)
+        if new is not self.status:
+            self._hub_log("debug", f"status {self.status.value} -> {new.value} ({trigger.name})")
+        self.status = new
+        self._state_changed.unpark_all()
+
+    def _hub_log(self, level: str, message: str) -> None:
+        """A line in the hub log and in this instance's own /log."""
+        number = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING}.get(
+            level, logging.ERROR
+        )
+        self._logger.log(number, message)
+        self.log.append({"ts": _ms_now(), "level": level.upper(), "from": "Hub", "msg": message})
+
+    # ------------------------------------------------------------------ life
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The whole life of the Instance; ``started`` once the runner handshook.
+
+        Raises :class:`SequenceStartFailed` (before ``started``) when the runner
+        ends or times out before its handshake.
+        """
+        spec = self._launch(self)
+        try:
+            process = await self._runtime.spawn(spec)
+        except OSError as exc:
+            self._finish_without_process(f"cannot start the runner: {exc}")
+            raise SequenceStartFailed(f"cannot start the runner: {exc}") from None
+        self._process = process
+        self.pid = process.pid
+        self._set_status(Trigger.SPAWNED)
+        start_failure: str | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump_bytes, process.stdout, self.stdout, False)
+                nursery.start_soon(self._pump_bytes, process.stderr, self.stderr, True)
+                nursery.start_soon(self._pump_bytes, process.output, self.output, False)
+                nursery.start_soon(self._pump_log, process.log)
+                nursery.start_soon(self._pump_monitoring, process.monitoring)
+                nursery.start_soon(self._watch_exit, process)
+                nursery.start_soon(self._enforce_kill, process)
+
+                with trio.move_on_after(self._config.start_timeout):
+                    await self._wait_for(lambda: self._handshake.is_set() or self._exited.is_set())
+                if not self._handshake.is_set():
+                    start_failure = self._start_failure_reason()
+                    self._kill_requested.set()
+                    with trio.move_on_after(self._config.kill_grace + 1):
+                        await self._exited.wait()
+                    nursery.cancel_scope.cancel()
+                else:
+                    await self._send_control(
+                        proto.Message(proto.Code.PONG, {"appConfig": self.app_config, "args": self.args})
+                    )
+                    self._hub_log("info", f"Instance started (pid {process.pid})")
+                    task_status.started()
+                    await self._exited.wait()
+                    # Stragglers the sequence left behind must not outlive it.
+                    process.signal_group(signal.SIGKILL)
+                    await trio.sleep(self._config.instance_lifetime)
+                    nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                process.signal_group(signal.SIGKILL)
+                await process.aclose()
+            self._close_streams()
+            self._removed.set()
+            if self._on_removed is not None:
+                self._on_removed(self)
+        if start_failure is not None:
+            raise SequenceStartFailed(start_failure)
+
+    def _finish_without_process(self, reason: str) -> None:
+        self.reason = reason
+        self.ended = iso_now()
+        self._set_status(Trigger.EXITED_FAILED)
+        self._exited.set()
+        self._close_streams()
+        if self._on_removed is not None:
+            self._on_removed(self)
+
+    def _close_streams(self) -> None:
+        for stream in (self.output, self.stdout, self.stderr):
+            stream.close()
+        self.log.close()
+        for channel in list(self._event_streams):
+            channel.close()
+        self._event_streams.clear()
+        for waiter in self._event_waiters:
+            waiter.done.set()
+        self._event_waiters.clear()
+
+    async def _wait_for(self, condition: Callable[[], bool]) -> None:
+        while not condition():
+            await self._state_changed.park()
+
+    def _start_failure_reason(self) -> str:
+        if self._runner_error is not None:
+            return str(self._runner_error.get("message") or "the runner failed before its handshake")
+        if not self._exited.is_set():
+            return f"the runner did not complete its handshake within {self._config.start_timeout:g} s"
+        tail = b"".join(self._stderr_tail).decode("utf-8", "replace").strip()
+        text = f"the runner exited with code {self.exitcode} before its handshake"
+        return f"{text}: {tail[-500:]}" if tail else text
+
+    async def _watch_exit(self, process: RunnerProcess) -> None:
+        code = await process.wait()
+        self.exitcode = code if code >= 0 else 128 - code
+        self.ended = iso_now()
+        self.reason = self._exit_reason(code)
+        # The table decides what an exit means in each state (a SIGKILL asked for
+        # by a kill request still completes the instance).
+        self._set_status(Trigger.EXITED_CLEAN if code == 0 else Trigger.EXITED_FAILED)
+        self._hub_log(
+            "info", f"Instance ended: {self.status.value}, {self.reason} (exit code {self.exitcode})"
+        )
+        self._exited.set()
+        self._state_changed.unpark_all()
+        # Nobody reads an ended instance's input or events any more.
+        for waiter in self._event_waiters:
+            waiter.done.set()
+        self._event_waiters.clear()
+        for channel in list(self._event_streams):
+            channel.close()
+        self._event_streams.clear()
+
+    def _exit_reason(self, code: int) -> str:
+        if self.status is Status.KILLING:
+            return "Instance killed"
+        if self.status is Status.STOPPING:
+            return "Instance stopped" if self._stopped_by_runner else "Instance killed after the stop timeout"
+        if self._runner_error is not None and self._runner_error.get("message"):
+            return str(self._runner_error["message"])
+        if code == 0:
+            return "Instance completed" if self._handshake.is_set() else "Runner exited before its handshake"
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = str(-code)
+            return f"Runner killed by signal {name}"
+        return EXIT_REASONS.get(code, f"Runner failed with exit code {code}")
+
+    async def _enforce_kill(self, process: RunnerProcess) -> None:
+        """SIGTERM to the group once a kill is asked for, SIGKILL after the grace."""
+        await self._kill_requested.wait()
+        process.signal_group(signal.SIGTERM)
+        with trio.move_on_after(self._config.kill_grace):
+            await self._exited.wait()
+        if not self._exited.is_set():
+            self._hub_log(
+                "warn", f"Instance ignored SIGTERM for {self._config.kill_grace:g} s; sending SIGKILL"
+            )
+            process.signal_group(signal.SIGKILL)
+
+    # ------------------------------------------------------------------ pumps
+    async def _pump_bytes(self, stream: trio.abc.ReceiveStream, target: Broadcast, keep_tail: bool) -> None:
+        try:
+            while chunk := await stream.receive_some(limits.STREAM_CHUNK_BYTES):
+                if keep_tail and not self._handshake.is_set():
+                    self._stderr_tail.append(bytes(chunk))
+                    self._stderr_tail_size += len(chunk)
+                    while self._stderr_tail_size > STDERR_TAIL_BYTES and len(self._stderr_tail) > 1:
+                        self._stderr_tail_size -= len(self._stderr_tail.popleft())
+                await target.write(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            target.close()
+
+    async def _pump_log(self, stream: trio.abc.ReceiveStream) -> None:
+        buffer = bytearray()
+        try:
+            while chunk := await stream.receive_some(limits.STREAM_CHUNK_BYTES):
+                buffer += chunk
+                while (newline := buffer.find(b"\n")) >= 0 or len(buffer) > limits.MAX_CONTROL_LINE_BYTES:
+                    cut = newline if newline >= 0 else limits.MAX_CONTROL_LINE_BYTES
+                    line = bytes(buffer[:cut])
+                    del buffer[: cut + (1 if newline >= 0 else 0)]
+                    self._append_runner_log(line)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        if buffer:
+            self._append_runner_log(bytes(buffer))
+        # /log readers see the end once the runner's log is drained and the hub
+        # has written its own last line about the exit.
+        await self._exited.wait()
+        self.log.close()
+
+    def _append_runner_log(self, line: bytes) -> None:
+        if not line.strip():
+            return
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict):
+            record = {
+                "ts": _ms_now(),
+                "level": "INFO",
+                "from": "Sequence",
+                "msg": line.decode("utf-8", "replace"),
+            }
+        self.log.append(record)
+
+    async def _pump_monitoring(self, stream: trio.abc.ReceiveStream) -> None:
+        reader = proto.MessageReader(limits.MAX_CONTROL_LINE_BYTES)
+        try:
+            while True:
+                chunk = await stream.receive_some(limits.STREAM_CHUNK_BYTES)
+                reader.receive_data(bytes(chunk))
+                for message in reader:
+                    self._handle_runner_message(message)
+                if not chunk:
+                    return
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        except proto.ProtocolError as exc:
+            self._hub_log("error", f"runner protocol error, killing the instance: {exc}")
+            if self.is_live and self.status is not Status.KILLING:
+                self._set_status(Trigger.KILL)
+            self._kill_requested.set()
+            # Keep draining so the runner never blocks on a full monitoring pipe.
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while await stream.receive_some(limits.STREAM_CHUNK_BYTES):
+                    pass
+
+    def _handle_runner_message(self, message: proto.Message) -> None:
+        code, data = message.code, message.data
+        if code is proto.Code.PING:
+            if not self._handshake.is_set() and self.status is Status.STARTING:
+                self.started = iso_now()
+                self._set_status(Trigger.HANDSHAKE)
+                self._handshake.set()
+        elif code is proto.Code.MONITORING:
+            self._health = data
+            self._first_health.set()
+        elif code is proto.Code.EVENT:
+            name = data.get("eventName")
+            if isinstance(name, str) and name:
+                self._record_event(name, data.get("message"))
+                if self._on_event is not None:
+                    self._on_event(self, name, data.get("message"))
+        elif code is proto.Code.PANG:
+            if data.get("provides"):
+                self.provides = str(data["provides"])
+            if data.get("requires"):
+                self.requires = str(data["requires"])
+        elif code is proto.Code.ALIVE:
+            self._keep_alive_seen = True
+            if self.status in (Status.RUNNING, Status.STOPPING):
+                self._set_status(Trigger.KEEP_ALIVE)
+        elif code is proto.Code.SEQUENCE_STOPPED:
+            self._stopped_by_runner = True
+        elif code is proto.Code.ERROR:
+            self._runner_error = data
+        elif code is proto.Code.SEQUENCE_COMPLETED:
+            pass  # the exit that follows says all
+        else:
+            self._hub_log("warn", f"unexpected message from the runner: {code.name}")
+
+    # ------------------------------------------------------------------ control
+    async def _send_control(self, message: proto.Message) -> bool:
+        """Send one control message; False if the runner is gone or stuck."""
+        if self._process is None:
+            return False
+        data = proto.encode(message)
+        with trio.move_on_after(CONTROL_WRITE_TIMEOUT):
+            async with self._control_lock:
+                try:
+                    await self._process.control.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return False
+                return True
+        self._hub_log("warn", f"control channel stuck; {message.code.name} not delivered")
+        return False
+
+    async def stop(self, timeout_ms: int, can_keep_alive: bool) -> None:
+        """Ask the sequence to stop; returns when it ended, or when the window
+        closed (the instance kept alive, or killed if it did not answer)."""
+        if self.status not in (Status.RUNNING, Status.STOPPING):
+            raise InstanceNotRunning(f"Instance {self.id} is not running (status {self.status.value})")
+        self._set_status(Trigger.STOP)
+        self._keep_alive_seen = False
+        await self._send_control(
+            proto.Message(proto.Code.STOP, {"timeout": timeout_ms, "canCallKeepalive": can_keep_alive})
+        )
+        with trio.move_on_after(timeout_ms / 1000):
+            await self._exited.wait()
+        if self._exited.is_set():
+            return
+        if can_keep_alive and self._keep_alive_seen:
+            return
+        if self.status is Status.RUNNING:  # kept alive without being allowed to
+            self._set_status(Trigger.STOP)
+        self._kill_requested.set()
+        with trio.move_on_after(self._config.kill_grace + 1):
+            await self._exited.wait()
+
+    async def kill(self) -> None:
+        """End the instance: KILL message, SIGTERM to the group, SIGKILL after the
+        grace. A second kill while killing sends SIGKILL at once."""
+        if not self.is_live:
+            raise InstanceNotRunning(f"Instance {self.id} is not running (status {self.status.value})")
+        if self.status is Status.KILLING:
+            if self._process is not None:
+                self._hub_log("info", "second kill: sending SIGKILL")
+                self._process.signal_group(signal.SIGKILL)
+            return
+        self._set_status(Trigger.KILL)
+        self._kill_requested.set()
+        await self._send_control(proto.Message(proto.Code.KILL, {}))
+
+    async def wait_ended(self) -> None:
+        await self._exited.wait()
+
+    async def wait_removed(self) -> None:
+        await self._removed.wait()
+
+    async def health(self) -> dict[str, Any]:
+        if self.status in (Status.RUNNING, Status.STOPPING):
+            with trio.move_on_after(FIRST_HEALTH_WAIT):
+                await self._first_health.wait()
+        healthy = bool(self._health.get("healthy", False)) and self.status in (
+            Status.RUNNING,
+            Status.STOPPING,
+        )
+        report: dict[str, Any] = {**self._health, "healthy": healthy, "status": self.status.value}
+        if self.pid is not None:
+            report["processId"] = self.pid
+        return report
+
+    # ------------------------------------------------------------------ events
+    def _record_event(self, name: str, message: Any) -> None:
+        self._last_events[name] = message
+        self._has_last_any, self._last_any = True, message
+        remaining = []
+        for waiter in self._event_waiters:
+            if waiter.name is None or waiter.name == name:
+                waiter.message = message
+                waiter.done.set()
+            else:
+                remaining.append(waiter)
+        self._event_waiters = remaining
+        for channel in list(self._event_streams):
+            try:
+                channel.send_nowait((name, message))
+            except trio.WouldBlock:
+                # A reader this far behind is cut off rather than slowing the hub.
+                channel.close()
+                self._event_streams.discard(channel)
+
+    async def send_event(self, name: str, message: Any, source: str = "api") -> None:
+        if not self.is_live or self.status is Status.STARTING:
+            raise InstanceNotRunning(f"Instance {self.id} is not running (status {self.status.value})")
+        payload = {"eventName": name, "message": message, "source": source}
+        if not await self._send_control(proto.Message(proto.Code.EVENT, payload)):
+            raise Gone(f"Instance {self.id} did not take the event: its runner is gone or stuck")
+
+    async def next_event(self, name: str | None) -> Any:
+        """The message of the next event called ``name`` (any name if None)."""
+        if not self.is_live:
+            raise Gone(f"Instance {self.id} has ended (status {self.status.value}); no more events")
+        waiter = _EventWaiter(name)
+        self._event_waiters.append(waiter)
+        try:
+            await waiter.done.wait()
+        finally:
+            with contextlib.suppress(ValueError):
+                self._event_waiters.remove(waiter)
+        if not waiter.done.is_set() or (waiter.message is None and not self.is_live):
+            raise Gone(f"Instance {self.id} ended before the event arrived")
+        return waiter.message
+
+    async def last_event(self, name: str | None) -> Any:
+        """The message of the last event called ``name``, or the next one."""
+        if name is None:
+            if self._has_last_any:
+                return self._last_any
+        elif name in self._last_events:
+            return self._last_events[name]
+        return await self.next_event(name)
+
+    def event_stream(self, name: str | None) -> AsyncGenerator[Any, None]:
+        """Every event called ``name`` (any if None) from now until the end.
+        Refuses at once (not at the first read) when the instance has ended."""
+        if not self.is_live:
+            raise Gone(f"Instance {self.id} has ended (status {self.status.value}); no more events")
+        send, receive = trio.open_memory_channel[tuple[str, Any]](limits.EVENT_STREAM_QUEUE)
+        self._event_streams.add(send)
+        return self._follow_events(name, send, receive)
+
+    async def _follow_events(
+        self,
+        name: str | None,
+        send: trio.MemorySendChannel[tuple[str, Any]],
+        receive: trio.MemoryReceiveChannel[tuple[str, Any]],
+    ) -> AsyncGenerator[Any, None]:
+        try:
+            async with receive:
+                async for event_name, message in receive:
+                    if name is None or event_name == name:
+                        yield message
+        finally:
+            self._event_streams.discard(send)
+            send.close()
+
+    # ------------------------------------------------------------------ input
+    async def write_input(self, body: AsyncIterable[bytes], content_type: str | None, end: bool) -> None:
+        if self.requires or self.input_topic:
+            raise MethodNotAllowed("Input provided in other way")
+        self._check_takes_data("input")
+        async with self._input_lock:
+            if self._input_ended:
+                raise Conflict(f"Instance {self.id}'s input has already ended")
+            assert self._process is not None
+            stream = self._process.input
+            try:
+                if not self._input_preamble_sent:
+                    await stream.send_all(proto.encode_preamble(content_type or "application/octet-stream"))
+                    self._input_preamble_sent = True
+                async for chunk in body:
+                    await stream.send_all(chunk)
+                if end:
+                    self._input_ended = True
+                    await stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise Gone(f"Instance {self.id} stopped reading its input") from None
+
+    async def write_stdin(self, body: AsyncIterable[bytes], end: bool) -> None:
+        self._check_takes_data("stdin")
+        async with self._stdin_lock:
+            if self._stdin_ended:
+                raise Conflict(f"Instance {self.id}'s stdin has already ended")
+            assert self._process is not None
+            stream = self._process.stdin
+            try:
+                async for chunk in body:
+                    await stream.send_all(chunk)
+                if end:
+                    self._stdin_ended = True
+                    await stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise Gone(f"Instance {self.id} stopped reading its stdin") from None
+
+    def _check_takes_data(self, what: str) -> None:
+        if self.status in FINAL or self._process is None:
+            raise Gone(f"Instance {self.id} has ended (status {self.status.value}); it takes no more {what}")
+        if self.status is not Status.RUNNING and self.status is not Status.STOPPING:
+            raise InstanceNotRunning(f"Instance {self.id} is {self.status.value}; it takes no {what} now")
+
+
+def _ms_now() -> int:
+    return int(dt.datetime.now(dt.UTC).timestamp() * 1000)

@@ -1,0 +1,54 @@
+"""Every bound the hub keeps, by name.
+
+Nothing in the hub is buffered whole: each buffer, queue and upload has its bound
+here, so that a reader of the code can see at once how much memory a flood of data
+or requests can cost. Values that operators may want to change are also config
+options (``agent.config``); these are their defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+KiB: Final = 1024
+MiB: Final = 1024 * KiB
+GiB: Final = 1024 * MiB
+
+# --- Sequence uploads (see agent.sequences.unpack) ---------------------------
+#: Largest compressed package accepted (bytes on the wire).
+MAX_PACKAGE_COMPRESSED_BYTES: Final = 256 * MiB
+#: Largest total size of the unpacked files.
+MAX_PACKAGE_UNCOMPRESSED_BYTES: Final = 1 * GiB
+#: Most members (files and directories) in one package.
+MAX_PACKAGE_MEMBERS: Final = 20_000
+#: Highest uncompressed/compressed ratio, checked once the unpacked size passes
+#: RATIO_CHECK_FLOOR_BYTES (small packages compress well because of tar padding).
+MAX_PACKAGE_COMPRESSION_RATIO: Final = 100
+RATIO_CHECK_FLOOR_BYTES: Final = 16 * MiB
+#: Longest member path, and longest single path component.
+MAX_MEMBER_PATH_LENGTH: Final = 1024
+MAX_MEMBER_NAME_LENGTH: Final = 255
+#: Largest package.json read.
+MAX_PACKAGE_JSON_BYTES: Final = 1 * MiB
+
+# --- HTTP ---------------------------------------------------------------------
+#: Largest JSON request body (start payloads, events, stop/kill options).
+MAX_JSON_BODY_BYTES: Final = 1 * MiB
+#: Chunk size used when reading pipes and files for streaming responses.
+STREAM_CHUNK_BYTES: Final = 64 * KiB
+
+# --- Instances ------------------------------------------------------------------
+#: Bytes of output/stdout/stderr kept for readers that have not connected yet
+#: (and the most any reader can lag behind the fastest one); past it the
+#: instance is back-pressured, never dropped.
+INSTANCE_STREAM_BUFFER_BYTES: Final = 256 * KiB
+#: Longest control/monitoring message line (an event with its payload).
+MAX_CONTROL_LINE_BYTES: Final = 1 * MiB
+#: Log records kept per instance for replay to late /log readers.
+INSTANCE_LOG_RING_RECORDS: Final = 1000
+#: Events queued per /events stream reader before it is told it fell behind.
+EVENT_STREAM_QUEUE: Final = 256
+
+# --- The hub log ----------------------------------------------------------------
+#: Hub log records kept for replay on /log.
+HUB_LOG_RING_RECORDS: Final = 2000

@@ -1,0 +1,105 @@
+"""``sth``: command-line options → configuration → the service tree."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import __version__
+from .config import LOG_LEVELS, RUNTIMES, ConfigError, load_config
+from .service import run_hub
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sth",
+        description="Spacehub hub: keeps Sequences and runs them as Instances, served over a REST API.",
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"sth {__version__}")
+    parser.add_argument("-c", "--config", type=Path, help="TOML config file; flags given here override it")
+    parser.add_argument("-P", "--port", type=int, help="API port (default 8000; 0 picks a free one)")
+    parser.add_argument(
+        "-H",
+        "--hostname",
+        help="address the API listens on (default 127.0.0.1; 0.0.0.0 exposes it to the network)",
+    )
+    parser.add_argument(
+        "-D",
+        "--sequences-root",
+        type=Path,
+        help="where sequences are kept (default: $STATE_DIRECTORY under systemd,"
+        " else ~/.local/share/spacehub/sequences)",
+    )
+    parser.add_argument("-L", "--log-level", choices=LOG_LEVELS, help="log level (default info)")
+    parser.add_argument(
+        "-E",
+        "--identify-existing",
+        action="store_true",
+        default=None,
+        help="also adopt package directories placed in the sequences root by hand (id = directory name)",
+    )
+    parser.add_argument("--runtime", choices=RUNTIMES, help="how instances run (default process)")
+    parser.add_argument(
+        "--instance-lifetime",
+        type=float,
+        metavar="SECONDS",
+        help="how long a finished instance stays listed with its status and output (default 180)",
+    )
+    parser.add_argument(
+        "--kill-grace",
+        type=float,
+        metavar="SECONDS",
+        help="time between SIGTERM and SIGKILL on kill (default 5)",
+    )
+    parser.add_argument("--python", help="interpreter for Python sequences (default: the one running sth)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides: dict[str, Any] = {
+        "port": args.port,
+        "hostname": args.hostname,
+        "sequences_root": args.sequences_root,
+        "log_level": args.log_level,
+        "identify_existing": args.identify_existing,
+        "runtime": args.runtime,
+        "instance_lifetime": args.instance_lifetime,
+        "kill_grace": args.kill_grace,
+        "python": args.python,
+    }
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as exc:
+        print(f"sth: {exc.message}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(_serve_until_signal, config)
+    except KeyboardInterrupt:
+        pass
+    except OSError as exc:
+        print(f"sth: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+async def _serve_until_signal(config: Any) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            addresses = await nursery.start(run_hub, config)
+            # Tools (and the original's test harness) wait for these two lines.
+            print(f"API on {', '.join(addresses)}", flush=True)
+            print("Running", flush=True)
+            async for signum in signals:
+                print(f"sth: {signal.Signals(signum).name}, shutting down", file=sys.stderr, flush=True)
+                nursery.cancel_scope.cancel()
+                break
+
+
+if __name__ == "__main__":
+    sys.exit(main())

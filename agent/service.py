@@ -1,0 +1,111 @@
+"""The service tree: the nursery that owns the API server and the supervisor.
+
+``run_hub`` is what ``sth`` runs and what tests embed: it reports the API's
+address through ``task_status`` once the server listens, and shutting the hub
+down is cancelling its scope (the supervisor then ends every instance).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, cast
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from . import __version__, limits
+from .api.app import HubApp
+from .config import HubConfig
+from .hublog import LogRecordDict, setup_logging
+from .instances.supervisor import Supervisor
+from .runtimes.base import Runtime
+from .runtimes.process import ProcessRuntime
+from .sequences.store import SequenceStore
+from .streams import RecordRing
+
+#: Seconds open HTTP exchanges get to finish when the hub shuts down.
+SHUTDOWN_GRACE = 1.0
+
+
+def _hub_id(root: Path) -> str:
+    """The hub's id, made once and kept beside the sequences."""
+    path = root / ".hub-id"
+    try:
+        value = path.read_text().strip()
+        if value:
+            return value
+    except FileNotFoundError:
+        pass
+    value = f"sth-{secrets.token_hex(4)}"
+    tmp = root / f".hub-id.{os.getpid()}"
+    tmp.write_text(value + "\n")
+    os.replace(tmp, path)
+    return value
+
+
+class Hub:
+    """Everything the API routes reach: config, sequences, instances, the log."""
+
+    def __init__(
+        self, config: HubConfig, log_ring: RecordRing[LogRecordDict], logger: logging.Logger
+    ) -> None:
+        self.config = config
+        self.log_ring = log_ring
+        self.logger = logger
+        self.started_at = time.monotonic()
+        config.sequences_root.mkdir(parents=True, exist_ok=True)
+        self.id = _hub_id(config.sequences_root)
+        self.store = SequenceStore(config.sequences_root, location=self.id)
+        for warning in self.store.load(identify_existing=config.identify_existing):
+            logger.warning("%s", warning)
+        logger.info("%d sequence(s) in %s", len(self.store.list()), config.sequences_root)
+        self.runtime: Runtime = ProcessRuntime()
+        self.supervisor = Supervisor(config, self.runtime)
+
+    def version_info(self) -> dict[str, Any]:
+        return {
+            "service": "@scramjet/host",
+            "product": "spacehub",
+            "apiVersion": "v1",
+            "version": __version__,
+            "build": os.environ.get("SPACEHUB_BUILD", "source"),
+        }
+
+    def uptime(self) -> float:
+        return round(time.monotonic() - self.started_at, 3)
+
+
+def _hypercorn_config(config: HubConfig, logger: logging.Logger) -> HypercornConfig:
+    hconfig = HypercornConfig()
+    host = f"[{config.hostname}]" if ":" in config.hostname else config.hostname
+    hconfig.bind = [f"{host}:{config.port}"]
+    hconfig.accesslog = None
+    hconfig.errorlog = logger.getChild("http")
+    hconfig.graceful_timeout = SHUTDOWN_GRACE
+    hconfig.include_server_header = False
+    # Request bodies are read only as fast as the hub consumes them.
+    hconfig.max_app_queue_size = 4
+    return hconfig
+
+
+async def run_hub(
+    config: HubConfig, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run the hub until cancelled; ``started`` with the API's bound addresses."""
+    ring = RecordRing[LogRecordDict](limits.HUB_LOG_RING_RECORDS)
+    logger = setup_logging(config.log_level, ring)
+    hub = await trio.to_thread.run_sync(partial(Hub, config, ring, logger))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(hub.supervisor.run)
+        # hypercorn types the app as a union of ASGI/WSGI callables; ours is ASGI 3.
+        app = cast(Any, HubApp(hub))
+        binds: list[str] = await nursery.start(partial(serve, app, _hypercorn_config(config, logger)))
+        addresses = [b.split("://", 1)[-1] for b in binds]
+        logger.info("API on %s", ", ".join(addresses))
+        task_status.started(addresses)
