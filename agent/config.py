@@ -8,12 +8,16 @@ user's data directory (or systemd's ``$STATE_DIRECTORY`` when run as a service).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
+import re
+import shutil
 import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .errors import BadRequest
 
@@ -37,10 +41,25 @@ def default_data_dir() -> Path:
     return base / "spacehub"
 
 
+def is_loopback(hostname: str) -> bool:
+    """Whether ``hostname`` names this machine only (localhost, 127.0.0.0/8, ::1)."""
+    if hostname.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(hostname.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+_FINGERPRINT = re.compile(r"[0-9A-Fa-f]{64}")
+
+
 @dataclass(slots=True)
 class HubConfig:
     hostname: str = "127.0.0.1"
     port: int = 8000
+    #: the hub's state: its link key (hub.key), link.json, and by default the sequences
+    data_dir: Path = field(default_factory=default_data_dir)
     sequences_root: Path = field(default_factory=lambda: default_data_dir() / "sequences")
     log_level: str = "info"
     identify_existing: bool = False
@@ -55,8 +74,31 @@ class HubConfig:
     stop_timeout_ms: int = 7000
     #: the interpreter that runs Python sequences
     python: str = sys.executable
+    #: the Node.js executable for Node sequences ("" = look for node on PATH)
+    node: str = ""
     #: extra environment for every runner, e.g. {"HTTPS_PROXY": "..."}
     runner_env: dict[str, str] = field(default_factory=dict)
+    #: the manager to link to, wss://HOST:PORT ("" = no link)
+    cpm_url: str = ""
+    #: the space this hub joins
+    space: str = ""
+    #: one-time join token (a secret; used only until the hub has joined)
+    join_token: str = ""
+    #: the manager's CA certificate (PEM file; "" = see cpm_fingerprint, else the system store)
+    cpm_ca: str = ""
+    #: SHA-256 fingerprint of the manager's CA; the CA is fetched and checked against it
+    cpm_fingerprint: str = ""
+    #: allow plain ws:// to a manager that is not on loopback
+    cpm_insecure: bool = False
+    #: shown by the manager
+    description: str = ""
+    tags: list[str] = field(default_factory=list)
+
+    def node_path(self) -> str | None:
+        """The Node.js executable, or None when this machine has none."""
+        if self.node:
+            return self.node if os.access(self.node, os.X_OK) else None
+        return shutil.which("node") or shutil.which("nodejs")
 
     def public(self) -> dict[str, Any]:
         """The config as ``GET /config`` shows it: nothing secret, no local paths
@@ -66,7 +108,7 @@ class HubConfig:
             "logLevel": self.log_level,
             "identifyExisting": self.identify_existing,
             "runtimeAdapter": self.runtime,
-            "runtimes": {"python3": self.python},
+            "runtimes": {"python3": self.python, "node": self.node_path()},
             "timings": {
                 "instanceLifetime": self.instance_lifetime,
                 "killGrace": self.kill_grace,
@@ -75,6 +117,14 @@ class HubConfig:
             },
             # Only the names: values may hold credentials.
             "runnerEnvNames": sorted(self.runner_env),
+            # Never the join token.
+            "cpm": {
+                "url": self.cpm_url,
+                "space": self.space,
+                "insecure": self.cpm_insecure,
+                "description": self.description,
+                "tags": list(self.tags),
+            },
         }
 
 
@@ -91,7 +141,17 @@ _TOML_KEYS: dict[str, str] = {
     "start_timeout": "start_timeout",
     "stop_timeout_ms": "stop_timeout_ms",
     "python": "python",
+    "node": "node",
     "runner_env": "runner_env",
+    "data_dir": "data_dir",
+    "cpm_url": "cpm_url",
+    "space": "space",
+    "join_token": "join_token",
+    "cpm_ca": "cpm_ca",
+    "cpm_fingerprint": "cpm_fingerprint",
+    "cpm_insecure": "cpm_insecure",
+    "description": "description",
+    "tags": "tags",
 }
 
 
@@ -109,7 +169,39 @@ def _check(config: HubConfig) -> HubConfig:
         isinstance(k, str) and isinstance(v, str) for k, v in config.runner_env.items()
     ):
         raise ConfigError("runner_env must be a table of strings")
+    _check_link(config)
     return config
+
+
+def _check_link(config: HubConfig) -> None:
+    for name in ("cpm_url", "space", "join_token", "cpm_ca", "cpm_fingerprint", "description"):
+        if not isinstance(getattr(config, name), str):
+            raise ConfigError(f"{name} must be a string")
+    if not isinstance(config.tags, list) or not all(isinstance(t, str) and t for t in config.tags):
+        raise ConfigError("tags must be a list of non-empty strings")
+    if config.cpm_fingerprint and not _FINGERPRINT.fullmatch(
+        "".join(config.cpm_fingerprint.split()).replace(":", "")
+    ):
+        raise ConfigError("cpm_fingerprint must be a SHA-256 fingerprint (64 hex digits, colons allowed)")
+    if not config.cpm_url:
+        return
+    try:
+        url = urlsplit(config.cpm_url)
+        host = url.hostname
+        url.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError as exc:
+        raise ConfigError(f"cpm_url {config.cpm_url!r} is not a URL: {exc}") from None
+    if url.scheme not in ("ws", "wss") or not host:
+        raise ConfigError(
+            f"cpm_url must be wss://HOST:PORT (or ws:// to a loopback manager), not {config.cpm_url!r}"
+        )
+    if url.scheme == "ws" and not is_loopback(host) and not config.cpm_insecure:
+        raise ConfigError(
+            f"cpm_url {config.cpm_url!r} is plain ws:// to a manager that is not on this machine: "
+            "the link would be unencrypted; use wss:// or pass --cpm-insecure"
+        )
+    if not config.space or "\0" in config.space:
+        raise ConfigError("a hub linked to a manager needs --space NAME")
 
 
 def load_config(path: Path | None, overrides: dict[str, Any]) -> HubConfig:
@@ -134,6 +226,8 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> HubConfig:
                 raise ConfigError(f"config file {path}: unknown option {key!r}")
             values[_TOML_KEYS[key]] = value
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if "data_dir" in values and "sequences_root" not in values:
+        values["sequences_root"] = Path(values["data_dir"]).expanduser() / "sequences"
     config = HubConfig()
     types = {f.name: f.type for f in dataclasses.fields(HubConfig)}
     for name, value in values.items():

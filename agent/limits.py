@@ -49,6 +49,11 @@ INSTANCE_LOG_RING_RECORDS: Final = 1000
 #: Events queued per /events stream reader before it is told it fell behind.
 EVENT_STREAM_QUEUE: Final = 256
 
+# --- Topics ---------------------------------------------------------------------
+#: Bytes a topic keeps while no reader is attached (and the most its slowest
+#: reader may lag); past it, writers wait.
+TOPIC_BUFFER_BYTES: Final = 1 * MiB
+
 # --- The hub log ----------------------------------------------------------------
 #: Hub log records kept for replay on /log.
 HUB_LOG_RING_RECORDS: Final = 2000

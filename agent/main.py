@@ -57,6 +57,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="time between SIGTERM and SIGKILL on kill (default 5)",
     )
     parser.add_argument("--python", help="interpreter for Python sequences (default: the one running sth)")
+    parser.add_argument("--node", help="Node.js executable for Node sequences (default: node on PATH)")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="the hub's state: link key, link.json and (unless -D) the sequences"
+        " (default: $STATE_DIRECTORY under systemd, else ~/.local/share/spacehub)",
+    )
+    link = parser.add_argument_group("link to a manager (cpm)")
+    link.add_argument("--cpm-url", metavar="URL", help="the manager to link to: wss://HOST:PORT")
+    link.add_argument("--space", metavar="NAME", help="the space to join")
+    link.add_argument("--join-token", metavar="TOKEN", help="one-time join token (only until the hub joined)")
+    link.add_argument("--cpm-ca", metavar="FILE", help="the manager's CA certificate (PEM) to trust")
+    link.add_argument(
+        "--cpm-fingerprint", metavar="SHA256", help="the manager CA's SHA-256 fingerprint (the CA is fetched)"
+    )
+    link.add_argument(
+        "--cpm-insecure",
+        action="store_true",
+        default=None,
+        help="allow plain ws:// to a manager that is not on this machine (unencrypted!)",
+    )
+    link.add_argument("--description", help="shown by the manager")
+    link.add_argument("--tags", metavar="A,B", help="comma-separated tags, shown by the manager")
     return parser
 
 
@@ -72,6 +95,16 @@ def main(argv: list[str] | None = None) -> int:
         "instance_lifetime": args.instance_lifetime,
         "kill_grace": args.kill_grace,
         "python": args.python,
+        "node": args.node,
+        "data_dir": args.data_dir,
+        "cpm_url": args.cpm_url,
+        "space": args.space,
+        "join_token": args.join_token,
+        "cpm_ca": args.cpm_ca,
+        "cpm_fingerprint": args.cpm_fingerprint,
+        "cpm_insecure": args.cpm_insecure,
+        "description": args.description,
+        "tags": None if args.tags is None else [t.strip() for t in args.tags.split(",") if t.strip()],
     }
     try:
         config = load_config(args.config, overrides)

@@ -28,6 +28,7 @@ from .runtimes.base import Runtime
 from .runtimes.process import ProcessRuntime
 from .sequences.store import SequenceStore
 from .streams import RecordRing
+from .topics import TopicRouter
 
 #: Seconds open HTTP exchanges get to finish when the hub shuts down.
 SHUTDOWN_GRACE = 1.0
@@ -66,7 +67,8 @@ class Hub:
             logger.warning("%s", warning)
         logger.info("%d sequence(s) in %s", len(self.store.list()), config.sequences_root)
         self.runtime: Runtime = ProcessRuntime()
-        self.supervisor = Supervisor(config, self.runtime)
+        self.topics = TopicRouter()
+        self.supervisor = Supervisor(config, self.runtime, self.topics)
 
     def version_info(self) -> dict[str, Any]:
         return {

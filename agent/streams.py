@@ -149,6 +149,12 @@ class Subscription:
     async def __aexit__(self, *exc_info: object) -> None:
         self.close()
 
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
 
 class RecordRing(Generic[T]):
     """The last ``size`` records, replayed to each reader and then followed live."""

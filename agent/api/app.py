@@ -32,12 +32,13 @@ logger = logging.getLogger("agent.api")
 
 def build_router(hub: Hub) -> Router:
     from . import hub as hub_routes
-    from . import instances, sequences
+    from . import instances, sequences, topics
 
     router = Router(API_BASE)
     hub_routes.register(router, hub)
     sequences.register(router, hub)
     instances.register(router, hub)
+    topics.register(router, hub)
     return router
 
 

@@ -121,6 +121,9 @@ class StreamResponse:
     chunks: AsyncIterator[bytes]
     content_type: str = "application/octet-stream"
     status: int = 200
+    #: called once the response is over, sent or not (releases what the handler
+    #: attached eagerly, e.g. a topic reader, even if ``chunks`` never started)
+    on_close: Callable[[], None] | None = None
 
 
 Handler = Callable[[Request], Awaitable[Response | StreamResponse]]
@@ -173,6 +176,14 @@ async def send_response(send: Send, response: Response) -> None:
 async def send_stream(send: Send, request: Request, response: StreamResponse) -> None:
     """Send headers at once, then each chunk; stop when the source ends or the
     client disconnects (the source's generator is closed either way)."""
+    try:
+        await _send_stream(send, request, response)
+    finally:
+        if response.on_close is not None:
+            response.on_close()
+
+
+async def _send_stream(send: Send, request: Request, response: StreamResponse) -> None:
     await send(
         {
             "type": "http.response.start",

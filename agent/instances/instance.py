@@ -33,15 +33,16 @@ import trio
 from spacehub.protocol import runner as proto
 
 from .. import limits
-from ..errors import Conflict, Gone, InstanceNotRunning, MethodNotAllowed, SequenceStartFailed
+from ..errors import Conflict, Gone, HubError, InstanceNotRunning, MethodNotAllowed, SequenceStartFailed
 from ..hublog import LogRecordDict
-from ..streams import Broadcast, RecordRing
+from ..streams import Broadcast, RecordRing, Subscription
 from .lifecycle import FINAL, LIVE, Status, Trigger, next_status
 
 if TYPE_CHECKING:
     from ..config import HubConfig
     from ..runtimes.base import LaunchSpec, RunnerProcess, Runtime
     from ..sequences.store import Sequence
+    from ..topics import Topic, TopicReader, TopicRouter
 
 #: Seconds a control message may wait for room in the control pipe.
 CONTROL_WRITE_TIMEOUT: Final = 5.0
@@ -57,6 +58,10 @@ EXIT_REASONS: Final = {
     22: "Sequence failed on start",
     23: "Sequence failed during execution",
 }
+
+#: Content type of a topic first named by an instance that declared none: what
+#: the runners write by default.
+INSTANCE_TOPIC_TYPE: Final = "text/plain"
 
 EventCallback = Callable[["Instance", str, Any], None]
 
@@ -90,6 +95,7 @@ class Instance:
         limits_request: dict[str, Any] | None = None,
         on_event: EventCallback | None = None,
         on_removed: Callable[[Instance], None] | None = None,
+        topics: TopicRouter | None = None,
     ) -> None:
         self.id = instance_id
         self.sequence = sequence
@@ -103,6 +109,8 @@ class Instance:
         self._launch = launch
         self._on_event = on_event
         self._on_removed = on_removed
+        self._topics = topics
+        self._nursery: trio.Nursery | None = None
         self._logger = logging.getLogger(f"agent.instance.{instance_id[:8]}")
 
         self.status = Status.INITIALIZING
@@ -210,6 +218,7 @@ class Instance:
         start_failure: str | None = None
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 nursery.start_soon(self._pump_bytes, process.stdout, self.stdout, False)
                 nursery.start_soon(self._pump_bytes, process.stderr, self.stderr, True)
                 nursery.start_soon(self._pump_bytes, process.output, self.output, False)
@@ -420,10 +429,7 @@ class Instance:
                 if self._on_event is not None:
                     self._on_event(self, name, data.get("message"))
         elif code is proto.Code.PANG:
-            if data.get("provides"):
-                self.provides = str(data["provides"])
-            if data.get("requires"):
-                self.requires = str(data["requires"])
+            self._route_topics(data)
         elif code is proto.Code.ALIVE:
             self._keep_alive_seen = True
             if self.status in (Status.RUNNING, Status.STOPPING):
@@ -436,6 +442,80 @@ class Instance:
             pass  # the exit that follows says all
         else:
             self._hub_log("warn", f"unexpected message from the runner: {code.name}")
+
+    # ------------------------------------------------------------------ topics
+    def _route_topics(self, pang: dict[str, Any]) -> None:
+        """Bind the instance to the topics it provides and requires (once each).
+
+        A PANG names one direction with its content type (our runners send one
+        PANG per direction); the start request's outputTopic/inputTopic win over
+        the names the sequence declared.
+        """
+        content_type = pang.get("contentType") or None
+        if pang.get("provides") and self.provides is None:
+            self.provides = str(self.output_topic or pang["provides"])
+            self._bind_output(self.provides, content_type)
+        if pang.get("requires") and self.requires is None:
+            self.requires = str(self.input_topic or pang["requires"])
+            self._bind_input(self.requires, content_type)
+
+    def _bind_output(self, name: str, content_type: str | None) -> None:
+        if self._topics is None or self._nursery is None:
+            return
+        try:
+            topic = self._topics.ensure(name, content_type, default=INSTANCE_TOPIC_TYPE)
+        except HubError as exc:
+            self._hub_log("error", f"output not routed to topic {name}: {exc.message}")
+            return
+        # Subscribed now, before any output, so the topic gets all of it.
+        subscription = self.output.subscribe()
+        self._hub_log("info", f"output feeds topic {name} ({topic.content_type})")
+        self._nursery.start_soon(self._feed_topic, topic, subscription)
+
+    async def _feed_topic(self, topic: Topic, subscription: Subscription) -> None:
+        assert self._topics is not None
+        try:
+            with subscription:
+                await self._topics.write(topic, subscription, who=self.id)
+        except trio.ClosedResourceError:
+            self._hub_log("warn", f"topic {topic.name} was deleted while this instance fed it")
+
+    def _bind_input(self, name: str, content_type: str | None) -> None:
+        if self._topics is None or self._nursery is None:
+            return
+        try:
+            topic = self._topics.ensure(name, content_type, default=INSTANCE_TOPIC_TYPE)
+        except HubError as exc:
+            self._hub_log("error", f"input not routed from topic {name}: {exc.message}")
+            return
+        # Attached now: from here on, every byte written to the topic reaches us.
+        reader = self._topics.subscribe(topic, who=self.id)
+        self._hub_log("info", f"input comes from topic {name} ({topic.content_type})")
+        self._nursery.start_soon(self._consume_topic, topic, reader)
+
+    async def _consume_topic(self, topic: Topic, reader: TopicReader) -> None:
+        assert self._process is not None
+        stream = self._process.input
+        async with self._input_lock, trio.open_nursery() as nursery:
+            # An ended instance lets go of the topic at once, so that the next
+            # consumer gets what follows (nothing is read for a dead process).
+            async def release_on_exit() -> None:
+                await self._exited.wait()
+                reader.close()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(release_on_exit)
+            try:
+                with reader:
+                    await stream.send_all(proto.encode_preamble(topic.content_type))
+                    self._input_preamble_sent = True
+                    async for chunk in reader:
+                        await stream.send_all(chunk)
+                self._input_ended = True
+                await stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the instance stopped reading: it ended; the reader is closed
+            nursery.cancel_scope.cancel()
 
     # ------------------------------------------------------------------ control
     async def _send_control(self, message: proto.Message) -> bool:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from ..errors import BadRequest, InstanceExists, InstanceNotFound, PackageInvalid
+from ..errors import BadRequest, InstanceExists, InstanceNotFound, SequenceStartFailed
 from ..runtimes.base import LaunchSpec
 from .instance import Instance
 
@@ -24,12 +24,14 @@ if TYPE_CHECKING:
     from ..config import HubConfig
     from ..runtimes.base import Runtime
     from ..sequences.store import Sequence
+    from ..topics import TopicRouter
 
 #: Instance ids a client may choose: the original requires 36 characters (a UUID);
 #: we take any short name that is safe in paths and URLs.
 INSTANCE_ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-#: The Python runner, run inside every Python instance.
+#: The runners, run inside every instance of their language.
 PYTHON_RUNNER: Final = Path(__file__).resolve().parent.parent / "runners" / "python" / "runner.py"
+NODE_RUNNER: Final = Path(__file__).resolve().parent.parent / "runners" / "node" / "runner.js"
 #: Events waiting to be forwarded between instances; past it, forwarding drops
 #: events (it is best effort) rather than holding the sender back.
 FORWARD_QUEUE: Final = 256
@@ -58,8 +60,9 @@ def _import_roots() -> list[str]:
 
 
 class Supervisor:
-    def __init__(self, config: HubConfig, runtime: Runtime) -> None:
+    def __init__(self, config: HubConfig, runtime: Runtime, topics: TopicRouter | None = None) -> None:
         self._config = config
+        self._topics = topics
         self._runtime = runtime
         self._instances: dict[str, Instance] = {}
         self._nursery: trio.Nursery | None = None
@@ -106,11 +109,17 @@ class Supervisor:
     # ------------------------------------------------------------------ start
     def _launch_spec(self, instance: Instance) -> LaunchSpec:
         sequence = instance.sequence
-        if sequence.package.language != "py":
-            raise PackageInvalid(
-                f"Sequence {sequence.id} is not a Python sequence (language {sequence.package.language!r});"
-                " this hub runs Python sequences (engines.python3 in package.json)"
-            )
+        if sequence.package.language == "py":
+            argv = [self._config.python or sys.executable, str(PYTHON_RUNNER)]
+        else:
+            # No engines.python3: a Node.js sequence, as on the original platform.
+            node = self._config.node_path()
+            if node is None:
+                raise SequenceStartFailed(
+                    f"Sequence {sequence.id} is a Node.js sequence but this hub has no Node.js:"
+                    " install nodejs (node on PATH) or set the hub's node option"
+                )
+            argv = [node, str(NODE_RUNNER)]
         env = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
         env.setdefault("PATH", os.defpath)
         env.update(self._config.runner_env)
@@ -137,7 +146,7 @@ class Supervisor:
         )
         return LaunchSpec(
             instance_id=instance.id,
-            argv=[self._config.python or sys.executable, str(PYTHON_RUNNER)],
+            argv=argv,
             env=env,
             cwd=sequence.directory,
             package_dir=sequence.directory,
@@ -169,6 +178,7 @@ class Supervisor:
             limits_request=payload.get("limits") or {},
             on_event=self._forward_event,
             on_removed=self._forget,
+            topics=self._topics,
         )
         self._launch_spec(instance)  # refuse what cannot run before anything is listed
         self._instances[instance_id] = instance

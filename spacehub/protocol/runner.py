@@ -119,8 +119,11 @@ class Message:
 
 def encode(message: Message) -> bytes:
     """The bytes of one message line."""
-    line = json.dumps([int(message.code), message.data], separators=(",", ":"), ensure_ascii=False)
-    raw = line.encode("utf-8") + b"\n"
+    try:
+        line = json.dumps([int(message.code), message.data], separators=(",", ":"), ensure_ascii=False)
+        raw = line.encode("utf-8") + b"\n"
+    except (TypeError, ValueError, UnicodeEncodeError) as exc:
+        raise ProtocolError(f"message {message.code.name} cannot be encoded: {exc}") from None
     if len(raw) > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message {message.code.name} is {len(raw)} bytes, over {MAX_MESSAGE_BYTES}")
     return raw
@@ -146,15 +149,18 @@ class MessageReader:
     """Turns a byte stream into messages; holds at most one partial line.
 
     Feed bytes with :meth:`receive_data` (``b""`` for end of stream), then take
-    messages from :meth:`next_message` until it returns ``None``. A line longer than
-    ``max_line`` or a malformed line raises :class:`ProtocolError`; the reader is
-    then unusable, as the stream cannot be resynchronised with certainty.
+    messages from :meth:`next_message` until it returns ``None``. A malformed line,
+    or one longer than ``max_line``, raises :class:`ProtocolError` once and is
+    dropped (an over-long one up to its newline); reading may go on after it, as
+    lines are self-delimiting. The hub treats any error as fatal for the instance;
+    the runners skip the line.
     """
 
     def __init__(self, max_line: int = MAX_MESSAGE_BYTES) -> None:
         self._buffer = bytearray()
         self._max_line = max_line
         self._scan_from = 0
+        self._skipping = False  # inside an over-long line: drop bytes to its newline
         self.eof = False
 
     def receive_data(self, data: bytes) -> None:
@@ -168,8 +174,19 @@ class MessageReader:
     def next_message(self) -> Message | None:
         while True:
             newline = self._buffer.find(b"\n", self._scan_from)
+            if self._skipping:
+                if newline < 0:
+                    self._buffer.clear()
+                    self._scan_from = 0
+                    return None
+                del self._buffer[: newline + 1]
+                self._skipping = False
+                continue
             if newline < 0:
                 if len(self._buffer) > self._max_line:
+                    self._buffer.clear()
+                    self._scan_from = 0
+                    self._skipping = True
                     raise ProtocolError(f"message line over {self._max_line} bytes")
                 self._scan_from = len(self._buffer)
                 if self.eof and self._buffer:

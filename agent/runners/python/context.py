@@ -62,6 +62,7 @@ try:
         FD_STDERR,
         FD_STDIN,
         FD_STDOUT,
+        MAX_PREAMBLE_BYTES,
         Code,
         Message,
         MessageReader,
@@ -148,14 +149,18 @@ DEFAULT_STOP_TIMEOUT_MS: Final = 7000
 EXIT_FLUSH_SECONDS: Final = 0.5
 #: Longest wait for cancelled tasks and async generators after the sequence completed.
 CLEANUP_SECONDS: Final = 1.0
-#: A plain ``def run`` that has not returned after this long gets its PANG sent for it.
+#: A ``run`` that keeps the loop busy this long gets its PANG sent by a thread.
 PANG_GRACE_SECONDS: Final = 0.2
+#: Longest wait of a STOP or an event for ``run`` to have registered its handlers (the
+#: first PANG marks that; it is sent within PANG_GRACE_SECONDS unless run raised).
+START_WAIT_SECONDS: Final = 1.0
 #: A sync iterable yields to the loop after this many items.
 SYNC_YIELD_EVERY: Final = 1024
 #: Malformed control lines tolerated in one read before the channel counts as broken.
 MAX_BAD_CONTROL_LINES: Final = 64
 
 _NDJSON_TYPES: Final = frozenset({"application/x-ndjson", "text/x-ndjson"})
+_PREAMBLE_START: Final = b"content-type:"
 _LEVEL_NAMES: Final = {"WARNING": "WARN", "CRITICAL": "FATAL"}
 
 
@@ -552,7 +557,8 @@ class _InputSource(_Source):
         try:
             if self._reader is None:
                 await self._start()
-                if self._eof:
+                if self._eof:  # ended before any data: nothing to decode
+                    self._finish()
                     return
             if self._rest:
                 chunk, self._rest = self._rest, b""
@@ -570,7 +576,9 @@ class _InputSource(_Source):
     async def _start(self) -> None:
         self._reader = _FdReader(FD_INPUT, close=True)
         content_type = self._runner.declared_input_type()
-        if not content_type:
+        if content_type:
+            await self._skip_preamble(content_type)
+        else:
             content_type = await self._read_preamble()
         kind = _media_type(content_type or "")
         self._kind = "ndjson" if kind in _NDJSON_TYPES else "text" if kind == "text/plain" else "bytes"
@@ -600,6 +608,30 @@ class _InputSource(_Source):
                 self._rest = preamble.rest
                 assert preamble.headers is not None
                 return preamble.headers.get("content-type", "")
+
+    async def _skip_preamble(self, declared: str) -> None:
+        """With a declared type no preamble is due, but a hub may still send one (topic
+        input): input that opens with a complete ``Content-Type: ...\\r\\n\\r\\n`` loses it."""
+        assert self._reader is not None
+        data = b""
+        while True:
+            chunk = await self._reader.read()
+            data += chunk
+            head = data[: len(_PREAMBLE_START)].lower()
+            if not chunk or not _PREAMBLE_START.startswith(head) or len(data) > MAX_PREAMBLE_BYTES:
+                break  # the end, or not a preamble: it is all input
+            if len(head) == len(_PREAMBLE_START) and b"\r\n\r\n" in data:
+                preamble = PreambleReader()
+                try:
+                    preamble.receive_data(data)
+                except ProtocolError:
+                    break  # looked like one, is not: input
+                sent = (preamble.headers or {}).get("content-type", "")
+                if _media_type(sent) != _media_type(declared):
+                    self._runner.log.record("WARN", f"Input sent as {sent}, read as the declared {declared}")
+                data = preamble.rest
+                break
+        self._rest = data
 
     def _decode(self, chunk: bytes) -> None:
         if self._kind == "text":
@@ -1137,11 +1169,13 @@ class _Runner:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._control = MessageReader()
         self._early: deque[Message] = deque()
+        self._ignored: set[str] = set()
         self._heartbeat_stop = threading.Event()
         self._stop_lock = threading.Lock()
         self._keep_alive_requested = False
         self._pang_lock = threading.Lock()
         self._pangs_sent: list[dict[str, str]] | None = None
+        self._started = threading.Event()  # the first PANG is out: run() registered its handlers
         self._result: Any = None
         self._scramjet: tuple[Any, Any] = (None, None)
         self._fatal: asyncio.Future[None] | None = None
@@ -1306,7 +1340,11 @@ class _Runner:
                 failures += 1
                 if failures > MAX_BAD_CONTROL_LINES or self._control.eof:
                     raise _ControlBroken(str(exc)) from None
-                self.log.record("WARN", f"Control message ignored: {exc}")
+                # once per kind: a hub sending e.g. MONITORING_REPLY every second must not flood the log
+                reason = str(exc)
+                if reason not in self._ignored and len(self._ignored) < MAX_BAD_CONTROL_LINES:
+                    self._ignored.add(reason)
+                    self.log.record("WARN", f"Control message ignored: {reason}")
                 continue
             if message is None:
                 return messages
@@ -1325,6 +1363,10 @@ class _Runner:
 
     def _dispatch(self, message: Message) -> None:
         code, data = message.code, message.data
+        if code in (Code.EVENT, Code.STOP) and not self._started.is_set():
+            # The hub may send these right after PONG, before run() got to register its
+            # handlers; they wait for that (the PANG timer bounds the wait).
+            self._started.wait(START_WAIT_SECONDS)
         if code is Code.EVENT:
             self._deliver_event(data)
         elif code is Code.STOP:
@@ -1464,19 +1506,26 @@ class _Runner:
         ``only_first``: the grace timer's call, which must not follow the real one.
         """
         provides, out_type, requires, in_type = self._declarations(result)
-        if out_type and in_type and out_type != in_type:
-            payloads = [
-                {"provides": provides, "contentType": out_type},
-                {"requires": requires, "contentType": in_type},
-            ]
-        else:
-            payloads = [{"provides": provides, "requires": requires, "contentType": out_type or in_type}]
+        # One PANG per direction, so each content type belongs to the topic it names;
+        # an empty one when nothing is declared (the hub still counts the PANG).
+        payloads: list[dict[str, str]] = []
+        if provides:
+            payloads.append({"provides": provides, "contentType": out_type})
+        if requires:
+            payloads.append({"requires": requires, "contentType": in_type})
+        if not payloads:
+            payloads.append({"provides": "", "requires": "", "contentType": ""})
         with self._pang_lock:
             if payloads == self._pangs_sent or (only_first and self._pangs_sent is not None):
                 return
             self._pangs_sent = payloads
             for payload in payloads:
                 self.send(Code.PANG, payload)
+        self._started.set()
+
+    def _pang_at_first_yield(self, timer: threading.Timer) -> None:
+        timer.cancel()
+        self._send_pangs(self._result)
 
     def _make_input(self) -> Any:
         source = _InputSource(self)
@@ -1494,24 +1543,20 @@ class _Runner:
 
     async def _run_sequence_inner(self, run: Callable[..., Any], context: AppContext) -> None:
         input_stream = self._make_input()
-        # A plain function runs its body when called; if it blocks (e.g. floods stdout),
-        # the hub still needs a PANG to mark the instance running.
-        timer: threading.Timer | None = None
-        if not (
-            inspect.iscoroutinefunction(run)
-            or inspect.isgeneratorfunction(run)
-            or inspect.isasyncgenfunction(run)
-        ):
-            timer = threading.Timer(PANG_GRACE_SECONDS, self._send_pangs, args=(None, True))
-            timer.daemon = True
-            timer.start()
+        # The first PANG tells the hub the instance runs, and the hub may send STOP or an
+        # event right after it. So it goes out when this task first yields to the loop:
+        # by then an ``async def run`` has registered the handlers at its top. A run that
+        # never yields (a busy loop, a flood of prints) gets it from the timer thread.
+        timer = threading.Timer(PANG_GRACE_SECONDS, self._send_pangs, args=(None, True))
+        timer.daemon = True
+        timer.start()
         try:
             result = run(context, input_stream, *self.args)
-        finally:
-            if timer is not None:
-                timer.cancel()
+        except BaseException:
+            timer.cancel()
+            raise
         self._result = result
-        self._send_pangs(result)
+        asyncio.get_running_loop().call_soon(self._pang_at_first_yield, timer)
         if not _is_async_iterable(result) and inspect.isawaitable(result):
             while not _is_async_iterable(result) and inspect.isawaitable(result):
                 result = await result

@@ -29,7 +29,14 @@ def _load_context() -> ModuleType:
         raise SystemExit(f"spacehub runner: cannot load {_HERE}/context.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[_MODULE_NAME] = module
-    spec.loader.exec_module(module)
+    # The hub may set PYTHONDONTWRITEBYTECODE (for the sequences' directories); the
+    # runner's own .pyc is what keeps every start fast, so it is written regardless
+    # (where the directory is writable; an installed package ships it compiled).
+    dont_write, sys.dont_write_bytecode = sys.dont_write_bytecode, False
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.dont_write_bytecode = dont_write
     return module
 
 

@@ -1,0 +1,185 @@
+"""Topics: named pipes inside the hub that chain Instances into pipelines.
+
+Theory of operation
+-------------------
+A topic has a content type fixed when it is created (by its first writer,
+reader, instance or ``POST /topics``) and one :class:`~agent.streams.Broadcast`
+carrying its bytes. Writers (API bodies, providing instances) take turns: the
+topic's lock is fair, so they are served one at a time in arrival order and each
+writes whole, so NDJSON records never interleave or split. Readers (API
+streams, requiring instances) each get every byte written after they attached;
+with no reader the broadcast keeps up to its bound and then writers wait:
+back-pressure, never a drop.
+
+A writer may end the topic (``x-end-stream: true``): its readers see the end of
+the stream, and the topic starts a fresh stream for whoever comes next.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterable
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import trio
+
+from . import limits
+from .errors import BadRequest, Conflict, NotFound, UnsupportedMediaType
+from .streams import Broadcast, Subscription
+
+#: Content types a topic may carry.
+CONTENT_TYPES: Final = ("application/x-ndjson", "text/x-ndjson", "text/plain", "application/octet-stream")
+DEFAULT_CONTENT_TYPE: Final = "application/x-ndjson"
+NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9_+-]{1,128}$")
+NAME_RULE: Final = "1-128 characters: letters, digits, '_', '+', '-'"
+NDJSON_TYPES: Final = frozenset({"application/x-ndjson", "text/x-ndjson"})
+
+logger = logging.getLogger("agent.topics")
+
+
+def check_name(name: str) -> str:
+    if not NAME_PATTERN.match(name):
+        raise BadRequest(f"Topic name {name!r} is invalid: use {NAME_RULE}")
+    return name
+
+
+def check_content_type(content_type: str | None) -> str:
+    if content_type is None:
+        return DEFAULT_CONTENT_TYPE
+    value = content_type.split(";", 1)[0].strip().lower()
+    if value not in CONTENT_TYPES:
+        raise UnsupportedMediaType(
+            f"Unsupported content-type {value!r}: a topic carries one of {', '.join(CONTENT_TYPES)}"
+        )
+    return value
+
+
+@dataclass(eq=False)
+class Topic:
+    name: str
+    content_type: str
+    stream: Broadcast = field(default_factory=lambda: Broadcast(limits.TOPIC_BUFFER_BYTES))
+    #: writers take turns in arrival order (trio.Lock is fair)
+    turn: trio.Lock = field(default_factory=trio.Lock)
+    #: who writes and reads now: "api" or instance ids, with a count each
+    providers: dict[str, int] = field(default_factory=dict)
+    consumers: dict[str, int] = field(default_factory=dict)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "topic": self.name,
+            "topicName": self.name,
+            "contentType": self.content_type,
+            "localProvider": next(iter(self.providers), ""),
+            "providers": sorted(self.providers),
+            "consumers": sorted(self.consumers),
+            "buffered": self.stream.buffered,
+        }
+
+    def end(self) -> None:
+        """End the current stream for its readers; later users get a fresh one."""
+        self.stream.close()
+        self.stream = Broadcast(limits.TOPIC_BUFFER_BYTES)
+
+
+def _count(table: dict[str, int], who: str, delta: int) -> None:
+    table[who] = table.get(who, 0) + delta
+    if table[who] <= 0:
+        del table[who]
+
+
+class TopicRouter:
+    def __init__(self) -> None:
+        self._topics: dict[str, Topic] = {}
+
+    def list(self) -> list[Topic]:
+        return list(self._topics.values())
+
+    def get(self, name: str) -> Topic:
+        try:
+            return self._topics[check_name(name)]
+        except KeyError:
+            raise NotFound(f"Topic {name} not found") from None
+
+    def ensure(self, name: str, content_type: str | None, default: str = DEFAULT_CONTENT_TYPE) -> Topic:
+        """The topic, created with ``content_type`` (or ``default``) if new; a
+        different type than the existing topic's is refused (415)."""
+        check_name(name)
+        topic = self._topics.get(name)
+        if topic is None:
+            topic = Topic(name, check_content_type(content_type or default))
+            self._topics[name] = topic
+            logger.info("topic %s created (%s)", name, topic.content_type)
+        elif content_type is not None and check_content_type(content_type) != topic.content_type:
+            raise UnsupportedMediaType(
+                f"Topic {name} carries {topic.content_type}, not {check_content_type(content_type)}"
+            )
+        return topic
+
+    def create(self, name: str, content_type: str | None) -> Topic:
+        if check_name(name) in self._topics:
+            raise Conflict(f"Topic with given id already exists: {name}")
+        return self.ensure(name, content_type)
+
+    def delete(self, name: str) -> None:
+        topic = self.get(name)
+        topic.stream.close()
+        del self._topics[name]
+        logger.info("topic %s deleted", name)
+
+    async def write(self, topic: Topic, body: AsyncIterable[bytes], *, who: str, end: bool = False) -> int:
+        """Write ``body`` as one whole turn; returns the bytes written."""
+        written = 0
+        _count(topic.providers, who, +1)
+        try:
+            async with topic.turn:
+                stream = topic.stream
+                last = b"\n"
+                async for chunk in body:
+                    if chunk:
+                        await stream.write(chunk)
+                        written += len(chunk)
+                        last = chunk[-1:]
+                # NDJSON readers must never see two writers' records glued together.
+                if topic.content_type in NDJSON_TYPES and last != b"\n":
+                    await stream.write(b"\n")
+                if end and stream is topic.stream:
+                    topic.end()
+        finally:
+            _count(topic.providers, who, -1)
+        return written
+
+    def subscribe(self, topic: Topic, *, who: str) -> TopicReader:
+        """Attach a reader now (bytes written from here on reach it)."""
+        _count(topic.consumers, who, +1)
+        return TopicReader(topic, who, topic.stream.subscribe())
+
+
+class TopicReader:
+    """A topic reader: its bytes until the topic's stream ends; close it when done."""
+
+    def __init__(self, topic: Topic, who: str, subscription: Subscription) -> None:
+        self._topic = topic
+        self._who = who
+        self._subscription = subscription
+        self._closed = False
+
+    def __aiter__(self) -> TopicReader:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await self._subscription.__anext__()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._subscription.close()
+            _count(self._topic.consumers, self._who, -1)
+
+    def __enter__(self) -> TopicReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
