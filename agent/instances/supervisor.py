@@ -110,7 +110,9 @@ class Supervisor:
     def _launch_spec(self, instance: Instance) -> LaunchSpec:
         sequence = instance.sequence
         if sequence.package.language == "py":
-            argv = [self._config.python or sys.executable, str(PYTHON_RUNNER)]
+            # -S: no site processing (.pth files, editable-install finders); the
+            # runner gets its import roots through PYTHONPATH. Saves ~15 ms a start.
+            argv = [self._config.python or sys.executable, "-S", str(PYTHON_RUNNER)]
         else:
             # No engines.python3: a Node.js sequence, as on the original platform.
             node = self._config.node_path()
