@@ -23,9 +23,11 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import shutil
 import signal
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterable, Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
@@ -210,6 +212,7 @@ class Instance:
         try:
             process = await self._runtime.spawn(spec)
         except OSError as exc:
+            await trio.to_thread.run_sync(partial(shutil.rmtree, spec.cwd, ignore_errors=True))
             self._finish_without_process(f"cannot start the runner: {exc}")
             raise SequenceStartFailed(f"cannot start the runner: {exc}") from None
         self._process = process
@@ -250,6 +253,7 @@ class Instance:
             with trio.CancelScope(shield=True):
                 process.signal_group(signal.SIGKILL)
                 await process.aclose()
+                await trio.to_thread.run_sync(partial(shutil.rmtree, spec.cwd, ignore_errors=True))
             self._close_streams()
             self._removed.set()
             if self._on_removed is not None:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
 import uuid
@@ -32,6 +33,9 @@ INSTANCE_ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 #: The runners, run inside every instance of their language.
 PYTHON_RUNNER: Final = Path(__file__).resolve().parent.parent / "runners" / "python" / "runner.py"
 NODE_RUNNER: Final = Path(__file__).resolve().parent.parent / "runners" / "node" / "runner.js"
+#: Where the instances' scratch directories live, under the sequences root (the
+#: store ignores names starting with a dot).
+WORK_DIRS: Final = ".instances"
 #: Events waiting to be forwarded between instances; past it, forwarding drops
 #: events (it is best effort) rather than holding the sender back.
 FORWARD_QUEUE: Final = 256
@@ -67,6 +71,8 @@ class Supervisor:
         self._instances: dict[str, Instance] = {}
         self._nursery: trio.Nursery | None = None
         self._import_roots = _import_roots()
+        # Scratch directories of instances from a previous run: nothing owns them now.
+        shutil.rmtree(config.sequences_root / WORK_DIRS, ignore_errors=True)
         self._forward_send, self._forward_receive = trio.open_memory_channel[tuple[Instance, str, Any]](
             FORWARD_QUEUE
         )
@@ -122,6 +128,10 @@ class Supervisor:
                     " install nodejs (node on PATH) or set the hub's node option"
                 )
             argv = [node, str(NODE_RUNNER)]
+        # Every instance gets a scratch directory of its own as its working
+        # directory; it is removed with the instance.
+        work_dir = self._config.sequences_root / WORK_DIRS / instance.id
+        work_dir.mkdir(parents=True, exist_ok=True)
         env = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
         env.setdefault("PATH", os.defpath)
         env.update(self._config.runner_env)
@@ -143,6 +153,7 @@ class Supervisor:
                 "SPACEHUB_SEQUENCE_DIR": str(sequence.directory),
                 "SPACEHUB_SEQUENCE_MAIN": sequence.package.main,
                 "SPACEHUB_INSTANCE_ID": instance.id,
+                "SPACEHUB_WORK_DIR": str(work_dir),
                 "SPACEHUB_RUNNER_INFO": _json(info),
             }
         )
@@ -150,7 +161,7 @@ class Supervisor:
             instance_id=instance.id,
             argv=argv,
             env=env,
-            cwd=sequence.directory,
+            cwd=work_dir,
             package_dir=sequence.directory,
             limits=dict(instance.limits_request),
         )

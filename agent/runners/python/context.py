@@ -1263,7 +1263,10 @@ class _Runner:
                 prefix.append(pep582)
         prefix.append(main_dir)
         sys.path[:0] = prefix
-        os.chdir(main_dir)  # relative paths in the sequence are relative to its main file
+        # Each instance works in its own scratch directory when the hub gives one (the
+        # package itself may be read-only and is shared by every instance of it);
+        # otherwise, as the original runner, next to the main file.
+        os.chdir(os.environ.get("SPACEHUB_WORK_DIR") or main_dir)
         # After the path change, so a copy vendored in __pypackages__ is the one used.
         self._scramjet = _import_scramjet()
         try:
