@@ -22,7 +22,8 @@ from urllib.parse import urlsplit
 from .errors import BadRequest
 
 LOG_LEVELS = ("trace", "debug", "info", "warn", "error", "fatal")
-RUNTIMES = ("process",)
+RUNTIMES = ("process", "podman")
+PODMAN_NETWORKS = ("none", "host")
 
 
 class ConfigError(BadRequest):
@@ -93,6 +94,17 @@ class HubConfig:
     #: shown by the manager
     description: str = ""
     tags: list[str] = field(default_factory=list)
+    #: Podman runtime: the runner images ("" = the built-in ones, see agent.images)
+    runner_image_py: str = ""
+    runner_image_node: str = ""
+    #: Podman runtime: "none" (only loopback inside) or "host"
+    podman_network: str = "none"
+    #: per-instance limits when a start request names none (0 = no limit); Podman only
+    default_memory_mb: int = 512
+    default_cpus: float = 0.0
+    default_pids: int = 256
+    #: what the hub found at start: can Podman run here, which limits it enforces (not an option)
+    podman_status: dict[str, Any] = field(default_factory=dict)
 
     def node_path(self) -> str | None:
         """The Node.js executable, or None when this machine has none."""
@@ -109,6 +121,17 @@ class HubConfig:
             "identifyExisting": self.identify_existing,
             "runtimeAdapter": self.runtime,
             "runtimes": {"python3": self.python, "node": self.node_path()},
+            "podman": {
+                "runnerImagePy": self.runner_image_py,
+                "runnerImageNode": self.runner_image_node,
+                "network": self.podman_network,
+                "defaultLimits": {
+                    "memoryMb": self.default_memory_mb,
+                    "cpus": self.default_cpus,
+                    "pids": self.default_pids,
+                },
+                **self.podman_status,
+            },
             "timings": {
                 "instanceLifetime": self.instance_lifetime,
                 "killGrace": self.kill_grace,
@@ -152,6 +175,12 @@ _TOML_KEYS: dict[str, str] = {
     "cpm_insecure": "cpm_insecure",
     "description": "description",
     "tags": "tags",
+    "runner_image_py": "runner_image_py",
+    "runner_image_node": "runner_image_node",
+    "podman_network": "podman_network",
+    "default_memory_mb": "default_memory_mb",
+    "default_cpus": "default_cpus",
+    "default_pids": "default_pids",
 }
 
 
@@ -162,6 +191,13 @@ def _check(config: HubConfig) -> HubConfig:
         raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}, not {config.log_level!r}")
     if config.runtime not in RUNTIMES:
         raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, not {config.runtime!r}")
+    if config.podman_network not in PODMAN_NETWORKS:
+        raise ConfigError(
+            f"podman_network must be one of {', '.join(PODMAN_NETWORKS)}, not {config.podman_network!r}"
+        )
+    for name in ("default_memory_mb", "default_cpus", "default_pids"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{name} may not be negative (0 = no limit)")
     for name in ("instance_lifetime", "kill_grace", "start_timeout"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} may not be negative")

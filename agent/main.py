@@ -11,7 +11,7 @@ from typing import Any
 import trio
 
 from . import __version__
-from .config import LOG_LEVELS, RUNTIMES, ConfigError, load_config
+from .config import LOG_LEVELS, PODMAN_NETWORKS, RUNTIMES, ConfigError, load_config
 from .service import run_hub
 
 
@@ -44,6 +44,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="also adopt package directories placed in the sequences root by hand (id = directory name)",
     )
     parser.add_argument("--runtime", choices=RUNTIMES, help="how instances run (default process)")
+    podman = parser.add_argument_group("podman runtime (--runtime podman; see docs/podman.md)")
+    podman.add_argument(
+        "--runner-image-py", metavar="IMAGE", help="own image for Python sequences (python3 on PATH)"
+    )
+    podman.add_argument(
+        "--runner-image-node", metavar="IMAGE", help="own image for Node sequences (node on PATH)"
+    )
+    podman.add_argument("--podman-network", choices=PODMAN_NETWORKS, help="container network (default none)")
+    podman.add_argument(
+        "--default-memory", type=int, metavar="MB", help="memory limit per instance (default 512)"
+    )
+    podman.add_argument(
+        "--default-cpus", type=float, metavar="N", help="CPU limit per instance (default 0: none)"
+    )
+    podman.add_argument(
+        "--default-pids", type=int, metavar="N", help="process limit per instance (default 256)"
+    )
     parser.add_argument(
         "--instance-lifetime",
         type=float,
@@ -84,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["images"]:  # `sth images build|check` (agent/images.py)
+        from .images import main as images_main
+
+        return images_main(argv[1:])
+    if argv[:1] == ["join"]:  # `sth join ...` writes the link settings (agent/join.py)
+        from .join import main as join_main
+
+        return join_main(argv[1:])
     args = build_parser().parse_args(argv)
     overrides: dict[str, Any] = {
         "port": args.port,
@@ -105,6 +131,12 @@ def main(argv: list[str] | None = None) -> int:
         "cpm_insecure": args.cpm_insecure,
         "description": args.description,
         "tags": None if args.tags is None else [t.strip() for t in args.tags.split(",") if t.strip()],
+        "runner_image_py": args.runner_image_py,
+        "runner_image_node": args.runner_image_node,
+        "podman_network": args.podman_network,
+        "default_memory_mb": args.default_memory,
+        "default_cpus": args.default_cpus,
+        "default_pids": args.default_pids,
     }
     try:
         config = load_config(args.config, overrides)

@@ -19,13 +19,15 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
-from . import __version__, limits
+from . import __version__, limits, notify
 from .api.app import HubApp
 from .config import HubConfig
 from .hublog import LogRecordDict, setup_logging
 from .instances.supervisor import Supervisor
+from .link.client import LinkClient
+from .load import load_check
 from .runtimes.base import Runtime
-from .runtimes.process import ProcessRuntime
+from .runtimes.podman import PodmanRuntime, make_runtime
 from .sequences.store import SequenceStore
 from .streams import RecordRing
 from .topics import TopicRouter
@@ -66,9 +68,23 @@ class Hub:
         for warning in self.store.load(identify_existing=config.identify_existing):
             logger.warning("%s", warning)
         logger.info("%d sequence(s) in %s", len(self.store.list()), config.sequences_root)
-        self.runtime: Runtime = ProcessRuntime()
+        self.runtime: Runtime = make_runtime(config, self.id, logger)
         self.topics = TopicRouter()
         self.supervisor = Supervisor(config, self.runtime, self.topics)
+        #: the link to the manager, when one is configured
+        self.link: LinkClient | None = None
+
+    def link_summary(self) -> dict[str, Any]:
+        """What the link's heartbeat tells the manager about this hub's entities."""
+        return {
+            "sequences": [s.info() for s in self.store.list()],
+            "instances": [i.info() for i in self.supervisor.list()],
+            "topics": [t.info() for t in self.topics.list()],
+        }
+
+    def link_load(self) -> dict[str, Any]:
+        """The load-check the heartbeat carries (blocking: call it in a thread)."""
+        return load_check([self.config.sequences_root])
 
     def version_info(self) -> dict[str, Any]:
         return {
@@ -103,6 +119,8 @@ async def run_hub(
     ring = RecordRing[LogRecordDict](limits.HUB_LOG_RING_RECORDS)
     logger = setup_logging(config.log_level, ring)
     hub = await trio.to_thread.run_sync(partial(Hub, config, ring, logger))
+    if isinstance(hub.runtime, PodmanRuntime):
+        await hub.runtime.remove_orphans(logger)
     async with trio.open_nursery() as nursery:
         await nursery.start(hub.supervisor.run)
         # hypercorn types the app as a union of ASGI/WSGI callables; ours is ASGI 3.
@@ -110,4 +128,9 @@ async def run_hub(
         binds: list[str] = await nursery.start(partial(serve, app, _hypercorn_config(config, logger)))
         addresses = [b.split("://", 1)[-1] for b in binds]
         logger.info("API on %s", ", ".join(addresses))
+        if config.cpm_url:
+            hub.link = LinkClient(config, app, load=hub.link_load, summary=hub.link_summary)
+            await nursery.start(hub.link.run)
+        # systemd (Type=notify): READY=1 now, the watchdog, STOPPING=1 when cancelled.
+        await nursery.start(partial(notify.lifecycle, f"API on {', '.join(addresses)}"))
         task_status.started(addresses)

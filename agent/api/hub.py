@@ -23,7 +23,8 @@ def register(router: Router, hub: Hub) -> None:
         return json_response({**hub.config.public(), "id": hub.id})
 
     async def status(request: Request) -> Response:
-        return json_response({"id": hub.id, "cpm": {}, "uptime": hub.uptime()})
+        cpm = hub.link.status() if hub.link is not None else {}
+        return json_response({"id": hub.id, "cpm": cpm, "uptime": hub.uptime()})
 
     async def load(request: Request) -> Response:
         paths = [hub.config.sequences_root]

@@ -320,6 +320,9 @@ class Instance:
             return "Instance killed"
         if self.status is Status.STOPPING:
             return "Instance stopped" if self._stopped_by_runner else "Instance killed after the stop timeout"
+        runtime_reason = getattr(self._process, "exit_reason", None)  # e.g. Podman: memory limit exceeded
+        if runtime_reason:
+            return str(runtime_reason)
         if self._runner_error is not None and self._runner_error.get("message"):
             return str(self._runner_error["message"])
         if code == 0:
@@ -590,6 +593,9 @@ class Instance:
         report: dict[str, Any] = {**self._health, "healthy": healthy, "status": self.status.value}
         if self.pid is not None:
             report["processId"] = self.pid
+        stats = getattr(self._process, "stats", None)  # the Podman runtime: container memory and CPU
+        if stats is not None and self.status in (Status.RUNNING, Status.STOPPING):
+            report["container"] = await stats()
         return report
 
     # ------------------------------------------------------------------ events

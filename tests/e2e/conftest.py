@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -7,11 +8,33 @@ import pytest
 
 from tests.helpers import HubProcess, run_sth
 
+#: Every instance test runs once per runtime: `process` always, `podman` where it works.
+RUNTIMES = ("process", "podman")
+
+
+@functools.cache
+def podman_works() -> bool:
+    from agent.runtimes.podman import podman_available
+
+    return podman_available()
+
+
+def require_runtime(runtime: str) -> None:
+    if runtime == "podman" and not podman_works():
+        pytest.skip("podman runtime: `podman info` fails here (install podman, see docs/podman.md)")
+
+
+@pytest.fixture(scope="module", params=RUNTIMES)
+def runtime(request: pytest.FixtureRequest) -> str:
+    name = str(request.param)
+    require_runtime(name)
+    return name
+
 
 @pytest.fixture(scope="module")
-def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubProcess]:
-    """One real `sth` per test module; finished instances stay listed 30 s."""
+def hub(tmp_path_factory: pytest.TempPathFactory, runtime: str) -> Iterator[HubProcess]:
+    """One real `sth` per test module and runtime; finished instances stay listed 30 s."""
     root: Path = tmp_path_factory.mktemp("sequences")
-    with run_sth(root, "--instance-lifetime", "30", "--kill-grace", "1") as process:
+    with run_sth(root, "--runtime", runtime, "--instance-lifetime", "30", "--kill-grace", "1") as process:
         yield process
         assert process.alive(), "sth died during the tests"

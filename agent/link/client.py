@@ -1,0 +1,582 @@
+"""The hub's side of the link: dial the manager, prove who we are, serve its calls.
+
+Theory of operation
+-------------------
+:class:`LinkClient` is a service in the hub's nursery. It reports ``started`` at
+once (the hub never waits for its manager) and then loops for as long as the hub
+runs, following :mod:`agent.link.state`:
+
+1. ``connecting``: build the TLS context (the manager's CA from ``--cpm-ca``, or
+   fetched and checked against ``--cpm-fingerprint``, or the system store) and
+   dial ``<cpm-url>/api/v1/link`` with ``websockets.trio``; ``open_timeout``
+   bounds the dial, TLS included, so a bad certificate fails fast.
+2. ``authenticating``: the manager sends a challenge; the hub signs it with its
+   Ed25519 key (``<data dir>/hub.key``, 0600, made on first start) and answers
+   with ``join`` (first time, with the one-time join token) or ``auth`` (once
+   ``<data dir>/link.json`` records the hub id it was given). :data:`AUTH_TIMEOUT`
+   bounds this step.
+3. ``connected``: a :class:`~spacehub.link.LinkSession` runs. Each stream the
+   manager opens is served by the hub's own ASGI app in-process
+   (:func:`~spacehub.link.serve_asgi`, ``/api/v1/`` only); control pings are
+   answered; a heartbeat (load-check and summary) goes out at once and then every
+   :data:`HEARTBEAT_INTERVAL` ± :data:`HEARTBEAT_JITTER`. The websocket's own
+   pings (every :data:`PING_INTERVAL`, :data:`PING_TIMEOUT` deadline) notice a
+   dead link within 20 s; ``close_timeout`` is short so closing it never holds
+   the next attempt back.
+4. any failure: ``backoff`` for ``uniform(0, min(cap, base * 2**attempt))``
+   seconds ("full jitter"), then ``connecting`` again, forever. The attempt count
+   starts again once a link stayed up :data:`STABLE_AFTER` seconds, so a link that
+   drops after a good run is back within about a second.
+5. ``refused`` (``refused`` with ``retry: false``, ``revoked``, or a local problem
+   no retry can fix, such as no join token and no ``link.json``): no more attempts;
+   the reason is logged and shown by ``/status``. The hub goes on working alone.
+
+Every failure is logged once with its reason (a repeat of the same reason is
+logged at debug level only).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import random
+import secrets
+import ssl
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from websockets.exceptions import InvalidStatus
+from websockets.trio.client import connect
+
+from cpm.tls import check_ca_fingerprint, client_ssl_context
+from spacehub import __version__
+from spacehub.link import (
+    ASGIApp,
+    InboundStream,
+    LinkClosed,
+    LinkSession,
+    WebsocketsTransport,
+    serve_asgi,
+)
+from spacehub.protocol.auth import (
+    KeyFileError,
+    challenge_payload,
+    generate_hub_key,
+    load_private_key,
+    public_key_bytes,
+    save_private_key,
+    sign_challenge,
+)
+from spacehub.protocol.link import (
+    FRAME_HEADER_SIZE,
+    MAX_FRAME_PAYLOAD,
+    MAX_HEAD_BYTES,
+    ControlReceived,
+    LinkConnection,
+    LinkError,
+)
+
+from ..config import HubConfig, is_loopback
+from .state import LinkState, LinkTrigger, next_state
+
+__all__ = [
+    "AUTH_TIMEOUT",
+    "BACKOFF_BASE",
+    "BACKOFF_CAP",
+    "HEARTBEAT_INTERVAL",
+    "HEARTBEAT_JITTER",
+    "KEY_FILE",
+    "LINK_FILE",
+    "LINK_PATH",
+    "STABLE_AFTER",
+    "LinkClient",
+    "LinkRefused",
+    "backoff_delay",
+]
+
+#: Seconds between heartbeats ...
+HEARTBEAT_INTERVAL: Final = 10.0
+#: ... give or take this fraction.
+HEARTBEAT_JITTER: Final = 0.1
+#: The first backoff is at most this many seconds; each failure doubles it ...
+BACKOFF_BASE: Final = 1.0
+#: ... up to this cap.
+BACKOFF_CAP: Final = 60.0
+#: A link up this long resets the backoff.
+STABLE_AFTER: Final = 60.0
+#: Websocket pings: interval and deadline for the pong.
+PING_INTERVAL: Final = 10.0
+PING_TIMEOUT: Final = 10.0
+#: Seconds for TCP, TLS and the websocket handshake together.
+OPEN_TIMEOUT: Final = 10.0
+#: Seconds the closing handshake may take before the connection is dropped.
+CLOSE_TIMEOUT: Final = 1.0
+#: Seconds from the websocket opening to ``welcome``.
+AUTH_TIMEOUT: Final = 10.0
+#: The largest websocket message the link carries.
+MAX_MESSAGE: Final = FRAME_HEADER_SIZE + max(MAX_FRAME_PAYLOAD, MAX_HEAD_BYTES)
+#: The manager's websocket endpoint, under the configured URL.
+LINK_PATH: Final = "/api/v1/link"
+#: Files in the data dir.
+KEY_FILE: Final = "hub.key"
+LINK_FILE: Final = "link.json"
+#: The most bytes of the manager's CA fetched for a fingerprint check.
+_MAX_CA_PEM: Final = 64 * 1024
+
+logger = logging.getLogger("agent.link")
+
+
+class LinkRefused(Exception):
+    """The manager refused the hub for good (or revoked it), or a local problem no retry fixes."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"{code}: {reason}" if code else reason)
+        self.code = code
+        self.reason = reason
+
+
+class _AttemptFailed(Exception):
+    """One attempt failed in a way worth retrying; the message is the reason."""
+
+
+def backoff_delay(attempt: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) -> float:
+    """Full jitter: a uniform delay in ``[0, min(cap, base * 2**attempt)]``."""
+    return random.uniform(0, min(cap, base * 2 ** min(attempt, 62)))
+
+
+def _iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+
+
+def describe_error(exc: BaseException) -> str:
+    """A one-line reason for the log and ``/status``; certificate failures say so first."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            detail = current.verify_message or current.reason or str(current)
+            return f"certificate verify failed: {detail}"
+        if isinstance(current, BaseExceptionGroup):
+            stack.extend(current.exceptions)
+        for linked in (current.__cause__, current.__context__):
+            if linked is not None:
+                stack.append(linked)
+    if isinstance(exc, InvalidStatus):
+        return f"the manager answered HTTP {exc.response.status_code} to the link request"
+    if isinstance(exc, trio.TooSlowError):
+        return "timed out"
+    if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        return describe_error(exc.exceptions[0])
+    text = str(exc) or type(exc).__name__
+    return text if isinstance(exc, _AttemptFailed | LinkRefused) else f"{type(exc).__name__}: {text}"
+
+
+def _write_private_json(path: Path, value: dict[str, Any]) -> None:
+    """Write ``value`` as JSON, 0600, atomically."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as file:
+            os.fchmod(file.fileno(), 0o600)
+            json.dump(value, file, indent=2)
+            file.write("\n")
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class LinkClient:
+    """The hub's link to its manager. See the module docstring."""
+
+    def __init__(
+        self,
+        config: HubConfig,
+        app: ASGIApp,
+        *,
+        load: Callable[[], dict[str, Any]] | None = None,
+        summary: Callable[[], dict[str, Any]] | None = None,
+        heartbeat_interval: float = HEARTBEAT_INTERVAL,
+        heartbeat_jitter: float = HEARTBEAT_JITTER,
+        backoff_base: float = BACKOFF_BASE,
+        backoff_cap: float = BACKOFF_CAP,
+        stable_after: float = STABLE_AFTER,
+        ping_interval: float = PING_INTERVAL,
+        ping_timeout: float = PING_TIMEOUT,
+        open_timeout: float = OPEN_TIMEOUT,
+        auth_timeout: float = AUTH_TIMEOUT,
+    ) -> None:
+        self._config = config
+        self._app = app
+        self._load = load or (lambda: {})
+        self._summary = summary or (lambda: {"sequences": [], "instances": [], "topics": []})
+        self.heartbeat_interval = heartbeat_interval
+        self.heartbeat_jitter = heartbeat_jitter
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.stable_after = stable_after
+        self.ping_interval = ping_interval
+        self.ping_timeout = ping_timeout
+        self.open_timeout = open_timeout
+        self.auth_timeout = auth_timeout
+        self.data_dir = Path(config.data_dir)
+        self.key_path = self.data_dir / KEY_FILE
+        self.link_path = self.data_dir / LINK_FILE
+        self.state = LinkState.DISABLED
+        self._key: Ed25519PrivateKey | None = None
+        self._hub_id: str | None = None
+        self._ca_data: bytes | None = None
+        self._last_error: str | None = None
+        self._last_logged: str | None = None
+        self._last_connected: float | None = None
+        self._last_disconnected: float | None = None
+        self._session: LinkSession | None = None
+        #: connections made so far (for tests and the log)
+        self.connections = 0
+
+    # --- what /status shows ----------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The link as ``GET /status`` shows it (no secrets)."""
+        return {
+            "connected": self.state is LinkState.CONNECTED,
+            "state": self.state.value,
+            "cpmUrl": self._config.cpm_url,
+            "hubId": self._hub_id,
+            "space": self._config.space,
+            "lastError": self._last_error,
+            "lastConnected": _iso(self._last_connected),
+            "lastDisconnected": _iso(self._last_disconnected),
+        }
+
+    def _move(self, trigger: LinkTrigger) -> None:
+        self.state = next_state(self.state, trigger)
+
+    def _fail(self, reason: str, *, final: bool = False) -> None:
+        self._last_error = reason
+        if final:
+            logger.error("link to %s refused, not retrying: %s", self._config.cpm_url, reason)
+        elif reason != self._last_logged:
+            logger.warning("link to %s: %s", self._config.cpm_url, reason)
+        else:
+            logger.debug("link to %s: %s (again)", self._config.cpm_url, reason)
+        self._last_logged = reason
+
+    # --- the service -----------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Keep the link up until cancelled; ``started`` at once."""
+        task_status.started()
+        if not self._config.cpm_url:
+            return
+        self._move(LinkTrigger.START)
+        try:
+            await self._run()
+        finally:
+            if self.state is not LinkState.REFUSED:  # a refusal stays visible in /status
+                self._move(LinkTrigger.STOP)
+
+    async def _run(self) -> None:
+        try:
+            await trio.to_thread.run_sync(self._prepare_identity)
+        except LinkRefused as exc:
+            self._fail(exc.reason, final=True)
+            self.state = LinkState.REFUSED
+            return
+        attempt = 0
+        while True:
+            connected_at: list[float] = []
+            try:
+                await self._attempt(connected_at)
+                reason = "the link closed"
+            except LinkRefused as exc:
+                self._fail(str(exc), final=True)
+                if connected_at:
+                    self._last_disconnected = time.time()
+                self._move(LinkTrigger.REFUSED)
+                return
+            except Exception as exc:  # noqa: BLE001 - any failure means: back off and try again
+                reason = describe_error(exc)
+            if connected_at:
+                self._last_disconnected = time.time()
+                if trio.current_time() - connected_at[0] >= self.stable_after:
+                    attempt = 0
+            self._fail(reason)
+            self._move(LinkTrigger.FAILED)
+            delay = backoff_delay(attempt, self.backoff_base, self.backoff_cap)
+            attempt += 1
+            logger.debug("link: next attempt in %.2f s", delay)
+            await trio.sleep(delay)
+            self._move(LinkTrigger.RETRY)
+
+    def _prepare_identity(self) -> None:
+        """Load (or make) the key and read link.json; runs in a thread."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._key = load_private_key(self.key_path)
+        except FileNotFoundError:
+            self._key = generate_hub_key()
+            save_private_key(self._key, self.key_path)
+            logger.info("made the hub's link key %s", self.key_path)
+        except (KeyFileError, OSError) as exc:
+            raise LinkRefused("key-file", str(exc)) from None
+        self._hub_id = self._joined_hub_id()
+        if self._hub_id is None and not self._config.join_token:
+            raise LinkRefused(
+                "not-joined",
+                f"this hub has not joined space {self._config.space!r} yet and no --join-token was given",
+            )
+
+    def _joined_hub_id(self) -> str | None:
+        """The hub id link.json records for the configured space, if any."""
+        try:
+            record = json.loads(self.link_path.read_text())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            logger.warning("ignoring %s: %s", self.link_path, exc)
+            return None
+        if not isinstance(record, dict) or record.get("space") != self._config.space:
+            return None
+        hub_id = record.get("hubId")
+        return hub_id if isinstance(hub_id, str) and hub_id else None
+
+    # --- one attempt -----------------------------------------------------------
+
+    def _link_url(self) -> str:
+        parts = urlsplit(self._config.cpm_url)
+        path = parts.path.rstrip("/")
+        if not path.endswith(LINK_PATH):
+            path += LINK_PATH
+        return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+
+    async def _ssl_context(self) -> ssl.SSLContext | None:
+        parts = urlsplit(self._config.cpm_url)
+        if parts.scheme != "wss":
+            return None
+        fingerprint = self._config.cpm_fingerprint or None
+        if self._config.cpm_ca:
+            try:
+                return client_ssl_context(ca_file=self._config.cpm_ca, fingerprint=fingerprint)
+            except (OSError, ValueError) as exc:
+                raise _AttemptFailed(f"cannot use the CA file {self._config.cpm_ca}: {exc}") from None
+        if fingerprint is not None:
+            if self._ca_data is None:
+                self._ca_data = await self._fetch_ca(fingerprint)
+            return client_ssl_context(ca_data=self._ca_data, fingerprint=fingerprint)
+        return ssl.create_default_context()
+
+    async def _fetch_ca(self, fingerprint: str) -> bytes:
+        """The manager's CA, fetched without verification and then checked by its fingerprint."""
+        parts = urlsplit(self._config.cpm_url)
+        url = urlunsplit(("https", parts.netloc, "/api/v1/ca.pem", "", ""))
+        unverified = ssl.create_default_context()
+        unverified.check_hostname = False
+        unverified.verify_mode = ssl.CERT_NONE
+        try:
+            async with (
+                httpx.AsyncClient(verify=unverified, timeout=self.open_timeout, trust_env=False) as client,
+                client.stream("GET", url) as response,
+            ):
+                if response.status_code != 200:
+                    raise _AttemptFailed(f"fetching the manager's CA: {url} answered {response.status_code}")
+                pem = bytearray()
+                async for chunk in response.aiter_bytes():
+                    pem += chunk
+                    if len(pem) > _MAX_CA_PEM:
+                        raise _AttemptFailed(f"fetching the manager's CA: {url} sent too much")
+        except httpx.HTTPError as exc:
+            raise _AttemptFailed(f"fetching the manager's CA from {url}: {describe_error(exc)}") from None
+        if not check_ca_fingerprint(bytes(pem), fingerprint):
+            raise _AttemptFailed(
+                f"the CA served at {url} does not match --cpm-fingerprint; not connecting"
+                " (check the fingerprint `cpm` printed)"
+            )
+        return bytes(pem)
+
+    async def _attempt(self, connected_at: list[float]) -> None:
+        """Dial, authenticate and serve until the link ends (returns) or fails (raises)."""
+        context = await self._ssl_context()
+        host = urlsplit(self._config.cpm_url).hostname or ""
+        async with connect(
+            self._link_url(),
+            ssl=context,
+            ping_interval=self.ping_interval,
+            ping_timeout=self.ping_timeout,
+            close_timeout=CLOSE_TIMEOUT,
+            open_timeout=self.open_timeout,
+            max_size=MAX_MESSAGE,
+            compression=None,
+            proxy=None if is_loopback(host) else True,
+            additional_headers={"x-sth-version": __version__},
+        ) as websocket:
+            self._move(LinkTrigger.DIALED)
+            transport = WebsocketsTransport(websocket)
+            connection = LinkConnection("hub")
+            with trio.fail_after(self.auth_timeout):
+                welcome = await self._authenticate(transport, connection)
+            self._move(LinkTrigger.WELCOMED)
+            connected_at.append(trio.current_time())
+            self._last_connected = time.time()
+            self._last_error = None
+            self._last_logged = None
+            self.connections += 1
+            logger.info(
+                "linked to %s as %s in space %s", self._config.cpm_url, self._hub_id, self._config.space
+            )
+            interval = welcome.get("heartbeatInterval")
+            if isinstance(interval, int | float) and not isinstance(interval, bool) and 1 <= interval <= 600:
+                self.heartbeat_interval = float(interval)
+            await self._serve(transport, connection)
+
+    async def _receive_control(
+        self, transport: WebsocketsTransport, connection: LinkConnection
+    ) -> dict[str, Any]:
+        """The next message, which must be a control message (nothing else comes before welcome)."""
+        events = connection.receive_message(await transport.receive())
+        if len(events) != 1 or not isinstance(events[0], ControlReceived):
+            raise _AttemptFailed("the manager sent something other than a control message before welcome")
+        return events[0].message
+
+    async def _authenticate(
+        self, transport: WebsocketsTransport, connection: LinkConnection
+    ) -> dict[str, Any]:
+        challenge = await self._receive_control(transport, connection)
+        if challenge.get("type") != "challenge" or not isinstance(challenge.get("nonce"), str):
+            raise _AttemptFailed(f"expected a challenge from the manager, got {challenge.get('type')!r}")
+        try:
+            nonce = base64.b64decode(challenge["nonce"], validate=True)
+        except ValueError:
+            raise _AttemptFailed("the manager's challenge nonce is not base64") from None
+        assert self._key is not None
+        space = self._config.space
+        joining = self._hub_id is None
+        try:
+            payload = challenge_payload(nonce, "" if joining else (self._hub_id or ""), space)
+        except ValueError as exc:
+            raise _AttemptFailed(f"bad challenge: {exc}") from None
+        signature = base64.b64encode(sign_challenge(self._key, payload)).decode()
+        if joining:
+            answer: dict[str, Any] = {
+                "type": "join",
+                "space": space,
+                "joinToken": self._config.join_token,
+                "publicKey": base64.b64encode(public_key_bytes(self._key)).decode(),
+                "signature": signature,
+                "description": self._config.description,
+                "tags": list(self._config.tags),
+                "version": __version__,
+            }
+        else:
+            answer = {
+                "type": "auth",
+                "space": space,
+                "hubId": self._hub_id,
+                "signature": signature,
+                "version": __version__,
+            }
+        await transport.send(connection.send_control(answer))
+        reply = await self._receive_control(transport, connection)
+        kind = reply.get("type")
+        if kind == "refused":
+            code = str(reply.get("code", ""))
+            reason = str(reply.get("reason", "")) or "no reason given"
+            if reply.get("retry") is True:
+                raise _AttemptFailed(f"refused ({code}): {reason}")
+            raise LinkRefused(code, reason)
+        if kind != "welcome":
+            raise _AttemptFailed(f"expected welcome or refused from the manager, got {kind!r}")
+        hub_id = reply.get("hubId")
+        if not isinstance(hub_id, str) or not hub_id:
+            raise _AttemptFailed("the manager's welcome carries no hubId")
+        if joining:
+            record = {"hubId": hub_id, "space": space, "cpmUrl": self._config.cpm_url}
+            await trio.to_thread.run_sync(_write_private_json, self.link_path, record)
+            logger.info("joined space %s as %s; the join token is not used again", space, hub_id)
+        elif hub_id != self._hub_id:
+            raise _AttemptFailed(f"the manager welcomed hub {hub_id!r}, but this hub is {self._hub_id!r}")
+        self._hub_id = hub_id
+        return reply
+
+    async def _serve(self, transport: WebsocketsTransport, connection: LinkConnection) -> None:
+        async def on_stream(stream: InboundStream) -> None:
+            await serve_asgi(stream, self._app)
+
+        async def on_control(message: dict[str, Any]) -> None:
+            kind = message.get("type")
+            if kind == "ping":
+                await session.send_control({"type": "pong", "nonce": message.get("nonce")})
+            elif kind == "revoked":
+                raise LinkRefused("hub-revoked", str(message.get("reason", "")) or "revoked by the manager")
+            else:
+                logger.debug("link: ignoring control message %r", kind)
+
+        session = LinkSession(connection, transport, on_stream=on_stream, on_control=on_control)
+        self._session = session
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._heartbeats, session)
+                try:
+                    await session.run()
+                finally:
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # Only the session's run() can raise here (heartbeats catch their errors).
+            refused = group.subgroup(LinkRefused)
+            if refused is not None:
+                raise refused.exceptions[0] from None
+            raise
+        finally:
+            self._session = None
+        raise _AttemptFailed(f"the link closed: {session.close_reason}")
+
+    async def _heartbeats(self, session: LinkSession) -> None:
+        with contextlib.suppress(LinkClosed):
+            while True:
+                try:
+                    load = await trio.to_thread.run_sync(self._load)
+                    summary = self._summary()
+                except Exception:
+                    logger.exception("link: building the heartbeat failed")
+                    load, summary = {}, {}
+                await self._send_heartbeat(session, load, summary)
+                jitter = self.heartbeat_jitter
+                await trio.sleep(self.heartbeat_interval * random.uniform(1 - jitter, 1 + jitter))
+
+    async def _send_heartbeat(
+        self, session: LinkSession, load: dict[str, Any], summary: dict[str, Any]
+    ) -> None:
+        """Send one heartbeat; lists too long for one control message are cut and flagged."""
+        keep: int | None = None  # None: whole lists
+        while True:
+            part = summary
+            if keep is not None:
+                part = {k: v[:keep] if isinstance(v, list) else v for k, v in summary.items()}
+                part["truncated"] = True
+            message = {"type": "heartbeat", "load": load, "summary": part, "sentAt": int(time.time() * 1000)}
+            try:
+                await session.send_control(message)
+                return
+            except LinkError:  # over MAX_HEAD_BYTES of JSON
+                if keep == 0:
+                    raise
+                longest = max((len(v) for v in summary.values() if isinstance(v, list)), default=0)
+                keep = longest // 2 if keep is None else keep // 2

@@ -1,0 +1,188 @@
+"""The manager's ASGI application: HTTP routes, hubs' websockets, errors to JSON in one place.
+
+Paths::
+
+    GET  /api/v1/version                      public
+    GET  /api/v1/ca.pem                       public (hubs pin it by fingerprint)
+    GET  /api/v1/spaces                       the spaces the bearer token opens
+    WS   /api/v1/link                         a hub's link (it authenticates in the link)
+    ...  /api/v1/space/:space/api/v1/...      the Space API, bearer token of that space
+
+A Space API call without a valid token of that space answers 403
+``{"message": "Forbidden"}`` before any routing, so it tells nothing about what
+exists. Every other :class:`~cpm.errors.ManagerError` becomes ``{"error": message}``
+with its status; anything else is logged and answers 500.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import TYPE_CHECKING, Final
+from urllib.parse import unquote
+
+import trio
+
+from agent.api.http import (
+    Receive,
+    Request,
+    Response,
+    Router,
+    Scope,
+    Send,
+    StreamResponse,
+    error_response,
+    json_response,
+    send_response,
+    send_stream,
+)
+from agent.errors import HubError
+from spacehub.link.session import LinkClosed
+
+from ..errors import Forbidden, ManagerError
+from ..link.transport import AsgiWebSocketTransport
+from . import space as space_routes
+
+if TYPE_CHECKING:
+    from ..service import Manager
+
+__all__ = ["LINK_PATH", "ManagerApp"]
+
+logger = logging.getLogger("cpm.api")
+
+API_BASE: Final = "/api/v1"
+LINK_PATH: Final = "/api/v1/link"
+_SPACE_PREFIX: Final = re.compile(r"^/api/v1/space/([^/]+)(?:/|$)")
+
+
+def build_router(manager: Manager) -> Router:
+    router = Router()
+
+    async def version(request: Request) -> Response:
+        return json_response(manager.version_info())
+
+    async def ca_pem(request: Request) -> Response:
+        pem = manager.ca_pem()
+        if pem is None:
+            return error_response(404, "This manager has no CA certificate to show (TLS is off or external)")
+        return Response(200, pem, "application/x-pem-file")
+
+    async def spaces(request: Request) -> Response:
+        token = _bearer(request)
+        if token is None:
+            raise Forbidden()
+        registry = manager.registry
+
+        def opened() -> list[dict[str, str]]:
+            return [s.record() for s in registry.list_spaces() if registry.check_api_token(s.name, token)]
+
+        records = await trio.to_thread.run_sync(opened)
+        if not records:
+            raise Forbidden()
+        return json_response(records)
+
+    router.add("GET", f"{API_BASE}/version", version)
+    router.add("GET", f"{API_BASE}/ca.pem", ca_pem)
+    router.add("GET", f"{API_BASE}/spaces", spaces)
+    space_routes.register(router, manager)
+    return router
+
+
+def _bearer(request: Request) -> str | None:
+    value = request.header("authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+class ManagerApp:
+    """ASGI entry point; see the module docstring."""
+
+    def __init__(self, manager: Manager) -> None:
+        self._manager = manager
+        self._router = build_router(manager)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+        elif scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+        elif scope["type"] == "http":
+            await self._http(scope, receive, send)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] != LINK_PATH:
+            await receive()  # websocket.connect
+            await send({"type": "websocket.close", "code": 1008})  # before accept: hypercorn answers 403
+            return
+        transport = AsgiWebSocketTransport(receive, send)
+        try:
+            await transport.accept()
+        except LinkClosed as exc:  # a peer that leaves at once is no error of ours
+            logger.debug("link websocket not accepted: %r", exc)
+            return
+        client = scope.get("client")
+        peer = f"{client[0]}:{client[1]}" if client else "?"
+        await self._manager.sessions.serve(transport, peer)
+
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive, {})
+        try:
+            response = await self._dispatch(scope, request, send)
+        except Forbidden:
+            response = json_response({"message": "Forbidden"}, 403)
+        except ManagerError as exc:
+            response = error_response(exc.status, exc.message)
+        except HubError as exc:  # from the shared Request helpers (e.g. a body too large)
+            response = error_response(exc.status, exc.message)
+        except trio.BrokenResourceError:
+            return  # the client went away while sending its body; nobody to answer
+        except Exception:
+            logger.exception("internal error on %s %s", scope["method"], scope["path"])
+            response = error_response(500, "internal error; see the manager log")
+        if response is None:
+            return
+        if isinstance(response, StreamResponse):
+            await send_stream(send, request, response)
+        else:
+            await send_response(send, response)
+
+    async def _dispatch(self, scope: Scope, request: Request, send: Send) -> Response | StreamResponse | None:
+        """The response to send, or None when the handler answered itself (the proxy)."""
+        path: str = scope["path"]
+        space_match = _SPACE_PREFIX.match(path)
+        if space_match is not None:
+            space = space_match.group(1)
+            token = _bearer(request)
+            registry = self._manager.registry
+            if token is None or not await trio.to_thread.run_sync(registry.check_api_token, space, token):
+                raise Forbidden()
+            raw_path: bytes = scope.get("raw_path") or path.encode()
+            proxied = space_routes.PROXY_PATH.match(raw_path)
+            if proxied is not None:
+                hub_id = unquote(proxied.group(2).decode("latin-1"))
+                rest = (proxied.group(3) or b"").decode("latin-1")
+                await space_routes.proxy(self._manager, request, send, space, hub_id, rest)
+                return None
+        handler, params, allowed = self._router.resolve(scope["method"], path)
+        if handler is None:
+            if allowed:
+                return error_response(
+                    405, f"{scope['method']} is not allowed on {path}; use {', '.join(sorted(set(allowed)))}"
+                )
+            return error_response(404, f"No such route: {scope['method']} {path}")
+        request.params = params
+        return await handler(request)
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    # hypercorn's Trio worker needs the startup to be acknowledged, not ignored.
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

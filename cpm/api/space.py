@@ -1,0 +1,85 @@
+"""The Space API: ``/api/v1/space/:space/api/v1/...``.
+
+Every route here runs after the app has checked the bearer token for ``:space``.
+Hub records and the aggregates come from the registry and from what each hub's
+link last reported (:class:`cpm.link.sessions.HubSessions`); ``sth/:id/api/v1/...``
+is carried to the hub itself.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from agent.api.http import Handler, Request, Response, Router, Send, json_response
+from agent.load import load_check
+
+from ..errors import HubNotFound, HubUnavailable
+from ..link.sessions import forward
+from ..registry import Hub
+
+if TYPE_CHECKING:
+    from ..service import Manager
+
+__all__ = ["PROXY_PATH", "SPACE_BASE", "proxy", "register"]
+
+SPACE_BASE: Final = "/api/v1/space/:space/api/v1"
+#: ``sth/:id/api/v1`` and whatever follows, matched on the raw (still percent-encoded) path.
+PROXY_PATH: Final = re.compile(rb"^/api/v1/space/([^/]+)/api/v1/sth/([^/]+)/api/v1(/[^?#]*)?$")
+
+
+def register(router: Router, manager: Manager) -> None:
+    sessions = manager.sessions
+
+    async def hub_of(request: Request) -> Hub:
+        hub = await sessions.db(manager.registry.get_hub, request.params["id"])
+        if hub.space != request.params["space"]:
+            raise HubNotFound(f"hub {request.params['id']!r} not found")
+        return hub
+
+    async def version(request: Request) -> Response:
+        return json_response(manager.version_info())
+
+    async def load(request: Request) -> Response:
+        return json_response(await trio.to_thread.run_sync(load_check, [manager.config.data_dir]))
+
+    async def hubs(request: Request) -> Response:
+        listed = await sessions.db(manager.registry.list_hubs, request.params["space"], include_revoked=False)
+        return json_response([sessions.record(hub) for hub in listed])
+
+    async def hub_info(request: Request) -> Response:
+        return json_response(sessions.record(await hub_of(request)))
+
+    def aggregate(kind: str) -> Handler:
+        async def handler(request: Request) -> Response:
+            space = request.params["space"]
+            # Hubs revoked while their link was down are not in the space any more.
+            listed = await sessions.db(manager.registry.list_hubs, space, include_revoked=False)
+            return json_response(sessions.aggregate(space, kind, {hub.id for hub in listed}))
+
+        return handler
+
+    router.add("GET", f"{SPACE_BASE}/version", version)
+    router.add("GET", f"{SPACE_BASE}/load", load)
+    router.add("GET", f"{SPACE_BASE}/list", hubs)
+    router.add("GET", f"{SPACE_BASE}/sth/:id/info", hub_info)
+    router.add("GET", f"{SPACE_BASE}/sth/:id", hub_info)
+    for kind in ("sequences", "instances", "topics"):
+        router.add("GET", f"{SPACE_BASE}/{kind}", aggregate(kind))
+
+
+async def proxy(manager: Manager, request: Request, send: Send, space: str, hub_id: str, rest: str) -> None:
+    """Forward to hub ``hub_id`` of ``space`` as ``/api/v1<rest>`` with the same query string."""
+    hub = await manager.sessions.db(manager.registry.get_hub, hub_id)
+    if hub.space != space:
+        raise HubNotFound(f"hub {hub_id!r} not found")
+    session = manager.sessions.live(hub_id)
+    if session is None:
+        raise HubUnavailable(f"Hub {hub_id} is not connected")
+    target = f"/api/v1{rest}"
+    query = request.scope.get("query_string", b"")
+    if query:
+        target += "?" + query.decode("latin-1")
+    await forward(session, request, send, target)

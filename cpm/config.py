@@ -1,0 +1,160 @@
+"""The manager's configuration: built-in defaults, then a TOML file, then flags.
+
+With no configuration at all ``cpm`` serves on 127.0.0.1:9000 over TLS with a CA it
+makes itself, and keeps its state in the user's data directory (or systemd's
+``$STATE_DIRECTORY``). Plain HTTP is allowed only on a loopback address: hubs send
+their signatures and operators their bearer tokens over this port.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import BadRequest
+from .tls import TlsFiles
+
+__all__ = ["LOG_LEVELS", "ConfigError", "ManagerConfig", "default_data_dir", "is_loopback", "load_config"]
+
+LOG_LEVELS = ("trace", "debug", "info", "warn", "error", "fatal")
+
+
+class ConfigError(BadRequest):
+    """A configuration file or option is wrong (the manager refuses to start)."""
+
+
+def default_data_dir() -> Path:
+    """Where the manager keeps its registry and certificates when no option says otherwise."""
+    state = os.environ.get("STATE_DIRECTORY")  # set by systemd's StateDirectory=
+    if state:
+        return Path(state.split(":")[0])
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
+    return base / "spacehub-cpm"
+
+
+def is_loopback(hostname: str) -> bool:
+    if hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(hostname.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(slots=True)
+class ManagerConfig:
+    hostname: str = "127.0.0.1"
+    port: int = 9000
+    data_dir: Path = field(default_factory=default_data_dir)
+    #: serve HTTPS (and wss for hubs); off only on loopback
+    tls: bool = True
+    #: a certificate and key to serve instead of the generated ones (both or neither)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: the CA that signed ``tls_cert``, served at /api/v1/ca.pem and fingerprinted
+    tls_ca: Path | None = None
+    #: extra DNS names and IPs the generated server certificate carries
+    public_names: list[str] = field(default_factory=list)
+    #: spaces made at start when missing
+    spaces: list[str] = field(default_factory=list)
+    log_level: str = "info"
+    #: seconds between a hub's heartbeats (told to the hub in ``welcome``)
+    heartbeat_interval: float = 10.0
+    #: heartbeats a hub may miss before it is shown ``healthy: false``
+    missed_heartbeats: int = 3
+    #: seconds between the manager's control pings
+    ping_interval: float = 10.0
+    #: seconds a pong may be late before the link is closed
+    pong_timeout: float = 10.0
+
+    @property
+    def registry_path(self) -> Path:
+        return self.data_dir / "registry.sqlite3"
+
+    @property
+    def generated_tls(self) -> bool:
+        """Whether the CA and server certificate are the ones the manager makes itself."""
+        return self.tls and self.tls_cert is None
+
+    @property
+    def ca_path(self) -> Path | None:
+        """The CA certificate hubs should trust, if there is one to show."""
+        if self.tls_ca is not None:
+            return self.tls_ca
+        if self.tls_cert is None:
+            return TlsFiles.in_dir(self.data_dir).ca_cert
+        return None
+
+
+#: TOML keys (in ``[manager]`` or at the top level), mapped to ManagerConfig fields.
+_TOML_KEYS: dict[str, str] = {f.name: f.name for f in dataclasses.fields(ManagerConfig)}
+_PATHS = ("data_dir", "tls_cert", "tls_key", "tls_ca")
+_FLOATS = ("heartbeat_interval", "ping_interval", "pong_timeout")
+
+
+def _check(config: ManagerConfig) -> ManagerConfig:
+    if not isinstance(config.port, int) or isinstance(config.port, bool) or not 0 <= config.port <= 65535:
+        raise ConfigError(f"port must be 0..65535, not {config.port!r}")
+    if config.log_level not in LOG_LEVELS:
+        raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}, not {config.log_level!r}")
+    if not config.tls and not is_loopback(config.hostname):
+        raise ConfigError(
+            f"refusing to serve plain HTTP on {config.hostname}: hubs' signatures and API tokens would "
+            "cross the network in clear; drop --no-tls, or listen on 127.0.0.1"
+        )
+    if (config.tls_cert is None) != (config.tls_key is None):
+        raise ConfigError("give both --tls-cert and --tls-key, or neither")
+    for name in _FLOATS:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise ConfigError(f"{name} must be a positive number of seconds, not {value!r}")
+        setattr(config, name, float(value))
+    if isinstance(config.missed_heartbeats, bool) or not (
+        isinstance(config.missed_heartbeats, int) and config.missed_heartbeats >= 1
+    ):
+        raise ConfigError(f"missed_heartbeats must be a whole number >= 1, not {config.missed_heartbeats!r}")
+    for name in ("public_names", "spaces"):
+        values = getattr(config, name)
+        if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
+            raise ConfigError(f"{name} must be a list of non-empty strings")
+    if not isinstance(config.tls, bool):
+        raise ConfigError("tls must be true or false")
+    return config
+
+
+def load_config(path: Path | None, overrides: dict[str, Any]) -> ManagerConfig:
+    """Defaults, then the TOML file at ``path`` (section ``[manager]`` or top level),
+    then ``overrides`` (flags given on the command line; None values ignored)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with path.open("rb") as file:
+                document = tomllib.load(file)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        table = document.get("manager", document)
+        if not isinstance(table, dict):
+            raise ConfigError(f"config file {path}: [manager] must be a table")
+        for key, value in table.items():
+            if isinstance(value, dict):
+                continue  # other sections belong to other tools
+            if key not in _TOML_KEYS:
+                raise ConfigError(f"config file {path}: unknown option {key!r}")
+            values[_TOML_KEYS[key]] = value
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    config = ManagerConfig()
+    for name, value in values.items():
+        if name in _PATHS:
+            if not isinstance(value, str | Path):
+                raise ConfigError(f"{name} must be a path")
+            value = Path(value).expanduser()
+        setattr(config, name, value)
+    return _check(config)

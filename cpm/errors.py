@@ -1,0 +1,125 @@
+"""The manager's exception tree.
+
+Every error the manager raises on purpose derives from :class:`ManagerError` and
+carries the HTTP status the API answers with; the API layer turns any of them into
+JSON in one place. Join refusals also carry a stable ``code`` the link sends to the
+hub, next to the message the hub shows its operator::
+
+    ManagerError (500)
+    ├── BadRequest (400)                    invalid space name, public key, tags, ttl, ...
+    ├── Unauthorized (401)                  no credentials at all
+    ├── Forbidden (403)                     bad or revoked bearer token: {"message": "Forbidden"}
+    ├── JoinRefused (403)                   a hub may not join or connect; ``code`` + message
+    │   ├── TokenUnknown (403)              no such join token in this space
+    │   ├── TokenExpired (403)
+    │   ├── TokenUsed (403)                 join tokens are one-time
+    │   └── HubRevoked (403)                the hub's key was revoked by an operator
+    ├── NotFound (404)
+    │   ├── SpaceNotFound (404)
+    │   ├── HubNotFound (404)
+    │   └── ApiTokenNotFound (404)
+    ├── Conflict (409)                      space exists, public key already registered, ...
+    └── HubUnavailable (503)                the hub is not connected
+        └── HubLinkFailed (502)             the link broke or the hub answered nonsense mid-request
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class ManagerError(Exception):
+    """Base of every error the manager raises on purpose."""
+
+    status: ClassVar[int] = 500
+    #: The message used when none is given.
+    default_message: ClassVar[str] = "Internal Server Error"
+
+    def __init__(self, message: str | None = None) -> None:
+        message = self.default_message if message is None else message
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(ManagerError):
+    status = 400
+    default_message = "Bad Request"
+
+
+class Unauthorized(ManagerError):
+    status = 401
+    default_message = "Unauthorized"
+
+
+class Forbidden(ManagerError):
+    """A missing, wrong or revoked bearer token; the Space API answers ``{"message": "Forbidden"}``."""
+
+    status = 403
+    default_message = "Forbidden"
+
+
+class JoinRefused(ManagerError):
+    """A hub may not join (or connect); the hub shows ``message`` and stops retrying.
+
+    ``code`` is stable and machine-readable (it goes on the wire); ``message`` is for people.
+    """
+
+    status = 403
+    code: ClassVar[str] = "join-refused"
+    default_message = "The manager refused this hub"
+
+
+class TokenUnknown(JoinRefused):
+    code = "token-unknown"
+    default_message = "The join token is not known in this space; ask the space's operator for a new one"
+
+
+class TokenExpired(JoinRefused):
+    code = "token-expired"
+    default_message = "The join token has expired; ask the space's operator for a new one"
+
+
+class TokenUsed(JoinRefused):
+    code = "token-used"
+    default_message = "The join token was already used (join tokens are one-time); ask for a new one"
+
+
+class HubRevoked(JoinRefused):
+    code = "hub-revoked"
+    default_message = "This hub's key was revoked by the space's operator"
+
+
+class NotFound(ManagerError):
+    status = 404
+    default_message = "Not Found"
+
+
+class SpaceNotFound(NotFound):
+    default_message = "Space not found"
+
+
+class HubNotFound(NotFound):
+    default_message = "Hub not found"
+
+
+class ApiTokenNotFound(NotFound):
+    default_message = "API token not found"
+
+
+class Conflict(ManagerError):
+    status = 409
+    default_message = "Conflict"
+
+
+class HubUnavailable(ManagerError):
+    """The hub is not connected, so a request for it cannot be served now."""
+
+    status = 503
+    default_message = "Hub unavailable"
+
+
+class HubLinkFailed(HubUnavailable):
+    """The link to the hub broke, or the hub answered nonsense, while serving a request."""
+
+    status = 502
+    default_message = "Bad Gateway"

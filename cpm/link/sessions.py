@@ -1,0 +1,573 @@
+"""Hubs' links on the manager: join and auth, one session per hub, health, the proxy.
+
+Theory of operation
+-------------------
+A hub dials ``/api/v1/link``; the ASGI app accepts the websocket and hands it to
+:meth:`HubSessions.serve`, which owns that link for its whole life (so the link's
+tasks live in the task hypercorn runs the websocket in, and end with it):
+
+1. **Handshake** (docs/link.md), by hand on the sans-I/O connection before any
+   stream may exist: send ``challenge``; read one control message, ``join`` (a
+   one-time join token and a new public key) or ``auth`` (a hub id); check the
+   signature over ``challenge_payload(nonce, hub_id, space)``; answer ``welcome``,
+   or ``refused`` with a stable code and close with 4403. All of it within
+   :data:`HANDSHAKE_TIMEOUT`.
+2. **Session**: a :class:`~spacehub.link.session.LinkSession` runs the link; its
+   control messages land in :meth:`HubSession.on_control` (heartbeats keep the
+   last load and summary; pongs answer our pings). A second link of the same hub
+   replaces the first, which is closed.
+3. **Liveness**: the manager sends ``{"type": "ping"}`` every ``ping_interval`` and
+   closes a link whose pong is more than ``pong_timeout`` late (an ASGI websocket
+   gives the app no ping deadline of its own). A hub is *healthy* while its link
+   is up and its last heartbeat (or the connection, before the first one) is at
+   most ``missed_heartbeats * heartbeat_interval`` old.
+4. **Watchdog**: logs health changes and closes the links of hubs revoked in the
+   registry meanwhile (``cpm hub revoke`` writes the SQLite file directly).
+
+When a link ends, the registry records ``lastDisconnected`` (unless a newer link
+of the same hub took over); the hub's last summary stays in memory, so its
+instances are still listed, as ``unknown``, never killed.
+
+The proxy (:func:`forward`) carries one HTTP request into the hub over a new
+stream: the request body goes up while the response comes down, each direction
+flow-controlled on its own, and the response body is read from the link only as
+fast as the HTTP client takes it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Final, TypeVar
+
+import trio
+
+from agent.api.http import Request, Send
+from spacehub.link.session import LinkClosed, LinkSession, OutboundStream, StreamAborted
+from spacehub.protocol.auth import challenge_payload, make_challenge, verify_challenge
+from spacehub.protocol.link import ControlReceived, LinkConnection, LinkError
+
+from .. import __version__
+from ..config import ManagerConfig
+from ..errors import (
+    BadRequest,
+    Conflict,
+    HubLinkFailed,
+    HubNotFound,
+    HubRevoked,
+    HubUnavailable,
+    JoinRefused,
+    ManagerError,
+    SpaceNotFound,
+)
+from ..registry import Hub, Registry, iso_utc
+from .transport import CLOSE_INTERNAL, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_PROTOCOL, AsgiWebSocketTransport
+
+__all__ = ["HANDSHAKE_TIMEOUT", "HubSession", "HubSessions", "forward"]
+
+logger = logging.getLogger("cpm.link")
+T = TypeVar("T")
+
+#: Seconds a hub has, once connected, to answer the challenge.
+HANDSHAKE_TIMEOUT: Final = 10.0
+#: Seconds between the watchdog's rounds (health changes, revocations).
+WATCHDOG_INTERVAL: Final = 2.0
+#: Seconds a refusal or a revocation notice gets to leave before the link is closed.
+NOTICE_TIMEOUT: Final = 2.0
+#: Request headers never forwarded to a hub: hop-by-hop ones, and the caller's
+#: credentials for the manager (the hub trusts its link, not the caller).
+DROP_REQUEST_HEADERS: Final = frozenset(
+    {
+        "authorization",
+        "connection",
+        "host",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+#: Response headers never passed back: hop-by-hop ones (hypercorn frames the body itself).
+DROP_RESPONSE_HEADERS: Final = frozenset(
+    {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
+)
+
+
+class _Refusal(Exception):
+    """Refuse the hub with this wire ``code`` and operator-facing ``reason``."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(eq=False)
+class HubSession:
+    """One connected hub (and, after it leaves, what it last told us)."""
+
+    hub_id: str
+    space: str
+    link: LinkSession
+    transport: AsgiWebSocketTransport
+    #: trio clock, for health; wall clock for records
+    connected_at: float
+    version: str = ""
+    last_heartbeat: float | None = None
+    last_heartbeat_wall: float | None = None
+    load: dict[str, Any] | None = None
+    summary: dict[str, Any] = field(default_factory=dict)
+    connected: bool = True
+    was_healthy: bool = True
+    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    _ping_nonce: int = 0
+    _pong: trio.Event = field(default_factory=trio.Event)
+
+    def healthy(self, now: float, window: float) -> bool:
+        if not self.connected:
+            return False
+        since = self.last_heartbeat if self.last_heartbeat is not None else self.connected_at
+        return now - since <= window
+
+    def items(self, kind: str) -> list[dict[str, Any]]:
+        """The last summary's ``sequences``, ``instances`` or ``topics`` (objects only)."""
+        values = self.summary.get(kind)
+        if not isinstance(values, list):
+            return []
+        return [item for item in values if isinstance(item, dict)]
+
+    async def on_control(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "heartbeat":
+            self.last_heartbeat = trio.current_time()
+            self.last_heartbeat_wall = time.time()
+            load = message.get("load")
+            if isinstance(load, dict):
+                self.load = load
+            summary = message.get("summary")
+            if isinstance(summary, dict):
+                self.summary = summary
+        elif kind == "pong":
+            if message.get("nonce") == self._ping_nonce:
+                self._pong.set()
+        else:
+            logger.debug("hub %s: control message %r ignored", self.hub_id, kind)
+
+    async def ping(self, timeout: float) -> bool:
+        """Send a ping; whether its pong came back within ``timeout`` seconds."""
+        self._ping_nonce += 1
+        self._pong = trio.Event()
+        await self.link.send_control({"type": "ping", "nonce": self._ping_nonce})
+        with trio.move_on_after(timeout):
+            await self._pong.wait()
+            return True
+        return False
+
+    async def close(
+        self, reason: str, notice: dict[str, Any] | None = None, code: int = CLOSE_NORMAL
+    ) -> None:
+        """Close the link (sending ``notice`` first, if given) and end its task."""
+        logger.info("closing the link of hub %s: %s", self.hub_id, reason)
+        if notice is not None and not self.link.closed:
+            with trio.move_on_after(NOTICE_TIMEOUT):
+                with contextlib.suppress(LinkClosed, LinkError):
+                    await self.link.send_control(notice)
+        await self.transport.aclose(code, reason[:120])
+        self.link.close()
+        self.cancel_scope.cancel()
+
+
+class HubSessions:
+    """Every hub link of this manager, and what each hub last reported."""
+
+    def __init__(self, registry: Registry, config: ManagerConfig, manager_id: str) -> None:
+        self.registry = registry
+        self.config = config
+        self.manager_id = manager_id
+        self._live: dict[str, HubSession] = {}
+        #: the latest session of every hub seen since start, live or not
+        self._last: dict[str, HubSession] = {}
+
+    @property
+    def health_window(self) -> float:
+        return self.config.missed_heartbeats * self.config.heartbeat_interval
+
+    async def db(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a registry call in a worker thread: another process may hold the write lock."""
+        return await trio.to_thread.run_sync(partial(call, *args, **kwargs))
+
+    # -- queries for the API ----------------------------------------------------------------
+
+    def live(self, hub_id: str) -> HubSession | None:
+        return self._live.get(hub_id)
+
+    def record(self, hub: Hub) -> dict[str, Any]:
+        """The Space API's hub record: the registry's, plus what the link knows."""
+        record = hub.record()
+        live = self._live.get(hub.id)
+        last = self._last.get(hub.id)
+        record["healthy"] = live is not None and live.healthy(trio.current_time(), self.health_window)
+        record["isConnectionActive"] = live is not None
+        record["selfHosted"] = True
+        if hub.revoked_at is not None:
+            record["revoked"] = iso_utc(hub.revoked_at)
+            record["disconnectReason"] = f"revoked: {hub.revoked_reason or ''}".rstrip(": ")
+        if last is not None:
+            record["version"] = last.version
+            record["load"] = last.load
+            if last.last_heartbeat_wall is not None:
+                record["lastHeartbeat"] = iso_utc(last.last_heartbeat_wall)
+            record["sequences"] = [item.get("id") for item in last.items("sequences")]
+            record["instances"] = [item.get("id") for item in last.items("instances")]
+            record["topics"] = [item.get("name") for item in last.items("topics")]
+        return record
+
+    def aggregate(self, space: str, kind: str, hubs: Collection[str]) -> list[dict[str, Any]]:
+        """``sequences``, ``instances`` or ``topics`` over the space's hubs, each naming its hub.
+
+        Connected hubs give their last heartbeat's summary; for ``instances``, hubs whose
+        link is down give their last known instances with ``"status": "unknown"``. Only the
+        hubs named in ``hubs`` (the space's hubs that are not revoked) are counted.
+        """
+        items: list[dict[str, Any]] = []
+        for hub_id in sorted(self._last):
+            session = self._last[hub_id]
+            if session.space != space or hub_id not in hubs:
+                continue
+            connected = self._live.get(hub_id) is session
+            if not connected and kind != "instances":
+                continue
+            for item in session.items(kind):
+                entry = {**item, "hub": hub_id}
+                if not connected:
+                    entry["status"] = "unknown"
+                items.append(entry)
+        return items
+
+    # -- one link ---------------------------------------------------------------------------
+
+    async def serve(self, transport: AsgiWebSocketTransport, peer: str = "?") -> None:
+        """Own one accepted websocket until it ends: handshake, then the hub's session."""
+        connection = LinkConnection("manager")
+        try:
+            with trio.fail_after(HANDSHAKE_TIMEOUT):
+                hub, version = await self._handshake(connection, transport)
+        except _Refusal as refusal:
+            logger.warning("refused a hub from %s: %s (%s)", peer, refusal.reason, refusal.code)
+            notice = {"type": "refused", "code": refusal.code, "reason": refusal.reason, "retry": False}
+            with trio.move_on_after(NOTICE_TIMEOUT):
+                with contextlib.suppress(LinkClosed, LinkError):
+                    await transport.send(connection.send_control(notice))
+            await transport.aclose(CLOSE_POLICY, refusal.code)
+            return
+        except trio.TooSlowError:
+            logger.warning("a hub from %s did not finish the handshake in %g s", peer, HANDSHAKE_TIMEOUT)
+            await transport.aclose(CLOSE_PROTOCOL, "handshake timeout")
+            return
+        except (LinkClosed, LinkError) as exc:
+            logger.info("a link from %s failed during the handshake: %s", peer, exc)
+            await transport.aclose(CLOSE_PROTOCOL, "handshake failed")
+            return
+        except (sqlite3.Error, ManagerError) as exc:
+            # The registry is busy or broken: not the hub's fault, so no refusal; it dials again.
+            logger.error("cannot admit a hub from %s: %s", peer, exc)
+            await transport.aclose(CLOSE_INTERNAL, "manager error")
+            return
+        await self._run_session(hub, version, connection, transport)
+
+    async def _handshake(
+        self, connection: LinkConnection, transport: AsgiWebSocketTransport
+    ) -> tuple[Hub, str]:
+        nonce = make_challenge()
+        challenge = {
+            "type": "challenge",
+            "nonce": base64.b64encode(nonce).decode(),
+            "managerId": self.manager_id,
+            "version": __version__,
+        }
+        await transport.send(connection.send_control(challenge))
+        events = connection.receive_message(await transport.receive())
+        if len(events) != 1 or not isinstance(events[0], ControlReceived):
+            raise _Refusal("bad-request", "the first message must be a join or auth control message")
+        message = events[0].message
+        kind = message.get("type")
+        space = message.get("space")
+        version = message.get("version")
+        if not isinstance(space, str) or not space:
+            raise _Refusal("bad-request", "the message names no space")
+        signature = _b64(message.get("signature"), "signature")
+        try:
+            await self.db(self.registry.get_space, space)
+        except SpaceNotFound:
+            raise _Refusal("space-unknown", f"The manager has no space {space!r}") from None
+        if kind == "join":
+            hub = await self._join(message, space, nonce, signature)
+        elif kind == "auth":
+            hub = await self._auth(message, space, nonce, signature)
+        else:
+            raise _Refusal("bad-request", f"expected a join or auth message, not {kind!r}")
+        try:
+            hub = await self.db(self.registry.mark_connected, hub.id)
+        except HubRevoked as exc:
+            raise _Refusal(exc.code, exc.message) from None
+        welcome = {
+            "type": "welcome",
+            "hubId": hub.id,
+            "space": space,
+            "heartbeatInterval": self.config.heartbeat_interval,
+        }
+        await transport.send(connection.send_control(welcome))
+        return hub, version if isinstance(version, str) else ""
+
+    async def _join(self, message: dict[str, Any], space: str, nonce: bytes, signature: bytes) -> Hub:
+        public_key = _b64(message.get("publicKey"), "publicKey")
+        if not verify_challenge(public_key, challenge_payload(nonce, "", space), signature):
+            raise _Refusal("bad-signature", "The join message's signature does not match its public key")
+        description = message.get("description", "")
+        tags = message.get("tags", [])
+        try:
+            hub = await self.db(
+                self.registry.redeem_join_token,
+                space,
+                message.get("joinToken"),
+                public_key,
+                description if isinstance(description, str) else "",
+                tags if isinstance(tags, list) else [],
+            )
+        except JoinRefused as exc:
+            raise _Refusal(exc.code, exc.message) from None
+        except BadRequest as exc:
+            raise _Refusal("bad-request", exc.message) from None
+        except Conflict:
+            # The key is registered already: the hub lost its id but kept its key, and has just
+            # proved it holds that key. Let it in as that hub (the token stays unspent).
+            hub = await self.db(self.registry.hub_by_key, public_key)
+            if hub.space != space:
+                raise _Refusal("join-refused", "This hub's key is registered in another space") from None
+            if hub.revoked:
+                raise _Refusal(HubRevoked.code, HubRevoked.default_message) from None
+            logger.info("hub %s joined again with its registered key", hub.id)
+            return hub
+        logger.info("hub %s joined space %s", hub.id, space)
+        return hub
+
+    async def _auth(self, message: dict[str, Any], space: str, nonce: bytes, signature: bytes) -> Hub:
+        hub_id = message.get("hubId")
+        unknown = _Refusal(
+            "hub-unknown", f"The manager knows no hub {hub_id!r} in space {space!r}; join again"
+        )
+        if not isinstance(hub_id, str) or not hub_id or "\0" in hub_id:
+            raise unknown
+        try:
+            hub = await self.db(self.registry.get_hub, hub_id)
+        except HubNotFound:
+            raise unknown from None
+        if hub.space != space:
+            raise unknown
+        if hub.revoked:
+            reason = f"{HubRevoked.default_message}: {hub.revoked_reason}" if hub.revoked_reason else None
+            raise _Refusal(HubRevoked.code, reason or HubRevoked.default_message)
+        if not verify_challenge(hub.public_key, challenge_payload(nonce, hub_id, space), signature):
+            raise _Refusal("bad-signature", "The signature does not match the key this hub joined with")
+        return hub
+
+    async def _run_session(
+        self, hub: Hub, version: str, connection: LinkConnection, transport: AsgiWebSocketTransport
+    ) -> None:
+        session: HubSession | None = None
+
+        async def on_control(message: dict[str, Any]) -> None:
+            assert session is not None
+            await session.on_control(message)
+
+        link = LinkSession(connection, transport, on_control=on_control)
+        session = HubSession(hub.id, hub.space, link, transport, trio.current_time(), version=version)
+        old = self._live.get(hub.id)
+        self._live[hub.id] = session
+        self._last[hub.id] = session
+        logger.info("hub %s connected (space %s, sth %s)", hub.id, hub.space, version or "?")
+        try:
+            if old is not None:
+                await old.close("replaced by a newer link of the same hub")
+            with session.cancel_scope:
+                async with trio.open_nursery() as nursery:
+
+                    async def run_link() -> None:
+                        try:
+                            await link.run()
+                        finally:
+                            nursery.cancel_scope.cancel()
+
+                    nursery.start_soon(run_link)
+                    nursery.start_soon(self._ping_loop, session)
+        finally:
+            session.connected = False
+            with trio.CancelScope(shield=True):
+                link.close()
+                await transport.aclose()
+                if self._live.get(hub.id) is session:
+                    del self._live[hub.id]
+                    logger.info("hub %s disconnected: %s", hub.id, link.close_reason or "closed")
+                    with trio.move_on_after(NOTICE_TIMEOUT):
+                        try:
+                            await self.db(self.registry.mark_disconnected, hub.id)
+                        except (sqlite3.Error, ManagerError) as exc:
+                            logger.error("cannot record that hub %s disconnected: %s", hub.id, exc)
+
+    async def _ping_loop(self, session: HubSession) -> None:
+        while True:
+            started = trio.current_time()
+            try:
+                answered = await session.ping(self.config.pong_timeout)
+            except (LinkClosed, LinkError):
+                return
+            if not answered:
+                await session.close(f"no pong within {self.config.pong_timeout:g} s")
+                return
+            await trio.sleep_until(started + self.config.ping_interval)
+
+    # -- the watchdog -----------------------------------------------------------------------
+
+    async def run_watchdog(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Every :data:`WATCHDOG_INTERVAL`: log health changes, close revoked hubs' links."""
+        task_status.started()
+        while True:
+            await trio.sleep(WATCHDOG_INTERVAL)
+            now = trio.current_time()
+            for session in list(self._live.values()):
+                healthy = session.healthy(now, self.health_window)
+                if healthy != session.was_healthy:
+                    session.was_healthy = healthy
+                    if healthy:
+                        logger.info("hub %s is healthy again", session.hub_id)
+                    else:
+                        logger.warning(
+                            "hub %s is unhealthy: no heartbeat for %g s", session.hub_id, self.health_window
+                        )
+            await self._close_revoked()
+
+    async def _close_revoked(self) -> None:
+        for space in sorted({session.space for session in self._live.values()}):
+            try:
+                hubs = await self.db(self.registry.list_hubs, space)
+            except SpaceNotFound:
+                hubs = []
+            except (sqlite3.Error, ManagerError) as exc:
+                logger.error("cannot check space %s for revoked hubs: %s", space, exc)
+                continue
+            allowed = {hub.id for hub in hubs if not hub.revoked}
+            reasons = {hub.id: hub.revoked_reason or "" for hub in hubs}
+            for session in list(self._live.values()):
+                if session.space == space and session.hub_id not in allowed:
+                    reason = reasons.get(session.hub_id) or "the hub was removed"
+                    self._last.pop(session.hub_id, None)
+                    await session.close(
+                        f"revoked: {reason}", {"type": "revoked", "reason": reason}, code=CLOSE_POLICY
+                    )
+
+
+def _b64(value: object, name: str) -> bytes:
+    if not isinstance(value, str) or len(value) > 1024:
+        raise _Refusal("bad-request", f"{name} must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise _Refusal("bad-request", f"{name} is not valid base64") from None
+
+
+# -- the proxy ----------------------------------------------------------------------------------
+
+
+def _request_headers(request: Request) -> list[tuple[str, str]]:
+    headers: list[tuple[str, str]] = []
+    for raw_name, raw_value in request.scope.get("headers", []):
+        name = raw_name.decode("latin-1").lower()
+        if name not in DROP_REQUEST_HEADERS:
+            headers.append((name, raw_value.decode("latin-1")))
+    return headers
+
+
+async def forward(session: HubSession, request: Request, send: Send, target: str) -> None:
+    """Carry ``request`` to the hub as ``target`` (``/api/v1/...?query``) and stream the answer back.
+
+    Raises :class:`HubUnavailable` / :class:`HubLinkFailed` only before the response has
+    started; after that, a broken link or a reset stream cuts the response short.
+    """
+    try:
+        stream = await session.link.open_stream(request.method, target, _request_headers(request))
+    except LinkClosed:
+        raise HubUnavailable(f"Hub {session.hub_id} is not connected") from None
+    except LinkError as exc:
+        raise HubUnavailable(f"Hub {session.hub_id} cannot take the request now: {exc}") from None
+
+    done = False  # the exchange finished both ways: nothing to reset
+    failure: str | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            uploaded = trio.Event()
+
+            async def upload() -> None:
+                try:
+                    await stream.send_body(request.stream())
+                except trio.BrokenResourceError:
+                    pass  # the client left mid-body
+                except (LinkClosed, StreamAborted, LinkError):
+                    return  # the reader of the response finds out why
+                else:
+                    uploaded.set()
+                    await request.wait_disconnect()
+                # The client is gone: nobody reads what the hub sends.
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(upload)
+            try:
+                status, headers = await stream.response()
+            except (LinkClosed, StreamAborted) as exc:
+                failure = str(exc) or type(exc).__name__
+                nursery.cancel_scope.cancel()
+            else:
+                await _stream_response(stream, send, status, headers)
+                done = uploaded.is_set()
+                nursery.cancel_scope.cancel()
+    finally:
+        if not done:
+            with trio.CancelScope(shield=True), trio.move_on_after(NOTICE_TIMEOUT):
+                await _reset(stream, "the HTTP client went away" if failure is None else failure)
+    if failure is not None:
+        raise HubLinkFailed(f"Hub {session.hub_id} did not answer: {failure}")
+
+
+async def _stream_response(
+    stream: OutboundStream, send: Send, status: int, headers: list[tuple[str, str]]
+) -> None:
+    raw_headers = [
+        (name.lower().encode("latin-1"), value.encode("latin-1"))
+        for name, value in headers
+        if name.lower() not in DROP_RESPONSE_HEADERS
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    try:
+        # hypercorn waits in send() while the client is slow; until then no credit goes back.
+        async for chunk in stream.body():
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    except (LinkClosed, StreamAborted) as exc:
+        # Headers are gone: all we can do is cut the body short, which the client sees.
+        logger.warning("response from hub cut short: %s", exc)
+        return
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _reset(stream: OutboundStream, reason: str) -> None:
+    with contextlib.suppress(LinkClosed, LinkError):
+        await stream.reset(reason)

@@ -1,0 +1,266 @@
+"""``cpm``: the manager's command line.
+
+``cpm [serve] [options]`` runs the manager; the other commands administer its state
+(spaces, tokens, hubs) by opening the same SQLite file directly, which is safe while
+the server runs (WAL mode, short transactions): a token made here works at once, a
+hub revoked here is cut off within a few seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import __version__
+from .config import LOG_LEVELS, ConfigError, ManagerConfig, load_config
+from .errors import ManagerError
+from .registry import iso_utc
+from .service import open_registry, prepare, run_manager
+from .tls import ca_fingerprint
+
+COMMANDS = ("serve", "space", "token", "join-token", "hub", "ca-fingerprint")
+_LOG_LEVELS = {
+    "trace": logging.DEBUG,
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "fatal": logging.CRITICAL,
+}
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-c", "--config", type=Path, help="TOML config file; flags given here override it")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="where the registry and certificates live (default: $STATE_DIRECTORY under systemd,"
+        " else ~/.local/share/spacehub-cpm)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cpm",
+        description="Spacehub manager: Spaces, the hubs that join them, and the Space API. "
+        "With no command, runs `cpm serve`.",
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"cpm {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the manager (the default)")
+    _common(serve)
+    serve.add_argument("-P", "--port", type=int, help="API port (default 9000; 0 picks a free one)")
+    serve.add_argument("-H", "--hostname", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("-L", "--log-level", choices=LOG_LEVELS, help="log level (default info)")
+    serve.add_argument("--tls-cert", type=Path, help="serve this certificate instead of the generated one")
+    serve.add_argument("--tls-key", type=Path, help="the key of --tls-cert")
+    serve.add_argument("--tls-ca", type=Path, help="the CA of --tls-cert, served at /api/v1/ca.pem")
+    serve.add_argument(
+        "--no-tls", dest="tls", action="store_false", default=None, help="plain HTTP (only on loopback)"
+    )
+    serve.add_argument(
+        "--public-name",
+        action="append",
+        dest="public_names",
+        metavar="NAME",
+        help="a DNS name or IP the generated server certificate carries (repeatable)",
+    )
+    serve.add_argument(
+        "--space",
+        action="append",
+        dest="spaces",
+        metavar="NAME",
+        help="make this space if missing (repeatable)",
+    )
+    serve.add_argument("--heartbeat-interval", type=float, metavar="SECONDS", help="(default 10)")
+    serve.add_argument("--missed-heartbeats", type=int, metavar="N", help="before unhealthy (default 3)")
+    serve.add_argument("--ping-interval", type=float, metavar="SECONDS", help="(default 10)")
+    serve.add_argument("--pong-timeout", type=float, metavar="SECONDS", help="(default 10)")
+
+    space = commands.add_parser("space", help="spaces").add_subparsers(dest="action", required=True)
+    create = space.add_parser("create", help="make a space")
+    create.add_argument("name")
+    _common(create)
+    _common(space.add_parser("list", help="list the spaces"))
+
+    token = commands.add_parser("token", help="API bearer tokens").add_subparsers(
+        dest="action", required=True
+    )
+    create = token.add_parser("create", help="make an API token; prints it (shown only once)")
+    create.add_argument("--space", required=True)
+    create.add_argument("--description", default="")
+    _common(create)
+    revoke = token.add_parser("revoke", help="revoke an API token, given as the token or its id")
+    revoke.add_argument("--space", required=True)
+    revoke.add_argument("token", nargs="?", help="the token (shk_...) or its listed id")
+    revoke.add_argument("--all", action="store_true", help="revoke every token of the space")
+    _common(revoke)
+    listing = token.add_parser("list", help="list a space's API tokens (ids, never the secrets)")
+    listing.add_argument("--space", required=True)
+    _common(listing)
+
+    join = commands.add_parser("join-token", help="one-time join tokens").add_subparsers(
+        dest="action", required=True
+    )
+    create = join.add_parser("create", help="make a one-time join token; prints it")
+    create.add_argument("--space", required=True)
+    create.add_argument(
+        "--ttl", type=float, default=3600.0, metavar="SECONDS", help="lifetime (default 3600)"
+    )
+    _common(create)
+
+    hub = commands.add_parser("hub", help="hubs").add_subparsers(dest="action", required=True)
+    listing = hub.add_parser("list", help="list a space's hubs")
+    listing.add_argument("--space", required=True)
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    _common(listing)
+    revoke = hub.add_parser("revoke", help="revoke a hub's key for good (its link is closed)")
+    revoke.add_argument("id")
+    revoke.add_argument("--reason", required=True)
+    _common(revoke)
+
+    _common(commands.add_parser("ca-fingerprint", help="print the SHA-256 fingerprint of the manager's CA"))
+    return parser
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    # `cpm`, `cpm -P 9001`: serving is the default command.
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("-h", "--help", "-V", "--version")):
+        argv = ["serve", *argv]
+    return build_parser().parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    overrides: dict[str, Any] = {"data_dir": args.data_dir}
+    if args.command == "serve":
+        for name in (
+            "port",
+            "hostname",
+            "log_level",
+            "tls",
+            "tls_cert",
+            "tls_key",
+            "tls_ca",
+            "public_names",
+            "spaces",
+            "heartbeat_interval",
+            "missed_heartbeats",
+            "ping_interval",
+            "pong_timeout",
+        ):
+            overrides[name] = getattr(args, name)
+    try:
+        config = load_config(args.config, overrides)
+        if args.command == "serve":
+            return _serve(config)
+        return _admin(args, config)
+    except ConfigError as exc:
+        print(f"cpm: {exc.message}", file=sys.stderr)
+        return 2
+    except ManagerError as exc:
+        print(f"cpm: {exc.message}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"cpm: {exc}", file=sys.stderr)
+        return 1
+
+
+def _setup_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("cpm", "spacehub"):
+        logger = logging.getLogger(name)
+        logger.setLevel(_LOG_LEVELS[level])
+        logger.addHandler(handler)
+
+
+def _serve(config: ManagerConfig) -> int:
+    _setup_logging(config.log_level)
+    # Make the files first (and fail before printing anything if we cannot).
+    registry, fingerprint = prepare(config)
+    registry.close()
+    with contextlib.suppress(KeyboardInterrupt):
+        trio.run(_serve_until_signal, config, fingerprint)
+    return 0
+
+
+async def _serve_until_signal(config: ManagerConfig, fingerprint: str | None) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            addresses = await nursery.start(run_manager, config)
+            # Tools and tests wait for these lines.
+            print(f"API on {', '.join(addresses)}", flush=True)
+            if fingerprint is not None:
+                print(f"CA fingerprint: {fingerprint}", flush=True)
+            else:
+                print("CA fingerprint: none (TLS is off)" if not config.tls else "CA fingerprint: unknown")
+            print("Running", flush=True)
+            async for signum in signals:
+                print(f"cpm: {signal.Signals(signum).name}, shutting down", file=sys.stderr, flush=True)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def _admin(args: argparse.Namespace, config: ManagerConfig) -> int:
+    if args.command == "ca-fingerprint":
+        path = config.ca_path
+        if path is None or not path.exists():
+            print("cpm: no CA yet; `cpm serve` makes one on its first start", file=sys.stderr)
+            return 1
+        print(ca_fingerprint(path))
+        return 0
+    with open_registry(config) as registry:
+        match (args.command, args.action):
+            case ("space", "create"):
+                print(registry.create_space(args.name).name)
+            case ("space", "list"):
+                for space in registry.list_spaces():
+                    print(f"{space.name}\t{iso_utc(space.created)}")
+            case ("token", "create"):
+                print(registry.create_api_token(args.space, args.description))
+            case ("token", "revoke"):
+                if args.all:
+                    print(f"revoked {registry.revoke_all_api_tokens(args.space)} token(s)")
+                elif args.token:
+                    print(f"revoked {registry.revoke_api_token(args.space, args.token).id}")
+                else:
+                    print("cpm: name a token, or give --all", file=sys.stderr)
+                    return 2
+            case ("token", "list"):
+                for token in registry.list_api_tokens(args.space, include_revoked=True):
+                    state = f"revoked {iso_utc(token.revoked_at)}" if token.revoked_at else "active"
+                    print(f"{token.id}\t{iso_utc(token.created)}\t{state}\t{token.description}")
+            case ("join-token", "create"):
+                print(registry.create_join_token(args.space, args.ttl))
+            case ("hub", "list"):
+                hubs = registry.list_hubs(args.space)
+                if args.json:
+                    records = []
+                    for hub in hubs:
+                        record = hub.record()
+                        record["revoked"] = iso_utc(hub.revoked_at) if hub.revoked_at else None
+                        records.append(record)
+                    print(json.dumps(records, indent=2))
+                else:
+                    for hub in hubs:
+                        state = f"revoked ({hub.revoked_reason})" if hub.revoked else "active"
+                        last = iso_utc(hub.last_connected) if hub.last_connected else "never connected"
+                        print(f"{hub.id}\t{state}\t{last}\t{hub.description}")
+            case ("hub", "revoke"):
+                hub = registry.revoke_hub(args.id, args.reason)
+                print(f"revoked {hub.id}; its link is closed within seconds if the manager runs")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

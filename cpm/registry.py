@@ -1,0 +1,627 @@
+"""The manager's registry: spaces, hubs, API tokens and join tokens, kept in SQLite.
+
+Theory of operation
+-------------------
+Everything the manager must not forget across a restart lives in one SQLite file
+under its data dir, opened once in WAL mode. Every method is synchronous and short
+(a handful of indexed statements), so the Trio shell may call them directly or via
+``trio.to_thread.run_sync``; one connection serves every thread, behind a lock.
+
+Secrets are never stored: API tokens (``shk_...``) and join tokens (``shj_...``) are
+shown once when made, and only their SHA-256 is kept. Looking a token up by its hash
+is the comparison; an attacker who can time it learns about the hash of their guess,
+not about the token.
+
+A hub joins once: :meth:`Registry.redeem_join_token` checks the one-time token and
+records the hub's Ed25519 public key in one transaction, so two hubs racing with the
+same token cannot both win. After that the link proves the key by a signed challenge
+(``spacehub.protocol.auth``) and looks the hub up here.
+
+Times are floats (seconds since the epoch) from an injectable ``clock`` so tests can
+expire tokens without sleeping; records show them as ISO-8601 UTC with milliseconds.
+
+The schema's version is ``PRAGMA user_version``; :func:`migrate` applies the steps in
+``_MIGRATIONS`` that a file lacks, each in its own transaction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Self
+
+from cpm.errors import (
+    ApiTokenNotFound,
+    BadRequest,
+    Conflict,
+    HubNotFound,
+    HubRevoked,
+    ManagerError,
+    SpaceNotFound,
+    TokenExpired,
+    TokenUnknown,
+    TokenUsed,
+)
+
+__all__ = [
+    "API_TOKEN_PREFIX",
+    "JOIN_TOKEN_PREFIX",
+    "SCHEMA_VERSION",
+    "ApiToken",
+    "Hub",
+    "Registry",
+    "Space",
+    "iso_utc",
+    "migrate",
+]
+
+#: The schema version this code writes; ``PRAGMA user_version`` of an up-to-date file.
+SCHEMA_VERSION: Final = 1
+
+#: A space name: lower-case letters, digits and dashes, not starting with a dash, 1-63 chars.
+SPACE_NAME: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+API_TOKEN_PREFIX: Final = "shk_"
+JOIN_TOKEN_PREFIX: Final = "shj_"
+HUB_ID_PREFIX: Final = "sth-"
+#: Bytes of randomness in a token (43 characters of base64url).
+TOKEN_BYTES: Final = 32
+#: Longer strings are not tokens; refusing them early bounds the hashing work per request.
+MAX_TOKEN_LENGTH: Final = 256
+#: Characters of a token's hash shown as its id in listings (enough to name it, useless to forge it).
+TOKEN_ID_LENGTH: Final = 16
+MAX_DESCRIPTION_LENGTH: Final = 1024
+MAX_TAGS: Final = 64
+MAX_TAG_LENGTH: Final = 128
+#: Longest a join token may live.
+MAX_JOIN_TTL_SECONDS: Final = 30 * 24 * 3600
+#: How long a statement waits for another process (e.g. an admin tool) holding the write lock.
+BUSY_TIMEOUT_SECONDS: Final = 5.0
+PUBLIC_KEY_SIZE: Final = 32
+
+# Each step takes the schema from version i to i + 1. Never edit a released step; add one.
+_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        """CREATE TABLE spaces (
+            name TEXT PRIMARY KEY,
+            created REAL NOT NULL
+        )""",
+        """CREATE TABLE hubs (
+            id TEXT PRIMARY KEY,
+            space TEXT NOT NULL REFERENCES spaces(name) ON DELETE CASCADE,
+            public_key BLOB NOT NULL UNIQUE CHECK (length(public_key) = 32),
+            description TEXT NOT NULL DEFAULT '',
+            tags TEXT NOT NULL DEFAULT '[]',
+            created REAL NOT NULL,
+            last_connected REAL,
+            last_disconnected REAL,
+            revoked_at REAL,
+            revoked_reason TEXT
+        )""",
+        "CREATE INDEX hubs_space ON hubs(space)",
+        """CREATE TABLE api_tokens (
+            hash TEXT PRIMARY KEY,
+            space TEXT NOT NULL REFERENCES spaces(name) ON DELETE CASCADE,
+            description TEXT NOT NULL DEFAULT '',
+            created REAL NOT NULL,
+            revoked_at REAL
+        )""",
+        "CREATE INDEX api_tokens_space ON api_tokens(space)",
+        """CREATE TABLE join_tokens (
+            hash TEXT PRIMARY KEY,
+            space TEXT NOT NULL REFERENCES spaces(name) ON DELETE CASCADE,
+            created REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            used_at REAL,
+            used_by_hub TEXT
+        )""",
+        "CREATE INDEX join_tokens_space ON join_tokens(space)",
+    ),
+)
+assert len(_MIGRATIONS) == SCHEMA_VERSION
+
+
+def iso_utc(timestamp: float) -> str:
+    """``1700000000.5`` → ``"2023-11-14T22:13:20.500Z"``."""
+    text = datetime.fromtimestamp(timestamp, tz=UTC).isoformat(timespec="milliseconds")
+    return text.removesuffix("+00:00") + "Z"
+
+
+@dataclass(frozen=True, slots=True)
+class Space:
+    name: str
+    created: float
+
+    def record(self) -> dict[str, Any]:
+        """The API's shape: ``{"id", "created"}``."""
+        return {"id": self.name, "created": iso_utc(self.created)}
+
+
+@dataclass(frozen=True, slots=True)
+class Hub:
+    id: str
+    space: str
+    #: The raw 32-byte Ed25519 public key the hub joined with.
+    public_key: bytes
+    description: str
+    tags: tuple[str, ...]
+    created: float
+    last_connected: float | None = None
+    last_disconnected: float | None = None
+    revoked_at: float | None = None
+    revoked_reason: str | None = None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    def record(self) -> dict[str, Any]:
+        """The manager's per-hub record, as in the seed; ``info`` keys are omitted when unknown."""
+        times = (
+            ("created", self.created),
+            ("lastConnected", self.last_connected),
+            ("lastDisconnected", self.last_disconnected),
+        )
+        return {
+            "id": self.id,
+            "info": {key: iso_utc(value) for key, value in times if value is not None},
+            "description": self.description,
+            "tags": list(self.tags),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class ApiToken:
+    """An API token as listed: never the secret, only a short id derived from its hash."""
+
+    id: str
+    space: str
+    description: str
+    created: float
+    revoked_at: float | None = None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    def record(self) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "id": self.id,
+            "created": iso_utc(self.created),
+            "description": self.description,
+        }
+        if self.revoked_at is not None:
+            record["revoked"] = iso_utc(self.revoked_at)
+        return record
+
+
+def migrate(db: sqlite3.Connection) -> int:
+    """Bring ``db`` (in autocommit mode) up to :data:`SCHEMA_VERSION`; returns the version found.
+
+    Raises :class:`ManagerError` for a file written by a newer manager.
+    """
+    found = _user_version(db)
+    if found > SCHEMA_VERSION:
+        raise ManagerError(
+            f"the registry's schema is version {found}, newer than this manager's {SCHEMA_VERSION}; "
+            "upgrade the manager"
+        )
+    for version in range(found, SCHEMA_VERSION):
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            # Another process may have migrated while we waited for the lock.
+            if _user_version(db) == version:
+                for statement in _MIGRATIONS[version]:
+                    db.execute(statement)
+                db.execute(f"PRAGMA user_version = {version + 1:d}")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+    return found
+
+
+class Registry:
+    """Spaces, hubs and tokens in one SQLite file. Use as a context manager or call :meth:`close`."""
+
+    def __init__(self, path: Path | str, *, clock: Callable[[], float] = time.time) -> None:
+        self.path = str(path)
+        self._clock = clock
+        self._lock = threading.Lock()
+        if self.path != ":memory:" and not os.path.exists(self.path):
+            # Create it private; SQLite gives the -wal and -shm files the same mode.
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, identically on 3.11-3.13.
+        self._db = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_SECONDS
+        )
+        try:
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = NORMAL")  # durable across crashes in WAL mode
+            self._db.execute("PRAGMA foreign_keys = ON")
+            migrate(self._db)
+        except BaseException:
+            self._db.close()
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def schema_version(self) -> int:
+        with self._lock:
+            return _user_version(self._db)
+
+    # -- spaces ---------------------------------------------------------------------------------
+
+    def create_space(self, name: str) -> Space:
+        if not isinstance(name, str) or SPACE_NAME.fullmatch(name) is None:
+            raise BadRequest(
+                f"invalid space name {name!r}: use 1-63 lower-case letters, digits and dashes, "
+                "not starting with a dash"
+            )
+        space = Space(name, self._clock())
+        with self._transaction() as db:
+            if db.execute("SELECT 1 FROM spaces WHERE name = ?", (name,)).fetchone() is not None:
+                raise Conflict(f"space {name!r} already exists")
+            db.execute("INSERT INTO spaces (name, created) VALUES (?, ?)", (space.name, space.created))
+        return space
+
+    def get_space(self, name: str) -> Space:
+        with self._transaction() as db:
+            return self._space(db, name)
+
+    def list_spaces(self) -> list[Space]:
+        with self._transaction() as db:
+            rows = db.execute("SELECT name, created FROM spaces ORDER BY name").fetchall()
+        return [Space(row["name"], row["created"]) for row in rows]
+
+    def delete_space(self, name: str, *, force: bool = False) -> None:
+        """Delete a space with its tokens and hubs.
+
+        Refuses (:class:`Conflict`) while the space has hubs that are not revoked, unless
+        ``force``; the caller should then also close those hubs' links.
+        """
+        with self._transaction() as db:
+            self._space(db, name)
+            if not force:
+                (active,) = db.execute(
+                    "SELECT count(*) FROM hubs WHERE space = ? AND revoked_at IS NULL", (name,)
+                ).fetchone()
+                if active:
+                    raise Conflict(f"space {name!r} still has {active} hub(s); revoke them first")
+            db.execute("DELETE FROM spaces WHERE name = ?", (name,))
+
+    # -- API tokens -----------------------------------------------------------------------------
+
+    def create_api_token(self, space: str, description: str = "") -> str:
+        """Make a bearer token for ``space``; it is returned here once and only its hash is kept."""
+        _check_description(description)
+        token = API_TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
+        with self._transaction() as db:
+            self._space(db, space)
+            db.execute(
+                "INSERT INTO api_tokens (hash, space, description, created) VALUES (?, ?, ?, ?)",
+                (_hash_token(token), space, description, self._clock()),
+            )
+        return token
+
+    def check_api_token(self, space: str, token: str) -> bool:
+        """Whether ``token`` is a live (not revoked) API token of ``space``."""
+        if not isinstance(token, str) or len(token) > MAX_TOKEN_LENGTH:
+            return False
+        digest = _hash_token(token)
+        with self._transaction() as db:
+            row = db.execute(
+                "SELECT hash, space, revoked_at FROM api_tokens WHERE hash = ?", (digest,)
+            ).fetchone()
+        return (
+            row is not None
+            and hmac.compare_digest(row["hash"], digest)
+            and row["space"] == space
+            and row["revoked_at"] is None
+        )
+
+    def revoke_api_token(self, space: str, token_or_id: str) -> ApiToken:
+        """Revoke one API token of ``space``, named by the token itself or by its listed id.
+
+        Revoking a revoked token changes nothing; :class:`ApiTokenNotFound` if there is no match.
+        """
+        with self._transaction() as db:
+            self._space(db, space)
+            if token_or_id.startswith(API_TOKEN_PREFIX):
+                rows = db.execute(
+                    "SELECT * FROM api_tokens WHERE hash = ? AND space = ?", (_hash_token(token_or_id), space)
+                ).fetchall()
+            elif len(token_or_id) == TOKEN_ID_LENGTH:
+                rows = db.execute(
+                    "SELECT * FROM api_tokens WHERE substr(hash, 1, ?) = ? AND space = ?",
+                    (TOKEN_ID_LENGTH, token_or_id.lower(), space),
+                ).fetchall()
+            else:
+                rows = []
+            if len(rows) != 1:
+                raise ApiTokenNotFound()
+            (row,) = rows
+            if row["revoked_at"] is None:
+                db.execute(
+                    "UPDATE api_tokens SET revoked_at = ? WHERE hash = ?", (self._clock(), row["hash"])
+                )
+                row = db.execute("SELECT * FROM api_tokens WHERE hash = ?", (row["hash"],)).fetchone()
+        return _api_token(row)
+
+    def revoke_all_api_tokens(self, space: str) -> int:
+        """Revoke every live API token of ``space``; returns how many were revoked."""
+        with self._transaction() as db:
+            self._space(db, space)
+            cursor = db.execute(
+                "UPDATE api_tokens SET revoked_at = ? WHERE space = ? AND revoked_at IS NULL",
+                (self._clock(), space),
+            )
+            return cursor.rowcount
+
+    def list_api_tokens(self, space: str, *, include_revoked: bool = False) -> list[ApiToken]:
+        """The space's API tokens, oldest first, without their secrets."""
+        with self._transaction() as db:
+            self._space(db, space)
+            rows = db.execute(
+                "SELECT * FROM api_tokens WHERE space = ? AND (? OR revoked_at IS NULL)"
+                " ORDER BY created, hash",
+                (space, include_revoked),
+            ).fetchall()
+        return [_api_token(row) for row in rows]
+
+    # -- join tokens and hubs -------------------------------------------------------------------
+
+    def create_join_token(self, space: str, ttl_seconds: float = 3600) -> str:
+        """Make a one-time token a hub joins ``space`` with; returned once, only its hash is kept."""
+        if not 0 < ttl_seconds <= MAX_JOIN_TTL_SECONDS:
+            raise BadRequest(f"a join token lives more than 0 and at most {MAX_JOIN_TTL_SECONDS} seconds")
+        token = JOIN_TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
+        now = self._clock()
+        with self._transaction() as db:
+            self._space(db, space)
+            db.execute(
+                "INSERT INTO join_tokens (hash, space, created, expires_at) VALUES (?, ?, ?, ?)",
+                (_hash_token(token), space, now, now + ttl_seconds),
+            )
+        return token
+
+    def redeem_join_token(
+        self,
+        space: str,
+        token: str,
+        public_key: bytes,
+        description: str = "",
+        tags: Iterable[str] = (),
+    ) -> Hub:
+        """Admit a hub to ``space``: spend the join token and register the hub's public key.
+
+        All in one transaction: either the token is spent and the hub exists, or neither.
+        Raises :class:`TokenUnknown` (also for another space's token), :class:`TokenUsed`,
+        :class:`TokenExpired`, :class:`HubRevoked` for the key of a revoked hub,
+        :class:`Conflict` for a key that is already registered, :class:`BadRequest` for a
+        malformed key, description or tags. A refused join leaves the token unspent.
+        """
+        if not isinstance(public_key, bytes | bytearray) or len(public_key) != PUBLIC_KEY_SIZE:
+            raise BadRequest(f"a hub's public key is {PUBLIC_KEY_SIZE} raw Ed25519 bytes")
+        public_key = bytes(public_key)
+        _check_description(description)
+        tags = _check_tags(tags)
+        if not isinstance(token, str) or len(token) > MAX_TOKEN_LENGTH:
+            raise TokenUnknown()
+        digest = _hash_token(token)
+        with self._transaction() as db:
+            row = db.execute("SELECT * FROM join_tokens WHERE hash = ?", (digest,)).fetchone()
+            # Another space's token reads as unknown: a token for space A says nothing about B.
+            if row is None or row["space"] != space:
+                raise TokenUnknown()
+            now = self._clock()
+            if row["used_at"] is not None:
+                raise TokenUsed(
+                    f"{TokenUsed.default_message} (used {iso_utc(row['used_at'])} by {row['used_by_hub']})"
+                )
+            if now >= row["expires_at"]:
+                raise TokenExpired(
+                    f"The join token expired at {iso_utc(row['expires_at'])}; "
+                    "ask the space's operator for a new one"
+                )
+            existing = db.execute("SELECT * FROM hubs WHERE public_key = ?", (public_key,)).fetchone()
+            if existing is not None:
+                if existing["revoked_at"] is not None:
+                    raise HubRevoked(
+                        "This hub's key was revoked; make a new key (delete the key file) to join again"
+                    )
+                raise Conflict("This public key is already registered; connect with it instead of joining")
+            hub = Hub(
+                id=self._new_hub_id(db),
+                space=space,
+                public_key=public_key,
+                description=description,
+                tags=tags,
+                created=now,
+            )
+            db.execute(
+                "INSERT INTO hubs (id, space, public_key, description, tags, created)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (hub.id, hub.space, hub.public_key, hub.description, json.dumps(list(hub.tags)), hub.created),
+            )
+            db.execute(
+                "UPDATE join_tokens SET used_at = ?, used_by_hub = ? WHERE hash = ?", (now, hub.id, digest)
+            )
+        return hub
+
+    def get_hub(self, hub_id: str) -> Hub:
+        with self._transaction() as db:
+            return self._hub(db, hub_id)
+
+    def hub_by_key(self, public_key: bytes) -> Hub:
+        """The hub registered with this raw public key; :class:`HubNotFound` if none."""
+        with self._transaction() as db:
+            row = db.execute("SELECT * FROM hubs WHERE public_key = ?", (bytes(public_key),)).fetchone()
+        if row is None:
+            raise HubNotFound()
+        return _hub(row)
+
+    def list_hubs(self, space: str, *, include_revoked: bool = True) -> list[Hub]:
+        """The space's hubs, oldest first."""
+        with self._transaction() as db:
+            self._space(db, space)
+            rows = db.execute(
+                "SELECT * FROM hubs WHERE space = ? AND (? OR revoked_at IS NULL) ORDER BY created, id",
+                (space, include_revoked),
+            ).fetchall()
+        return [_hub(row) for row in rows]
+
+    def revoke_hub(self, hub_id: str, reason: str) -> Hub:
+        """Revoke a hub's key for good; revoking again keeps the first time and reason.
+
+        The caller should also close the hub's link, if it has one.
+        """
+        _check_description(reason)
+        with self._transaction() as db:
+            self._hub(db, hub_id)
+            db.execute(
+                "UPDATE hubs SET revoked_at = ?, revoked_reason = ? WHERE id = ? AND revoked_at IS NULL",
+                (self._clock(), reason, hub_id),
+            )
+            return self._hub(db, hub_id)
+
+    def mark_connected(self, hub_id: str, when: float | None = None) -> Hub:
+        """Record that the hub's link came up; :class:`HubRevoked` for a revoked hub."""
+        with self._transaction() as db:
+            hub = self._hub(db, hub_id)
+            if hub.revoked:
+                raise HubRevoked(
+                    f"{HubRevoked.default_message}: {hub.revoked_reason}"
+                    if hub.revoked_reason
+                    else HubRevoked.default_message
+                )
+            db.execute(
+                "UPDATE hubs SET last_connected = ? WHERE id = ?",
+                (self._clock() if when is None else when, hub_id),
+            )
+            return self._hub(db, hub_id)
+
+    def mark_disconnected(self, hub_id: str, when: float | None = None) -> Hub:
+        """Record that the hub's link went down (also for a revoked hub)."""
+        with self._transaction() as db:
+            self._hub(db, hub_id)
+            db.execute(
+                "UPDATE hubs SET last_disconnected = ? WHERE id = ?",
+                (self._clock() if when is None else when, hub_id),
+            )
+            return self._hub(db, hub_id)
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One transaction under the lock. IMMEDIATE takes the write lock up front, so a
+        read-then-write (e.g. redeeming a token) cannot be overtaken by another process."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    @staticmethod
+    def _space(db: sqlite3.Connection, name: str) -> Space:
+        row = db.execute("SELECT name, created FROM spaces WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            raise SpaceNotFound(f"space {name!r} not found")
+        return Space(row["name"], row["created"])
+
+    @staticmethod
+    def _hub(db: sqlite3.Connection, hub_id: str) -> Hub:
+        row = db.execute("SELECT * FROM hubs WHERE id = ?", (hub_id,)).fetchone()
+        if row is None:
+            raise HubNotFound(f"hub {hub_id!r} not found")
+        return _hub(row)
+
+    @staticmethod
+    def _new_hub_id(db: sqlite3.Connection) -> str:
+        while True:  # 32 random bits: a clash is rare, and then we simply draw again
+            hub_id = HUB_ID_PREFIX + secrets.token_hex(4)
+            if db.execute("SELECT 1 FROM hubs WHERE id = ?", (hub_id,)).fetchone() is None:
+                return hub_id
+
+
+def _user_version(db: sqlite3.Connection) -> int:
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    return int(version)
+
+
+def _hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _check_description(description: str) -> None:
+    if not isinstance(description, str) or len(description) > MAX_DESCRIPTION_LENGTH:
+        raise BadRequest(f"a description is a string of at most {MAX_DESCRIPTION_LENGTH} characters")
+
+
+def _check_tags(tags: Iterable[str]) -> tuple[str, ...]:
+    if isinstance(tags, str):  # a lone string would otherwise become one tag per character
+        raise BadRequest("tags are a list of strings")
+    checked = tuple(tags)
+    if len(checked) > MAX_TAGS or not all(
+        isinstance(tag, str) and 0 < len(tag) <= MAX_TAG_LENGTH for tag in checked
+    ):
+        raise BadRequest(
+            f"tags are at most {MAX_TAGS} non-empty strings of at most {MAX_TAG_LENGTH} characters"
+        )
+    return checked
+
+
+def _hub(row: sqlite3.Row) -> Hub:
+    return Hub(
+        id=row["id"],
+        space=row["space"],
+        public_key=bytes(row["public_key"]),
+        description=row["description"],
+        tags=tuple(json.loads(row["tags"])),
+        created=row["created"],
+        last_connected=row["last_connected"],
+        last_disconnected=row["last_disconnected"],
+        revoked_at=row["revoked_at"],
+        revoked_reason=row["revoked_reason"],
+    )
+
+
+def _api_token(row: sqlite3.Row) -> ApiToken:
+    return ApiToken(
+        id=row["hash"][:TOKEN_ID_LENGTH],
+        space=row["space"],
+        description=row["description"],
+        created=row["created"],
+        revoked_at=row["revoked_at"],
+    )

@@ -1,0 +1,149 @@
+"""The manager's service tree: the registry, the API server (hubs' links ride on it), the watchdog.
+
+``run_manager`` is what ``cpm serve`` runs and what tests embed: it reports the API's
+bound addresses through ``task_status`` once the server listens, and shutting the
+manager down is cancelling its scope. Each hub's link lives in the task hypercorn
+runs that websocket in (see :mod:`cpm.link.sessions`), so it ends with the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from functools import partial
+from pathlib import Path
+from typing import Any, Final, cast
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from . import __version__
+from .api.app import ManagerApp
+from .config import ManagerConfig
+from .errors import Conflict
+from .link.sessions import HubSessions
+from .registry import Registry
+from .tls import ca_fingerprint, ensure_ca_and_server_cert
+
+__all__ = ["Manager", "open_registry", "run_manager"]
+
+logger = logging.getLogger("cpm")
+
+#: Seconds open HTTP exchanges get to finish when the manager shuts down.
+SHUTDOWN_GRACE: Final = 1.0
+#: Largest websocket message a hub may send: one frame (5-byte header + 64 KiB) with room to spare.
+MAX_LINK_MESSAGE: Final = 128 * 1024
+#: ASGI messages hypercorn queues for the app per connection; the socket is read no faster.
+APP_QUEUE: Final = 4
+
+
+def open_registry(config: ManagerConfig) -> Registry:
+    """The registry in the data dir (made, private, on first use)."""
+    config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return Registry(config.registry_path)
+
+
+def manager_id(data_dir: Path) -> str:
+    """The manager's id, made once and kept in the data dir."""
+    path = data_dir / "manager-id"
+    try:
+        value = path.read_text().strip()
+        if value:
+            return value
+    except FileNotFoundError:
+        pass
+    value = f"cpm-{secrets.token_hex(4)}"
+    tmp = data_dir / f".manager-id.{os.getpid()}"
+    tmp.write_text(value + "\n")
+    os.replace(tmp, path)
+    return value
+
+
+class Manager:
+    """Everything the API routes reach: config, registry, hub sessions."""
+
+    def __init__(self, config: ManagerConfig, registry: Registry) -> None:
+        self.config = config
+        self.registry = registry
+        self.id = manager_id(config.data_dir)
+        self.sessions = HubSessions(registry, config, self.id)
+
+    def version_info(self) -> dict[str, Any]:
+        return {
+            "service": "@scramjet/manager",
+            "product": "spacehub",
+            "apiVersion": "v1",
+            "version": __version__,
+            "build": os.environ.get("SPACEHUB_BUILD", "source"),
+            "id": self.id,
+        }
+
+    def ca_pem(self) -> bytes | None:
+        path = self.config.ca_path if self.config.tls else None
+        if path is None:
+            return None
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            return None
+
+
+def prepare(config: ManagerConfig) -> tuple[Registry, str | None]:
+    """Open the registry, make the configured spaces and the TLS files; the CA's fingerprint."""
+    registry = open_registry(config)
+    try:
+        for name in config.spaces:
+            try:
+                registry.create_space(name)
+                logger.info("created space %s", name)
+            except Conflict:
+                pass
+        fingerprint = None
+        if config.generated_tls:
+            ensure_ca_and_server_cert(config.data_dir, config.public_names, [])
+        if config.tls and config.ca_path is not None:
+            fingerprint = ca_fingerprint(config.ca_path)
+    except BaseException:
+        registry.close()
+        raise
+    return registry, fingerprint
+
+
+def _hypercorn_config(config: ManagerConfig) -> HypercornConfig:
+    hconfig = HypercornConfig()
+    host = f"[{config.hostname}]" if ":" in config.hostname else config.hostname
+    hconfig.bind = [f"{host}:{config.port}"]
+    hconfig.accesslog = None
+    hconfig.errorlog = logger.getChild("http")
+    hconfig.graceful_timeout = SHUTDOWN_GRACE
+    hconfig.include_server_header = False
+    hconfig.max_app_queue_size = APP_QUEUE
+    hconfig.websocket_max_message_size = MAX_LINK_MESSAGE
+    if config.tls:
+        if config.tls_cert is not None and config.tls_key is not None:
+            hconfig.certfile, hconfig.keyfile = str(config.tls_cert), str(config.tls_key)
+        else:
+            hconfig.certfile = str(config.data_dir / "server.pem")
+            hconfig.keyfile = str(config.data_dir / "server.key")
+    return hconfig
+
+
+async def run_manager(
+    config: ManagerConfig, *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run the manager until cancelled; ``started`` with the API's bound addresses (host:port)."""
+    registry, _ = await trio.to_thread.run_sync(prepare, config)
+    try:
+        manager = Manager(config, registry)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(manager.sessions.run_watchdog)
+            # hypercorn types the app as a union of ASGI/WSGI callables; ours is ASGI 3.
+            app = cast(Any, ManagerApp(manager))
+            binds: list[str] = await nursery.start(partial(serve, app, _hypercorn_config(config)))
+            addresses = [b.split("://", 1)[-1] for b in binds]
+            logger.info("API on %s (%s)", ", ".join(addresses), "TLS" if config.tls else "plain HTTP")
+            task_status.started(addresses)
+    finally:
+        registry.close()

@@ -1,0 +1,1 @@
+"""`si`, the command-line client: ``python -m spacehub.cli.main`` or the ``si`` console script."""

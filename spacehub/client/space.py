@@ -1,0 +1,185 @@
+"""Spaces and managers: :class:`SpaceClient` / :class:`ManagerClient` and their async twins.
+
+URL nesting (sth-spec §7)::
+
+    <manager>/api/v1                                   ManagerClient   (version, spaces)
+    <manager>/api/v1/space/<space>/api/v1              SpaceClient     (version, load, hubs, aggregates)
+    <manager>/api/v1/space/<space>/api/v1/sth/<hub>/api/v1   HubClient through the tunnel
+
+Every request carries ``Authorization: Bearer <token>``; the hub clients a Space hands out share its
+connections and its token.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+
+import httpx
+
+from . import _calls as calls
+from .aio import AsyncHubClient, _AsyncClosing, _AsyncTransport
+from .aio import _open_http as _open_async
+from .hub import HubClient, _Closing, _Transport
+from .hub import _open_http as _open_sync
+
+__all__ = ["AsyncManagerClient", "AsyncSpaceClient", "ManagerClient", "SpaceClient"]
+
+
+class SpaceClient(_Closing):
+    """One Space of a manager: ``SpaceClient("https://m:8443/api/v1/space/demo/api/v1", token=...)``."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        timeout: float | httpx.Timeout | None = None,
+        verify: ssl.SSLContext | str | bool = True,
+        http: httpx.Client | None = None,
+    ) -> None:
+        self._transport, self._owned = _open_sync(url, token, timeout, verify, http)
+
+    @classmethod
+    def _over(cls, transport: _Transport) -> SpaceClient:
+        client = cls.__new__(cls)
+        client._transport, client._owned = transport, None
+        return client
+
+    @property
+    def url(self) -> str:
+        return self._transport.base
+
+    def version(self) -> dict[str, Any]:
+        return dict(self._transport.call(calls.version()))
+
+    def load(self) -> dict[str, Any]:
+        return dict(self._transport.call(calls.space_load()))
+
+    def hubs(self) -> list[dict[str, Any]]:
+        """The hub records of the Space."""
+        return list(self._transport.call(calls.space_hubs()))
+
+    def hub_info(self, hub_id: str) -> dict[str, Any]:
+        return dict(self._transport.call(calls.space_hub_info(hub_id)))
+
+    def hub(self, hub_id: str) -> HubClient:
+        """Hub ``hub_id``'s full API, through the manager's tunnel (same connections and token)."""
+        return HubClient._over(self._transport.at(calls.hub_base(self.url, hub_id)))
+
+    def sequences(self) -> list[Any]:
+        """Sequences across the Space's hubs."""
+        return list(self._transport.call(calls.list_sequences()))
+
+    def instances(self) -> list[Any]:
+        """Instances across the Space's hubs."""
+        return list(self._transport.call(calls.list_instances()))
+
+    def topics(self) -> list[Any]:
+        return list(self._transport.call(calls.list_topics()))
+
+
+class ManagerClient(_Closing):
+    """A manager: ``ManagerClient("https://m:8443/api/v1", token=...)``; ``.space(name)`` opens a Space."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        timeout: float | httpx.Timeout | None = None,
+        verify: ssl.SSLContext | str | bool = True,
+        http: httpx.Client | None = None,
+    ) -> None:
+        self._transport, self._owned = _open_sync(url, token, timeout, verify, http)
+
+    @property
+    def url(self) -> str:
+        return self._transport.base
+
+    def version(self) -> dict[str, Any]:
+        return dict(self._transport.call(calls.version()))
+
+    def spaces(self) -> list[dict[str, Any]]:
+        """The Spaces the token opens."""
+        return list(self._transport.call(calls.spaces()))
+
+    def space(self, name: str) -> SpaceClient:
+        return SpaceClient._over(self._transport.at(calls.space_base(self.url, name)))
+
+
+class AsyncSpaceClient(_AsyncClosing):
+    """One Space of a manager, async; see :class:`SpaceClient`."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        timeout: float | httpx.Timeout | None = None,
+        verify: ssl.SSLContext | str | bool = True,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        self._transport, self._owned = _open_async(url, token, timeout, verify, http)
+
+    @classmethod
+    def _over(cls, transport: _AsyncTransport) -> AsyncSpaceClient:
+        client = cls.__new__(cls)
+        client._transport, client._owned = transport, None
+        return client
+
+    @property
+    def url(self) -> str:
+        return self._transport.base
+
+    async def version(self) -> dict[str, Any]:
+        return dict(await self._transport.call(calls.version()))
+
+    async def load(self) -> dict[str, Any]:
+        return dict(await self._transport.call(calls.space_load()))
+
+    async def hubs(self) -> list[dict[str, Any]]:
+        return list(await self._transport.call(calls.space_hubs()))
+
+    async def hub_info(self, hub_id: str) -> dict[str, Any]:
+        return dict(await self._transport.call(calls.space_hub_info(hub_id)))
+
+    def hub(self, hub_id: str) -> AsyncHubClient:
+        return AsyncHubClient._over(self._transport.at(calls.hub_base(self.url, hub_id)))
+
+    async def sequences(self) -> list[Any]:
+        return list(await self._transport.call(calls.list_sequences()))
+
+    async def instances(self) -> list[Any]:
+        return list(await self._transport.call(calls.list_instances()))
+
+    async def topics(self) -> list[Any]:
+        return list(await self._transport.call(calls.list_topics()))
+
+
+class AsyncManagerClient(_AsyncClosing):
+    """A manager, async; see :class:`ManagerClient`."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        timeout: float | httpx.Timeout | None = None,
+        verify: ssl.SSLContext | str | bool = True,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        self._transport, self._owned = _open_async(url, token, timeout, verify, http)
+
+    @property
+    def url(self) -> str:
+        return self._transport.base
+
+    async def version(self) -> dict[str, Any]:
+        return dict(await self._transport.call(calls.version()))
+
+    async def spaces(self) -> list[dict[str, Any]]:
+        return list(await self._transport.call(calls.spaces()))
+
+    def space(self, name: str) -> AsyncSpaceClient:
+        return AsyncSpaceClient._over(self._transport.at(calls.space_base(self.url, name)))

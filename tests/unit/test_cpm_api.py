@@ -1,0 +1,458 @@
+"""The manager's HTTP API, in-process: ``run_manager`` in a nursery, httpx against it.
+
+Rules: port 0 on 127.0.0.1, plain HTTP (allowed on loopback only), a fresh data dir
+per test, every wait bounded by ``fail_after``; the link itself is tested with a
+hub speaking the protocol over a real websocket (``websockets``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator, MutableMapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from websockets.trio.client import connect
+
+from cpm import __version__
+from cpm.config import ConfigError, ManagerConfig, load_config
+from cpm.registry import Registry
+from cpm.service import run_manager
+from spacehub.link import LinkClosed, LinkSession, WebsocketsTransport, serve_asgi
+from spacehub.protocol.auth import challenge_payload, public_key_bytes, sign_challenge
+from spacehub.protocol.link import ControlReceived, LinkConnection
+
+TIMEOUT = 10.0
+
+
+@dataclass
+class Running:
+    url: str
+    config: ManagerConfig
+    token: str
+    registry: Registry
+
+
+@asynccontextmanager
+async def manager(tmp_path: Path, **options: object) -> AsyncIterator[Running]:
+    config = load_config(None, {"port": 0, "tls": False, "data_dir": tmp_path / "cpm", **options})
+    async with trio.open_nursery() as nursery:
+        with trio.fail_after(TIMEOUT):
+            addresses = await nursery.start(run_manager, config)
+        # A second connection to the same file, as the CLI would open it.
+        admin = Registry(config.registry_path)
+        try:
+            admin.create_space("demo")
+            token = admin.create_api_token("demo", "tests")
+            yield Running(f"http://{addresses[0]}", config, token, admin)
+        finally:
+            admin.close()
+            nursery.cancel_scope.cancel()
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def test_version_is_public(tmp_path: Path) -> None:
+    async with manager(tmp_path) as m, httpx.AsyncClient(base_url=m.url, timeout=TIMEOUT) as client:
+        response = await client.get("/api/v1/version")
+        assert response.status_code == 200
+        body = response.json()
+        assert body["service"] == "@scramjet/manager"
+        assert body["apiVersion"] == "v1"
+        assert body["version"] == __version__
+
+
+async def test_spaces_lists_what_the_token_opens(tmp_path: Path) -> None:
+    async with manager(tmp_path) as m, httpx.AsyncClient(base_url=m.url, timeout=TIMEOUT) as client:
+        m.registry.create_space("other")
+        response = await client.get("/api/v1/spaces", headers=auth(m.token))
+        assert response.status_code == 200
+        assert [space["id"] for space in response.json()] == ["demo"]
+        denied = await client.get("/api/v1/spaces")
+        assert denied.status_code == 403
+        assert denied.json() == {"message": "Forbidden"}
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer shk_wrong"}, {"Authorization": "Basic x"}])
+async def test_space_api_forbidden_without_a_valid_token(tmp_path: Path, headers: dict[str, str]) -> None:
+    async with manager(tmp_path) as m, httpx.AsyncClient(base_url=m.url, timeout=TIMEOUT) as client:
+        for path in ("version", "list", "sth/sth-x/info", "sth/sth-x/api/v1/version", "no-such-route"):
+            response = await client.get(f"/api/v1/space/demo/api/v1/{path}", headers=headers)
+            assert response.status_code == 403, path
+            assert response.json() == {"message": "Forbidden"}
+
+
+async def test_token_of_another_space_is_forbidden(tmp_path: Path) -> None:
+    async with manager(tmp_path) as m, httpx.AsyncClient(base_url=m.url, timeout=TIMEOUT) as client:
+        m.registry.create_space("other")
+        response = await client.get("/api/v1/space/other/api/v1/list", headers=auth(m.token))
+        assert response.status_code == 403
+        response = await client.get("/api/v1/space/missing/api/v1/list", headers=auth(m.token))
+        assert response.status_code == 403
+
+
+async def test_revoked_token_is_forbidden_at_once(tmp_path: Path) -> None:
+    async with manager(tmp_path) as m, httpx.AsyncClient(base_url=m.url, timeout=TIMEOUT) as client:
+        base = "/api/v1/space/demo/api/v1"
+        assert (await client.get(f"{base}/version", headers=auth(m.token))).status_code == 200
+        m.registry.revoke_api_token("demo", m.token)
+        assert (await client.get(f"{base}/version", headers=auth(m.token))).status_code == 403
+
+
+async def test_space_routes_with_no_hubs(tmp_path: Path) -> None:
+    async with manager(tmp_path) as m, httpx.AsyncClient(base_url=m.url, timeout=TIMEOUT) as client:
+        base = "/api/v1/space/demo/api/v1"
+        headers = auth(m.token)
+        assert (await client.get(f"{base}/list", headers=headers)).json() == []
+        for kind in ("sequences", "instances", "topics"):
+            assert (await client.get(f"{base}/{kind}", headers=headers)).json() == []
+        version = (await client.get(f"{base}/version", headers=headers)).json()
+        assert version["service"] == "@scramjet/manager"
+        load = (await client.get(f"{base}/load", headers=headers)).json()
+        assert {"avgLoad", "currentLoad", "memFree", "memUsed", "fsSize"} <= set(load)
+
+
+async def test_unknown_hub_and_route(tmp_path: Path) -> None:
+    async with manager(tmp_path) as m, httpx.AsyncClient(base_url=m.url, timeout=TIMEOUT) as client:
+        base = "/api/v1/space/demo/api/v1"
+        headers = auth(m.token)
+        info = await client.get(f"{base}/sth/sth-nope/info", headers=headers)
+        assert info.status_code == 404
+        assert "error" in info.json()
+        proxied = await client.get(f"{base}/sth/sth-nope/api/v1/version", headers=headers)
+        assert proxied.status_code == 404
+        missing = await client.get(f"{base}/no-such-route", headers=headers)
+        assert missing.status_code == 404
+        assert (await client.get("/api/v1/nothing")).status_code == 404
+
+
+async def test_ca_pem_absent_without_tls(tmp_path: Path) -> None:
+    async with manager(tmp_path) as m, httpx.AsyncClient(base_url=m.url, timeout=TIMEOUT) as client:
+        assert (await client.get("/api/v1/ca.pem")).status_code == 404
+
+
+def test_plain_http_only_on_loopback(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError):
+        load_config(None, {"tls": False, "hostname": "0.0.0.0", "data_dir": tmp_path})
+    assert not load_config(None, {"tls": False, "hostname": "::1", "data_dir": tmp_path}).tls
+
+
+# -- the link, spoken by a minimal hub over a real websocket ---------------------------------------
+#
+# The hub here is the shared link shell (LinkSession + serve_asgi) with a tiny ASGI app, so these
+# tests pin the manager's side of docs/link.md without needing agent/link.
+
+FAST = {"heartbeat_interval": 0.2, "missed_heartbeats": 3, "ping_interval": 0.2, "pong_timeout": 0.5}
+
+
+async def tiny_app(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+    """/api/v1/version, /api/v1/echo (POST body back), /api/v1/output (endless bytes)."""
+    path = scope["path"]
+    if path == "/api/v1/output":
+        await send(
+            {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]}
+        )
+        chunk = b"x" * 16384
+        while True:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    if path == "/api/v1/echo":
+        parts = []
+        while True:
+            message = await receive()
+            parts.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = b"".join(parts)
+    else:
+        head = {"service": "@scramjet/host", "path": path, "query": scope["query_string"].decode()}
+        body = json.dumps(head).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+SUMMARY: dict[str, list[dict[str, Any]]] = {
+    "sequences": [{"id": "seq-1", "config": {}, "instances": ["inst-1"]}],
+    "instances": [{"id": "inst-1", "sequence": "seq-1", "status": "running"}],
+    "topics": [{"name": "names", "contentType": "text/plain"}],
+}
+
+
+@dataclass
+class Hello:
+    answer: dict[str, Any]
+    transport: WebsocketsTransport
+    connection: LinkConnection
+
+
+@asynccontextmanager
+async def dial(url: str, make: Any) -> AsyncIterator[Hello]:
+    """Open /api/v1/link, read the challenge, send ``make(nonce)``, read the answer."""
+    async with connect(url.replace("http://", "ws://") + "/api/v1/link") as websocket:
+        transport = WebsocketsTransport(websocket)
+        connection = LinkConnection("hub")
+        with trio.fail_after(TIMEOUT):
+            (challenge,) = connection.receive_message(await transport.receive())
+            assert isinstance(challenge, ControlReceived)
+            assert challenge.message["type"] == "challenge"
+            await transport.send(connection.send_control(make(challenge.message["nonce"])))
+            (answer,) = connection.receive_message(await transport.receive())
+            assert isinstance(answer, ControlReceived)
+        yield Hello(answer.message, transport, connection)
+
+
+def _sign(key: Ed25519PrivateKey, nonce_b64: str, hub_id: str, space: str) -> str:
+    payload = challenge_payload(base64.b64decode(nonce_b64), hub_id, space)
+    return base64.b64encode(sign_challenge(key, payload)).decode()
+
+
+def _public(key: Ed25519PrivateKey) -> str:
+    return base64.b64encode(public_key_bytes(key)).decode()
+
+
+def join(key: Ed25519PrivateKey, token: str, space: str = "demo") -> Any:
+    def make(nonce: str) -> dict[str, Any]:
+        return {
+            "type": "join",
+            "space": space,
+            "joinToken": token,
+            "publicKey": _public(key),
+            "signature": _sign(key, nonce, "", space),
+            "description": "test hub",
+            "tags": ["a"],
+            "version": "test",
+        }
+
+    return make
+
+
+def authenticate(key: Ed25519PrivateKey, hub_id: str, space: str = "demo") -> Any:
+    def make(nonce: str) -> dict[str, Any]:
+        return {
+            "type": "auth",
+            "space": space,
+            "hubId": hub_id,
+            "signature": _sign(key, nonce, hub_id, space),
+        }
+
+    return make
+
+
+@asynccontextmanager
+async def hub_session(
+    hello: Hello, *, heartbeats: bool = True, pongs: bool = True
+) -> AsyncIterator[LinkSession]:
+    """Run the hub's side after ``welcome``: serve streams with tiny_app, heartbeat, answer pings."""
+    session: LinkSession | None = None
+
+    async def on_control(message: dict[str, Any]) -> None:
+        if message["type"] == "ping" and pongs and session is not None:
+            await session.send_control({"type": "pong", "nonce": message["nonce"]})
+
+    session = LinkSession(
+        hello.connection,
+        hello.transport,
+        on_stream=partial(serve_asgi, app=tiny_app),
+        on_control=on_control,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(session.run)
+
+        async def beat() -> None:
+            while heartbeats:
+                load = {"avgLoad": 0.1, "currentLoad": 1, "memFree": 1, "memUsed": 1, "fsSize": []}
+                heartbeat = {"type": "heartbeat", "load": load, "summary": SUMMARY, "sentAt": 0}
+                await session.send_control(heartbeat)
+                await trio.sleep(FAST["heartbeat_interval"])
+
+        nursery.start_soon(beat)
+        yield session
+        nursery.cancel_scope.cancel()
+
+
+async def wait_for(check: Any, timeout: float = TIMEOUT) -> None:
+    with trio.fail_after(timeout):
+        while not await check():
+            await trio.sleep(0.05)
+
+
+async def hub_record(client: httpx.AsyncClient, token: str, hub_id: str) -> dict[str, Any]:
+    response = await client.get(f"/api/v1/space/demo/api/v1/sth/{hub_id}/info", headers=auth(token))
+    assert response.status_code == 200
+    record: dict[str, Any] = response.json()
+    return record
+
+
+async def test_join_heartbeat_proxy_and_aggregates(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    async with manager(tmp_path, **FAST) as m, httpx.AsyncClient(base_url=m.url, timeout=TIMEOUT) as client:
+        base = "/api/v1/space/demo/api/v1"
+        headers = auth(m.token)
+        token = m.registry.create_join_token("demo", 60)
+        async with dial(m.url, join(key, token)) as hello:
+            assert hello.answer["type"] == "welcome"
+            hub_id = hello.answer["hubId"]
+            assert hello.answer["space"] == "demo"
+            assert hello.answer["heartbeatInterval"] == FAST["heartbeat_interval"]
+            async with hub_session(hello):
+
+                async def listed_healthy() -> bool:
+                    hubs = (await client.get(f"{base}/list", headers=headers)).json()
+                    return bool(hubs) and hubs[0]["healthy"] and hubs[0]["load"] is not None
+
+                await wait_for(listed_healthy)
+                record = await hub_record(client, m.token, hub_id)
+                assert record["isConnectionActive"] is True
+                assert record["description"] == "test hub"
+                assert record["tags"] == ["a"]
+                assert "lastConnected" in record["info"]
+
+                response = await client.get(f"{base}/sth/{hub_id}/api/v1/version?x=1", headers=headers)
+                assert response.status_code == 200
+                assert response.json() == {
+                    "service": "@scramjet/host",
+                    "path": "/api/v1/version",
+                    "query": "x=1",
+                }
+                payload = b"0123456789" * 100_000  # 1 MB: several windows' worth each way
+                echoed = await client.post(
+                    f"{base}/sth/{hub_id}/api/v1/echo", content=payload, headers=headers
+                )
+                assert echoed.content == payload
+
+                sequences = (await client.get(f"{base}/sequences", headers=headers)).json()
+                assert sequences == [{**SUMMARY["sequences"][0], "hub": hub_id}]
+                topics = (await client.get(f"{base}/topics", headers=headers)).json()
+                assert topics == [{**SUMMARY["topics"][0], "hub": hub_id}]
+                instances = (await client.get(f"{base}/instances", headers=headers)).json()
+                assert instances == [{**SUMMARY["instances"][0], "hub": hub_id}]
+
+        # The link is gone: the hub shows disconnected, its instances as unknown.
+        async def disconnected() -> bool:
+            return not (await hub_record(client, m.token, hub_id))["isConnectionActive"]
+
+        await wait_for(disconnected)
+        record = await hub_record(client, m.token, hub_id)
+        assert record["healthy"] is False
+        assert "lastDisconnected" in record["info"]
+        instances = (await client.get(f"{base}/instances", headers=headers)).json()
+        assert instances == [{**SUMMARY["instances"][0], "hub": hub_id, "status": "unknown"}]
+        assert (await client.get(f"{base}/sequences", headers=headers)).json() == []
+        proxied = await client.get(f"{base}/sth/{hub_id}/api/v1/version", headers=headers)
+        assert proxied.status_code == 503
+        assert proxied.json() == {"error": f"Hub {hub_id} is not connected"}
+
+        # Later connections authenticate with the key; the join token is spent.
+        async with dial(m.url, authenticate(key, hub_id)) as hello:
+            assert hello.answer == {**hello.answer, "type": "welcome", "hubId": hub_id}
+        async with dial(m.url, join(Ed25519PrivateKey.generate(), token)) as hello:
+            assert hello.answer["type"] == "refused"
+            assert hello.answer["code"] == "token-used"
+            assert hello.answer["retry"] is False
+
+
+async def test_refusals(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    async with manager(tmp_path) as m:
+        expired = m.registry.create_join_token("demo", 0.01)
+        await trio.sleep(0.05)
+        cases = [
+            (join(key, expired), "token-expired"),
+            (join(key, "shj_nope"), "token-unknown"),
+            (join(key, m.registry.create_join_token("demo", 60), space="nowhere"), "space-unknown"),
+            (authenticate(key, "sth-unknown"), "hub-unknown"),
+        ]
+        for make, code in cases:
+            async with dial(m.url, make) as hello:
+                assert hello.answer["type"] == "refused"
+                assert hello.answer["code"] == code
+        # A signature by another key than the one offered.
+        token = m.registry.create_join_token("demo", 60)
+
+        def forged(nonce: str) -> dict[str, Any]:
+            return {**join(key, token)(nonce), "publicKey": _public(Ed25519PrivateKey.generate())}
+
+        async with dial(m.url, forged) as hello:
+            assert hello.answer["code"] == "bad-signature"
+        # ... and the token was not spent by the forgery.
+        async with dial(m.url, join(key, token)) as hello:
+            assert hello.answer["type"] == "welcome"
+            hub_id = hello.answer["hubId"]
+        async with dial(m.url, authenticate(Ed25519PrivateKey.generate(), hub_id)) as hello:
+            assert hello.answer["code"] == "bad-signature"
+
+
+async def test_revoked_hub_is_cut_off_and_refused(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    async with manager(tmp_path) as m:
+        token = m.registry.create_join_token("demo", 60)
+        async with dial(m.url, join(key, token)) as hello:
+            hub_id = hello.answer["hubId"]
+            m.registry.revoke_hub(hub_id, "stolen laptop")
+            with trio.fail_after(TIMEOUT):
+                while True:  # pings may come first
+                    (notice,) = hello.connection.receive_message(await hello.transport.receive())
+                    assert isinstance(notice, ControlReceived)
+                    if notice.message["type"] != "ping":
+                        break
+            assert notice.message == {"type": "revoked", "reason": "stolen laptop"}
+            with trio.fail_after(TIMEOUT), pytest.raises(LinkClosed):
+                await hello.transport.receive()
+        async with dial(m.url, authenticate(key, hub_id)) as hello:
+            assert hello.answer["code"] == "hub-revoked"
+
+
+async def test_missed_heartbeats_make_a_hub_unhealthy_and_late_pongs_close_it(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    async with manager(tmp_path, **FAST) as m, httpx.AsyncClient(base_url=m.url, timeout=TIMEOUT) as client:
+        async with dial(m.url, join(key, m.registry.create_join_token("demo", 60))) as hello:
+            hub_id = hello.answer["hubId"]
+            async with hub_session(hello, heartbeats=False):
+
+                async def unhealthy_but_connected() -> bool:
+                    record = await hub_record(client, m.token, hub_id)
+                    return record["isConnectionActive"] and not record["healthy"]
+
+                await wait_for(unhealthy_but_connected)
+        async with (
+            dial(m.url, authenticate(key, hub_id)) as hello,
+            hub_session(hello, pongs=False) as session,
+        ):
+            if True:
+                with trio.fail_after(TIMEOUT):
+                    while not session.closed:
+                        await trio.sleep(0.05)
+
+
+async def test_a_stalled_reader_holds_back_only_its_stream(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    async with manager(tmp_path, **FAST) as m, httpx.AsyncClient(base_url=m.url, timeout=TIMEOUT) as client:
+        base = "/api/v1/space/demo/api/v1"
+        headers = auth(m.token)
+        async with dial(m.url, join(key, m.registry.create_join_token("demo", 60))) as hello:
+            hub_id = hello.answer["hubId"]
+            async with (
+                hub_session(hello),
+                client.stream("GET", f"{base}/sth/{hub_id}/api/v1/output", headers=headers) as output,
+            ):
+                assert output.status_code == 200
+                chunks = output.aiter_raw()
+                assert await chunks.__anext__()
+                # Stop reading /output; everything else keeps flowing.
+                await trio.sleep(1.0)
+                for _ in range(5):
+                    response = await client.get(f"{base}/sth/{hub_id}/api/v1/version", headers=headers)
+                    assert response.status_code == 200
+                record = await hub_record(client, m.token, hub_id)
+                assert record["healthy"] is True
+                assert record["isConnectionActive"] is True

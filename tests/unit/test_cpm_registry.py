@@ -1,0 +1,486 @@
+"""cpm.registry: spaces, hubs, API tokens and join tokens in SQLite.
+
+Rules: every test uses its own file under ``tmp_path``; time comes from a fake clock
+(never ``sleep``); public keys are made-up 32-byte strings (the registry does not
+care whether they are valid Ed25519 points).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import pytest
+
+from cpm.errors import (
+    ApiTokenNotFound,
+    BadRequest,
+    Conflict,
+    Forbidden,
+    HubNotFound,
+    HubRevoked,
+    JoinRefused,
+    ManagerError,
+    SpaceNotFound,
+    TokenExpired,
+    TokenUnknown,
+    TokenUsed,
+)
+from cpm.registry import SCHEMA_VERSION, Hub, Registry, iso_utc, migrate
+
+ISO_MS_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+T0 = 1_700_000_000.0
+
+
+class FakeClock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def key(n: int) -> bytes:
+    return bytes([n]) * 32
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "registry.sqlite3"
+
+
+@pytest.fixture
+def registry(db_path: Path, clock: FakeClock) -> Iterator[Registry]:
+    with Registry(db_path, clock=clock) as registry:
+        yield registry
+
+
+@pytest.fixture
+def space(registry: Registry) -> str:
+    registry.create_space("lab")
+    return "lab"
+
+
+def join(
+    registry: Registry, space: str, public_key: bytes, description: str = "", tags: Iterable[str] = ()
+) -> Hub:
+    token = registry.create_join_token(space)
+    return registry.redeem_join_token(space, token, public_key, description, tags)
+
+
+# -- the file ---------------------------------------------------------------------------------
+
+
+def test_schema_version_and_wal(registry: Registry, db_path: Path) -> None:
+    assert registry.schema_version == SCHEMA_VERSION
+    raw = sqlite3.connect(db_path)
+    try:
+        assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert raw.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    finally:
+        raw.close()
+
+
+def test_file_is_private(registry: Registry, db_path: Path) -> None:
+    assert db_path.stat().st_mode & 0o077 == 0
+
+
+def test_migrate_is_idempotent(registry: Registry, db_path: Path) -> None:
+    raw = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        assert migrate(raw) == SCHEMA_VERSION
+    finally:
+        raw.close()
+
+
+def test_refuses_a_newer_schema(db_path: Path) -> None:
+    raw = sqlite3.connect(db_path, isolation_level=None)
+    raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    raw.close()
+    with pytest.raises(ManagerError, match="newer"):
+        Registry(db_path)
+
+
+def test_persists_across_reopen(db_path: Path, clock: FakeClock) -> None:
+    with Registry(db_path, clock=clock) as registry:
+        registry.create_space("lab")
+        api_token = registry.create_api_token("lab", "ci")
+        join_token = registry.create_join_token("lab")
+        hub = join(registry, "lab", key(1), description="pi", tags=["edge"])
+        registry.mark_connected(hub.id, T0 + 5)
+    with Registry(db_path, clock=clock) as registry:
+        assert [space.name for space in registry.list_spaces()] == ["lab"]
+        assert registry.check_api_token("lab", api_token)
+        again = registry.get_hub(hub.id)
+        assert again.description == "pi"
+        assert again.tags == ("edge",)
+        assert again.last_connected == T0 + 5
+        assert registry.hub_by_key(key(1)).id == hub.id
+        # The unused join token survived too, and is still one-time.
+        registry.redeem_join_token("lab", join_token, key(2))
+        with pytest.raises(TokenUsed):
+            registry.redeem_join_token("lab", join_token, key(3))
+
+
+def test_usable_from_other_threads(registry: Registry, space: str) -> None:
+    # The Trio shell may call through trio.to_thread.run_sync.
+    errors: list[Exception] = []
+
+    def work(n: int) -> None:
+        try:
+            join(registry, space, key(n))
+        except (ManagerError, sqlite3.Error) as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in range(10)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=5)
+    assert not errors
+    assert len(registry.list_hubs(space)) == 10
+
+
+# -- spaces -----------------------------------------------------------------------------------
+
+
+def test_space_crud(registry: Registry, clock: FakeClock) -> None:
+    created = registry.create_space("b-space")
+    registry.create_space("a0")
+    assert created.name == "b-space"
+    assert created.created == T0
+    assert registry.get_space("b-space") == created
+    assert [space.name for space in registry.list_spaces()] == ["a0", "b-space"]
+    assert created.record() == {"id": "b-space", "created": iso_utc(T0)}
+    registry.delete_space("a0")
+    assert [space.name for space in registry.list_spaces()] == ["b-space"]
+    with pytest.raises(SpaceNotFound):
+        registry.get_space("a0")
+    with pytest.raises(SpaceNotFound):
+        registry.delete_space("a0")
+
+
+def test_space_exists(registry: Registry, space: str) -> None:
+    with pytest.raises(Conflict) as info:
+        registry.create_space(space)
+    assert info.value.status == 409
+
+
+@pytest.mark.parametrize("name", ["a", "0", "a-b", "lab-1", "x" * 63, "0-"])
+def test_space_name_ok(registry: Registry, name: str) -> None:
+    assert registry.create_space(name).name == name
+
+
+@pytest.mark.parametrize("name", ["", "-a", "A", "a_b", "a.b", "a b", "x" * 64, "é", "lab\n", "../x"])
+def test_space_name_refused(registry: Registry, name: str) -> None:
+    with pytest.raises(BadRequest) as info:
+        registry.create_space(name)
+    assert info.value.status == 400
+
+
+def test_delete_space_with_hubs(registry: Registry, space: str) -> None:
+    hub = join(registry, space, key(1))
+    with pytest.raises(Conflict):
+        registry.delete_space(space)
+    registry.revoke_hub(hub.id, "retired")
+    registry.delete_space(space)
+    with pytest.raises(HubNotFound):
+        registry.get_hub(hub.id)
+
+
+def test_delete_space_forced_takes_everything(registry: Registry, space: str) -> None:
+    hub = join(registry, space, key(1))
+    token = registry.create_api_token(space)
+    registry.delete_space(space, force=True)
+    with pytest.raises(HubNotFound):
+        registry.hub_by_key(key(1))
+    registry.create_space(space)
+    assert not registry.check_api_token(space, token)
+    assert registry.list_hubs(space) == []
+    # The key is free again.
+    assert join(registry, space, key(1)).public_key == hub.public_key
+
+
+# -- API tokens -------------------------------------------------------------------------------
+
+
+def test_api_token_stored_hashed(registry: Registry, space: str, db_path: Path) -> None:
+    token = registry.create_api_token(space, "ci")
+    assert token.startswith("shk_")
+    assert len(token) > 40
+    raw = sqlite3.connect(db_path)
+    try:
+        rows = raw.execute("SELECT hash, space, description FROM api_tokens").fetchall()
+        dump = "\n".join(raw.iterdump())
+    finally:
+        raw.close()
+    assert rows == [(hashlib.sha256(token.encode()).hexdigest(), space, "ci")]
+    assert token not in dump
+    assert token.removeprefix("shk_") not in dump
+
+
+def test_api_token_check(registry: Registry, space: str) -> None:
+    registry.create_space("other")
+    token = registry.create_api_token(space)
+    assert registry.check_api_token(space, token)
+    assert not registry.check_api_token("other", token)
+    assert not registry.check_api_token("nowhere", token)
+    assert not registry.check_api_token(space, token + "x")
+    assert not registry.check_api_token(space, "")
+    assert not registry.check_api_token(space, "shk_" + "a" * 10_000)
+    assert registry.create_api_token(space) != token
+
+
+def test_api_token_revoke_by_token(registry: Registry, space: str, clock: FakeClock) -> None:
+    token = registry.create_api_token(space, "ci")
+    keep = registry.create_api_token(space, "keep")
+    clock.now += 10
+    revoked = registry.revoke_api_token(space, token)
+    assert revoked.revoked_at == T0 + 10
+    assert not registry.check_api_token(space, token)
+    assert registry.check_api_token(space, keep)
+    # Again: nothing changes.
+    clock.now += 10
+    assert registry.revoke_api_token(space, token).revoked_at == T0 + 10
+
+
+def test_api_token_list_and_revoke_by_id(registry: Registry, space: str, clock: FakeClock) -> None:
+    token = registry.create_api_token(space, "ci")
+    clock.now += 1
+    registry.create_api_token(space, "laptop")
+    listed = registry.list_api_tokens(space)
+    assert [item.description for item in listed] == ["ci", "laptop"]
+    assert all(token not in repr(item) for item in listed)
+    assert listed[0].record() == {"id": listed[0].id, "created": iso_utc(T0), "description": "ci"}
+    registry.revoke_api_token(space, listed[0].id)
+    assert not registry.check_api_token(space, token)
+    assert [item.description for item in registry.list_api_tokens(space)] == ["laptop"]
+    everything = registry.list_api_tokens(space, include_revoked=True)
+    assert [item.revoked for item in everything] == [True, False]
+    assert "revoked" in everything[0].record()
+
+
+def test_api_token_revoke_unknown(registry: Registry, space: str) -> None:
+    registry.create_space("other")
+    other = registry.create_api_token("other")
+    for name in ("shk_nope", "0123456789abcdef", "x", other):
+        with pytest.raises(ApiTokenNotFound):
+            registry.revoke_api_token(space, name)
+    assert registry.check_api_token("other", other)
+
+
+def test_api_token_revoke_all(registry: Registry, space: str) -> None:
+    tokens = [registry.create_api_token(space) for _ in range(3)]
+    registry.revoke_api_token(space, tokens[0])
+    assert registry.revoke_all_api_tokens(space) == 2
+    assert not any(registry.check_api_token(space, token) for token in tokens)
+
+
+def test_api_token_needs_space(registry: Registry) -> None:
+    with pytest.raises(SpaceNotFound):
+        registry.create_api_token("nowhere")
+
+
+# -- join tokens ------------------------------------------------------------------------------
+
+
+def test_join_happy_path(registry: Registry, space: str, clock: FakeClock) -> None:
+    token = registry.create_join_token(space)
+    assert token.startswith("shj_")
+    clock.now += 60
+    hub = registry.redeem_join_token(space, token, key(1), description="rack 3", tags=["pi", "eu"])
+    assert re.fullmatch(r"sth-[0-9a-f]{8}", hub.id)
+    assert hub.space == space
+    assert hub.public_key == key(1)
+    assert hub.description == "rack 3"
+    assert hub.tags == ("pi", "eu")
+    assert hub.created == T0 + 60
+    assert not hub.revoked
+    assert registry.get_hub(hub.id) == hub
+    assert registry.hub_by_key(key(1)) == hub
+    assert registry.list_hubs(space) == [hub]
+
+
+def test_join_token_stored_hashed(registry: Registry, space: str, db_path: Path) -> None:
+    token = registry.create_join_token(space)
+    raw = sqlite3.connect(db_path)
+    try:
+        dump = "\n".join(raw.iterdump())
+    finally:
+        raw.close()
+    assert hashlib.sha256(token.encode()).hexdigest() in dump
+    assert token.removeprefix("shj_") not in dump
+
+
+def test_join_token_expired(registry: Registry, space: str, clock: FakeClock) -> None:
+    token = registry.create_join_token(space, ttl_seconds=60)
+    clock.now += 60
+    with pytest.raises(TokenExpired) as info:
+        registry.redeem_join_token(space, token, key(1))
+    assert isinstance(info.value, JoinRefused)
+    assert info.value.status == 403
+    assert info.value.code == "token-expired"
+    assert "expired" in info.value.message
+    assert registry.list_hubs(space) == []
+
+
+def test_join_token_just_before_expiry(registry: Registry, space: str, clock: FakeClock) -> None:
+    token = registry.create_join_token(space, ttl_seconds=60)
+    clock.now += 59.9
+    registry.redeem_join_token(space, token, key(1))
+
+
+def test_join_token_used_twice(registry: Registry, space: str) -> None:
+    token = registry.create_join_token(space)
+    first = registry.redeem_join_token(space, token, key(1))
+    with pytest.raises(TokenUsed) as info:
+        registry.redeem_join_token(space, token, key(2))
+    assert info.value.code == "token-used"
+    assert first.id in info.value.message
+    with pytest.raises(HubNotFound):
+        registry.hub_by_key(key(2))
+
+
+def test_join_token_unknown(registry: Registry, space: str) -> None:
+    for token in ("shj_nope", "", "x" * 10_000):
+        with pytest.raises(TokenUnknown) as info:
+            registry.redeem_join_token(space, token, key(1))
+        assert info.value.code == "token-unknown"
+        assert info.value.message
+
+
+def test_join_token_wrong_space(registry: Registry, space: str) -> None:
+    registry.create_space("other")
+    token = registry.create_join_token("other")
+    with pytest.raises(TokenUnknown):
+        registry.redeem_join_token(space, token, key(1))
+    # Still good where it belongs.
+    assert registry.redeem_join_token("other", token, key(1)).space == "other"
+
+
+def test_join_key_reuse(registry: Registry, space: str) -> None:
+    join(registry, space, key(1))
+    token = registry.create_join_token(space)
+    with pytest.raises(Conflict):
+        registry.redeem_join_token(space, token, key(1))
+    # The refused join left the token unspent.
+    registry.redeem_join_token(space, token, key(2))
+
+
+def test_join_with_a_revoked_key(registry: Registry, space: str) -> None:
+    hub = join(registry, space, key(1))
+    registry.revoke_hub(hub.id, "stolen")
+    token = registry.create_join_token(space)
+    with pytest.raises(HubRevoked) as info:
+        registry.redeem_join_token(space, token, key(1))
+    assert info.value.code == "hub-revoked"
+
+
+@pytest.mark.parametrize(
+    ("public_key", "description", "tags"),
+    [
+        (b"short", "", ()),
+        (key(1) + b"x", "", ()),
+        (key(1), "x" * 5000, ()),
+        (key(1), "", "pi"),
+        (key(1), "", [""]),
+        (key(1), "", [1]),
+        (key(1), "", ["t"] * 1000),
+    ],
+)
+def test_join_bad_input(
+    registry: Registry, space: str, public_key: bytes, description: str, tags: list[str]
+) -> None:
+    token = registry.create_join_token(space)
+    with pytest.raises(BadRequest):
+        registry.redeem_join_token(space, token, public_key, description, tags)
+    registry.redeem_join_token(space, token, key(9))  # not spent
+
+
+@pytest.mark.parametrize("ttl", [0, -1, 10**9])
+def test_join_token_bad_ttl(registry: Registry, space: str, ttl: float) -> None:
+    with pytest.raises(BadRequest):
+        registry.create_join_token(space, ttl_seconds=ttl)
+
+
+def test_join_token_needs_space(registry: Registry) -> None:
+    with pytest.raises(SpaceNotFound):
+        registry.create_join_token("nowhere")
+
+
+# -- hubs -------------------------------------------------------------------------------------
+
+
+def test_hub_not_found(registry: Registry, space: str) -> None:
+    with pytest.raises(HubNotFound) as info:
+        registry.get_hub("sth-00000000")
+    assert info.value.status == 404
+    with pytest.raises(HubNotFound):
+        registry.hub_by_key(key(1))
+    with pytest.raises(HubNotFound):
+        registry.mark_connected("sth-00000000")
+    with pytest.raises(SpaceNotFound):
+        registry.list_hubs("nowhere")
+
+
+def test_hub_revoke(registry: Registry, space: str, clock: FakeClock) -> None:
+    hub = join(registry, space, key(1))
+    other = join(registry, space, key(2))
+    clock.now += 5
+    revoked = registry.revoke_hub(hub.id, "lost in transit")
+    assert revoked.revoked
+    assert revoked.revoked_at == T0 + 5
+    assert revoked.revoked_reason == "lost in transit"
+    clock.now += 5
+    again = registry.revoke_hub(hub.id, "another reason")
+    assert (again.revoked_at, again.revoked_reason) == (T0 + 5, "lost in transit")
+    assert registry.list_hubs(space, include_revoked=False) == [other]
+    assert len(registry.list_hubs(space)) == 2
+    with pytest.raises(HubRevoked) as info:
+        registry.mark_connected(hub.id)
+    assert "lost in transit" in info.value.message
+    # A revoked hub's link still goes down cleanly.
+    assert registry.mark_disconnected(hub.id).last_disconnected == T0 + 10
+
+
+def test_connected_timestamps_and_record(registry: Registry, space: str, clock: FakeClock) -> None:
+    hub = join(registry, space, key(1), description="pi", tags=["edge"])
+    assert hub.record() == {
+        "id": hub.id,
+        "info": {"created": "2023-11-14T22:13:20.000Z"},
+        "description": "pi",
+        "tags": ["edge"],
+    }
+    clock.now += 1.5
+    connected = registry.mark_connected(hub.id)
+    assert connected.last_connected == T0 + 1.5
+    assert connected.record()["info"] == {
+        "created": "2023-11-14T22:13:20.000Z",
+        "lastConnected": "2023-11-14T22:13:21.500Z",
+    }
+    disconnected = registry.mark_disconnected(hub.id, T0 + 3.25)
+    info = disconnected.record()["info"]
+    assert info["lastDisconnected"] == "2023-11-14T22:13:23.250Z"
+    assert info["lastConnected"] == "2023-11-14T22:13:21.500Z"
+    assert all(ISO_MS_Z.fullmatch(value) for value in info.values())
+
+
+def test_iso_utc() -> None:
+    assert iso_utc(0) == "1970-01-01T00:00:00.000Z"
+    assert iso_utc(T0 + 0.0015) == "2023-11-14T22:13:20.001Z"
+
+
+def test_errors_carry_status() -> None:
+    assert Forbidden().message == "Forbidden"
+    assert Forbidden().status == 403
+    assert ManagerError().status == 500
+    assert TokenExpired("custom").message == "custom"
