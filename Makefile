@@ -4,15 +4,20 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 
-.PHONY: run test lint unit e2e bench clean deb
+.PHONY: run hub test lint unit e2e bench clean deb
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
-## run: install into .venv and start a hub on 127.0.0.1:8000
+## run: install into .venv and start a local Space: a cpm on 127.0.0.1:9000 and
+## one sth on 127.0.0.1:8000 joined to it (state in .local-space/)
 run: $(STAMP)
+	$(BIN)/python -m spacehub.localspace $(ARGS)
+
+## hub: just a hub on 127.0.0.1:8000
+hub: $(STAMP)
 	$(BIN)/sth $(ARGS)
 
 ## test: install test dependencies, lint, type-check and run the whole suite
