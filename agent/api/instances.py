@@ -150,7 +150,10 @@ def register(router: Router, hub: Hub) -> None:
         options = _unwrap_array_body(await request.json(default={}), KILL_CODE)
         if not isinstance(options, dict):
             raise BadRequest("kill options must be an object")
-        await target.kill()
+        remove = options.get("removeImmediately", False)
+        if not isinstance(remove, bool):
+            raise BadRequest("removeImmediately must be true or false")
+        await target.kill(remove_immediately=remove)
         return json_response(target.info(), 202)
 
     router.add("GET", "/instances", list_instances)

@@ -145,6 +145,8 @@ class Instance:
         self._exited = trio.Event()
         self._removed = trio.Event()
         self._kill_requested = trio.Event()
+        #: a kill with removeImmediately: forget the instance as soon as it ended
+        self._remove_now = trio.Event()
         self._first_health = trio.Event()
         self._health: dict[str, Any] = {}
         self._keep_alive_seen = False
@@ -247,7 +249,8 @@ class Instance:
                     await self._exited.wait()
                     # Stragglers the sequence left behind must not outlive it.
                     process.signal_group(signal.SIGKILL)
-                    await trio.sleep(self._config.instance_lifetime)
+                    with trio.move_on_after(self._config.instance_lifetime):
+                        await self._remove_now.wait()
                     nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
@@ -562,9 +565,14 @@ class Instance:
         with trio.move_on_after(self._config.kill_grace + 1):
             await self._exited.wait()
 
-    async def kill(self) -> None:
+    async def kill(self, *, remove_immediately: bool = False) -> None:
         """End the instance: KILL message, SIGTERM to the group, SIGKILL after the
-        grace. A second kill while killing sends SIGKILL at once."""
+        grace. A second kill while killing sends SIGKILL at once. With
+        ``remove_immediately`` the instance is not kept listed once it ended."""
+        if remove_immediately:
+            self._remove_now.set()
+            if not self.is_live:
+                return  # ended already: it is forgotten now, which is all that was asked
         if not self.is_live:
             raise InstanceNotRunning(f"Instance {self.id} is not running (status {self.status.value})")
         if self.status is Status.KILLING:

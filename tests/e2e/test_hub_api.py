@@ -513,3 +513,24 @@ async def test_instances_listing(client: httpx.AsyncClient) -> None:
     assert first in ids and second in ids
     for instance_id in (first, second):
         await client.post(f"/instance/{instance_id}/_kill", json={})
+
+
+async def test_kill_with_remove_immediately(client: httpx.AsyncClient) -> None:
+    sequence_id = await upload(client, python_package(FOREVER))
+    instance_id = await start(client, sequence_id)
+    response = await client.post(f"/instance/{instance_id}/_kill", json={"removeImmediately": True})
+    assert response.status_code == 202
+    with trio.fail_after(15):
+        while (await client.get(f"/instance/{instance_id}")).status_code != 404:
+            await trio.sleep(0.05)
+    assert instance_id not in (await client.get(f"/sequence/{sequence_id}/instances")).json()
+
+
+async def test_remove_immediately_forgets_an_ended_instance(client: httpx.AsyncClient) -> None:
+    instance_id = await start(client, await upload(client, python_package(ARGS)))
+    await wait_status(client, instance_id, "completed")
+    response = await client.post(f"/instance/{instance_id}/_kill", json={"removeImmediately": True})
+    assert response.status_code == 202
+    with trio.fail_after(15):
+        while (await client.get(f"/instance/{instance_id}")).status_code != 404:
+            await trio.sleep(0.05)
