@@ -303,3 +303,17 @@ def test_topic_get_then_send(si: Si) -> None:
     assert si.error("topic", "send", "compat-json", "data.ndjson")["apiStatusCode"] == "415"
     si.run("topic", "send", "compat-json", "data.ndjson", "-t", "application/x-ndjson")
     assert _read_until(reader, '{"b":2}\n') == '{"a":1}\n{"b":2}\n'
+
+
+def test_prune_force(si: Si) -> None:
+    """`seq prune -f` kills every instance with removeImmediately, waits until they
+    vanish, then deletes the sequences: finished instances included."""
+    _send(si)
+    finished = _start(si)
+    si.run("inst", "kill", finished)
+    _wait_ended(si, finished)
+    running = _start(si)
+    si.run("seq", "prune", "-f", timeout=60)
+    assert si.json("seq", "list") == []
+    ids = [i["id"] for i in si.json("inst", "list")]
+    assert finished not in ids and running not in ids
