@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 PY=${PYTHON:-$ROOT/.venv/bin/python}
 [ -x "$PY" ] || PY=python3
+case $PY in */*) PY=$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY") ;; esac  # absolute; keep the venv symlink
 OUT=${DEB_OUT:-$ROOT/build}
 WORK=$ROOT/build/deb
 # Compiled: taken from Debian (python3-cryptography, python3-psutil, python3-cffi-backend).

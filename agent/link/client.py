@@ -24,7 +24,10 @@ runs, following :mod:`agent.link.state`:
    dead link within 20 s; ``close_timeout`` is short so closing it never holds
    the next attempt back.
 4. any failure: ``backoff`` for ``uniform(0, min(cap, base * 2**attempt))``
-   seconds ("full jitter"), then ``connecting`` again, forever. The attempt count
+   seconds ("full jitter"), then ``connecting`` again, forever. The cap is
+   :data:`BACKOFF_CAP`, or :data:`UNREACHABLE_CAP` when the manager could not be
+   reached at all (:func:`is_unreachable`), so the hub is back within seconds of a
+   network cut ending. The attempt count
    starts again once a link stayed up :data:`STABLE_AFTER` seconds, so a link that
    drops after a good run is back within about a second.
 5. ``refused`` (``refused`` with ``retry: false``, ``revoked``, or a local problem
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -99,6 +103,7 @@ __all__ = [
     "LINK_FILE",
     "LINK_PATH",
     "STABLE_AFTER",
+    "UNREACHABLE_CAP",
     "LinkClient",
     "LinkRefused",
     "backoff_delay",
@@ -112,6 +117,10 @@ HEARTBEAT_JITTER: Final = 0.1
 BACKOFF_BASE: Final = 1.0
 #: ... up to this cap.
 BACKOFF_CAP: Final = 60.0
+#: The cap while the manager cannot be reached at all (no route, no answer, the dial timed
+#: out): the network is cut, not the manager overloaded, and the hub must be back within
+#: about 5 s of the network coming back, however long the cut lasted.
+UNREACHABLE_CAP: Final = 3.0
 #: A link up this long resets the backoff.
 STABLE_AFTER: Final = 60.0
 #: Websocket pings: interval and deadline for the pong.
@@ -152,6 +161,34 @@ class _AttemptFailed(Exception):
 def backoff_delay(attempt: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) -> float:
     """Full jitter: a uniform delay in ``[0, min(cap, base * 2**attempt)]``."""
     return random.uniform(0, min(cap, base * 2 ** min(attempt, 62)))
+
+
+#: Dial errors that mean the manager could not be reached (rather than that it answered badly).
+_UNREACHABLE_ERRNOS: Final = frozenset(
+    {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN, errno.ETIMEDOUT}
+)
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether an attempt failed because the manager could not be reached: no route to it,
+    or the dial (TCP, TLS, websocket handshake) timed out. Causes and groups are searched."""
+    seen: set[int] = set()
+    stack: list[BaseException] = [exc]
+    while stack:
+        current = stack.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, TimeoutError) or (
+            isinstance(current, OSError) and current.errno in _UNREACHABLE_ERRNOS
+        ):
+            return True
+        if isinstance(current, BaseExceptionGroup):
+            stack.extend(current.exceptions)
+        for linked in (current.__cause__, current.__context__):
+            if linked is not None:
+                stack.append(linked)
+    return False
 
 
 def _iso(timestamp: float | None) -> str | None:
@@ -218,6 +255,7 @@ class LinkClient:
         heartbeat_jitter: float = HEARTBEAT_JITTER,
         backoff_base: float = BACKOFF_BASE,
         backoff_cap: float = BACKOFF_CAP,
+        unreachable_cap: float = UNREACHABLE_CAP,
         stable_after: float = STABLE_AFTER,
         ping_interval: float = PING_INTERVAL,
         ping_timeout: float = PING_TIMEOUT,
@@ -232,6 +270,7 @@ class LinkClient:
         self.heartbeat_jitter = heartbeat_jitter
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
+        self.unreachable_cap = unreachable_cap
         self.stable_after = stable_after
         self.ping_interval = ping_interval
         self.ping_timeout = ping_timeout
@@ -304,6 +343,7 @@ class LinkClient:
         attempt = 0
         while True:
             connected_at: list[float] = []
+            cap = self.backoff_cap
             try:
                 await self._attempt(connected_at)
                 reason = "the link closed"
@@ -315,13 +355,15 @@ class LinkClient:
                 return
             except Exception as exc:  # noqa: BLE001 - any failure means: back off and try again
                 reason = describe_error(exc)
+                if is_unreachable(exc):
+                    cap = min(cap, self.unreachable_cap)
             if connected_at:
                 self._last_disconnected = time.time()
                 if trio.current_time() - connected_at[0] >= self.stable_after:
                     attempt = 0
             self._fail(reason)
             self._move(LinkTrigger.FAILED)
-            delay = backoff_delay(attempt, self.backoff_base, self.backoff_cap)
+            delay = backoff_delay(attempt, self.backoff_base, cap)
             attempt += 1
             logger.debug("link: next attempt in %.2f s", delay)
             await trio.sleep(delay)

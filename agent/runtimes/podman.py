@@ -67,6 +67,7 @@ RUNNER_PACKAGES: Final = ("spacehub", "scramjet")
 CONTAINER_PID_POLL: Final = 0.05
 #: Seconds the client gets to pass on the container's last output after the container ended.
 CLIENT_DRAIN_GRACE: Final = 2.0
+MEMORY_LIMIT_REASON: Final = "Runner killed: memory limit exceeded"
 _LDD_PATH: Final = re.compile(r"(?:=>\s*)?(/\S+)\s+\(0x")
 
 
@@ -219,6 +220,43 @@ def _runner_packages() -> list[tuple[str, str]]:
 
 
 # ---------------------------------------------------------------------------- the runner
+def _open_oom_counter(pid: int) -> int | None:
+    """An open descriptor on the OOM-kill counter of ``pid``'s memory cgroup
+    (v1 ``memory.oom_control``, v2 ``memory.events``), or None.
+
+    Podman 4.3 with runc on cgroup v1 does not set ``State.OOMKilled`` when the
+    victim is the runner rather than the container's init, so the hub reads the
+    kernel's own counter when the container ends.
+    """
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    candidates = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            candidates.append(f"/sys/fs/cgroup/memory{path}/memory.oom_control")
+        elif controllers == "":
+            candidates.append(f"/sys/fs/cgroup{path}/memory.events")
+    for candidate in candidates:
+        with contextlib.suppress(OSError):
+            return os.open(candidate, os.O_RDONLY)
+    return None
+
+
+def _oom_kills(fd: int) -> int:
+    try:
+        text = os.pread(fd, 4096, 0).decode()
+    except OSError:
+        return 0
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill" and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
 def container_name(hub_id: str, instance_id: str) -> str:
     return f"spacehub-{hub_id}-{instance_id}"
 
@@ -277,11 +315,17 @@ class PodmanRunner(ChannelStreams):
             pidfd = os.pidfd_open(pid)
         except OSError:
             pidfd = None  # already gone
-        if pidfd is not None:
-            try:
+        # Opened while the container lives: its cgroup goes with the container.
+        counter = _open_oom_counter(pid)
+        try:
+            if pidfd is not None:
                 await trio.lowlevel.wait_readable(pidfd)
-            finally:
-                os.close(pidfd)
+            if counter is not None and _oom_kills(counter) > 0:
+                self.exit_reason = MEMORY_LIMIT_REASON
+        finally:
+            for fd in (pidfd, counter):
+                if fd is not None:
+                    os.close(fd)
         await trio.sleep(CLIENT_DRAIN_GRACE)
         self._client_ended = True
         with contextlib.suppress(ProcessLookupError):
@@ -295,7 +339,7 @@ class PodmanRunner(ChannelStreams):
         inspected = await podman("inspect", "--format", "{{.State.OOMKilled}} {{.State.ExitCode}}", self.name)
         fields = inspected.stdout.decode().split() if inspected.returncode == 0 else []
         if fields[:1] == ["true"]:
-            self.exit_reason = "Runner killed: memory limit exceeded"
+            self.exit_reason = MEMORY_LIMIT_REASON
         if self._client_ended and len(fields) == 2 and fields[1].lstrip("-").isdigit():
             code = int(fields[1])
         await podman("rm", "--force", "--time", "0", self.name)

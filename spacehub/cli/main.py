@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import IO, Any, Final, NoReturn
 
 from .. import __version__
-from ..client.pack import pack as pack_directory
 from ..client._calls import DEFAULT_TOPIC_TYPE
 from ..client.errors import ApiError, ClientError, NotFound
 from ..client.hub import HubClient, InstanceClient, ResponseStream
+from ..client.pack import pack as pack_directory
 from ..client.space import ManagerClient, SpaceClient
 from . import config as cfg
 from .output import Progress, format_log, print_json, print_table, print_value

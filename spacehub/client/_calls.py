@@ -72,8 +72,9 @@ def join(base: str, path: str) -> str:
     return f"{base.rstrip('/')}/{path.lstrip('/')}"
 
 
-def long_timeout(timeout: httpx.Timeout) -> httpx.Timeout:
-    return httpx.Timeout(connect=timeout.connect, read=None, write=timeout.write, pool=timeout.pool)
+def long_timeout(timeout: httpx.Timeout, read: float | None = None) -> httpx.Timeout:
+    """``timeout`` for calls that wait: ``read`` (default: none) between two pieces of the answer."""
+    return httpx.Timeout(connect=timeout.connect, read=read, write=timeout.write, pool=timeout.pool)
 
 
 def as_timeout(timeout: float | httpx.Timeout | None) -> httpx.Timeout:

@@ -40,13 +40,17 @@ AsyncBody = Body | AsyncIterable[bytes]
 class _AsyncTransport:
     """Requests relative to one base URL over a shared ``httpx.AsyncClient``."""
 
-    def __init__(self, http: httpx.AsyncClient, base: str, timeout: httpx.Timeout) -> None:
+    def __init__(
+        self, http: httpx.AsyncClient, base: str, timeout: httpx.Timeout, long: httpx.Timeout
+    ) -> None:
         self.http = http
         self.base = base.rstrip("/")
         self.timeout = timeout
+        #: for streams and calls that wait for something to happen
+        self.long = long
 
     def at(self, base: str) -> _AsyncTransport:
-        return _AsyncTransport(self.http, base, self.timeout)
+        return _AsyncTransport(self.http, base, self.timeout, self.long)
 
     def _request(
         self, call: Call, content: Any = None, headers: Mapping[str, str] | None = None
@@ -57,7 +61,7 @@ class _AsyncTransport:
             json=call.json if call.has_json else None,
             content=content,
             headers={**call.headers, **(headers or {})},
-            timeout=calls.long_timeout(self.timeout) if call.long else self.timeout,
+            timeout=self.long if call.long else self.timeout,
         )
 
     async def call(
@@ -222,14 +226,16 @@ def _open_http(
     timeout: float | httpx.Timeout | None,
     verify: ssl.SSLContext | str | bool,
     http: httpx.AsyncClient | None,
+    stream_timeout: float | None = None,
 ) -> tuple[_AsyncTransport, httpx.AsyncClient | None]:
     t = calls.as_timeout(timeout)
+    long = calls.long_timeout(t, stream_timeout)
     owned = None
     if http is None:
         http = owned = httpx.AsyncClient(timeout=t, verify=verify, headers=calls.auth_headers(token))
     elif token:
         http.headers.update(calls.auth_headers(token))
-    return _AsyncTransport(http, url, t), owned
+    return _AsyncTransport(http, url, t, long), owned
 
 
 class _AsyncClosing:
@@ -260,8 +266,9 @@ class AsyncHubClient(_AsyncClosing):
         timeout: float | httpx.Timeout | None = None,
         verify: ssl.SSLContext | str | bool = True,
         http: httpx.AsyncClient | None = None,
+        stream_timeout: float | None = None,
     ) -> None:
-        self._transport, self._owned = _open_http(url, token, timeout, verify, http)
+        self._transport, self._owned = _open_http(url, token, timeout, verify, http, stream_timeout)
 
     @classmethod
     def _over(cls, transport: _AsyncTransport) -> AsyncHubClient:

@@ -36,13 +36,15 @@ __all__ = ["HubClient", "InstanceClient", "ResponseStream", "SequenceClient"]
 class _Transport:
     """Requests relative to one base URL over a shared ``httpx.Client``."""
 
-    def __init__(self, http: httpx.Client, base: str, timeout: httpx.Timeout) -> None:
+    def __init__(self, http: httpx.Client, base: str, timeout: httpx.Timeout, long: httpx.Timeout) -> None:
         self.http = http
         self.base = base.rstrip("/")
         self.timeout = timeout
+        #: for streams and calls that wait for something to happen
+        self.long = long
 
     def at(self, base: str) -> _Transport:
-        return _Transport(self.http, base, self.timeout)
+        return _Transport(self.http, base, self.timeout, self.long)
 
     def _request(
         self, call: Call, content: Any = None, headers: Mapping[str, str] | None = None
@@ -53,7 +55,7 @@ class _Transport:
             json=call.json if call.has_json else None,
             content=content,
             headers={**call.headers, **(headers or {})},
-            timeout=calls.long_timeout(self.timeout) if call.long else self.timeout,
+            timeout=self.long if call.long else self.timeout,
         )
 
     def call(self, call: Call, content: Any = None, headers: Mapping[str, str] | None = None) -> JSONValue:
@@ -192,15 +194,17 @@ def _open_http(
     timeout: float | httpx.Timeout | None,
     verify: ssl.SSLContext | str | bool,
     http: httpx.Client | None,
+    stream_timeout: float | None = None,
 ) -> tuple[_Transport, httpx.Client | None]:
     """The transport, and the ``httpx.Client`` to close if this call made it."""
     t = calls.as_timeout(timeout)
+    long = calls.long_timeout(t, stream_timeout)
     owned = None
     if http is None:
         http = owned = httpx.Client(timeout=t, verify=verify, headers=calls.auth_headers(token))
     elif token:
         http.headers.update(calls.auth_headers(token))
-    return _Transport(http, url, t), owned
+    return _Transport(http, url, t, long), owned
 
 
 class _Closing:
@@ -223,7 +227,9 @@ class _Closing:
 class HubClient(_Closing):
     """A hub's API, e.g. ``HubClient("http://127.0.0.1:8000/api/v1")``.
 
-    ``token`` is sent as ``Authorization: Bearer`` (needed through a Space, not by a hub). Pass
+    ``token`` is sent as ``Authorization: Bearer`` (needed through a Space, not by a hub).
+    ``timeout`` bounds ordinary calls (default 30 s); streams and calls that wait for something
+    (start, stop, health, events) have no read timeout unless ``stream_timeout`` gives one. Pass
     ``http`` to share a configured ``httpx.Client``; otherwise the client opens its own, closed by
     :meth:`close` or by leaving a ``with`` block.
     """
@@ -236,8 +242,9 @@ class HubClient(_Closing):
         timeout: float | httpx.Timeout | None = None,
         verify: ssl.SSLContext | str | bool = True,
         http: httpx.Client | None = None,
+        stream_timeout: float | None = None,
     ) -> None:
-        self._transport, self._owned = _open_http(url, token, timeout, verify, http)
+        self._transport, self._owned = _open_http(url, token, timeout, verify, http, stream_timeout)
 
     @classmethod
     def _over(cls, transport: _Transport) -> HubClient:

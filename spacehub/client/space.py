@@ -37,8 +37,9 @@ class SpaceClient(_Closing):
         timeout: float | httpx.Timeout | None = None,
         verify: ssl.SSLContext | str | bool = True,
         http: httpx.Client | None = None,
+        stream_timeout: float | None = None,
     ) -> None:
-        self._transport, self._owned = _open_sync(url, token, timeout, verify, http)
+        self._transport, self._owned = _open_sync(url, token, timeout, verify, http, stream_timeout)
 
     @classmethod
     def _over(cls, transport: _Transport) -> SpaceClient:
@@ -90,8 +91,9 @@ class ManagerClient(_Closing):
         timeout: float | httpx.Timeout | None = None,
         verify: ssl.SSLContext | str | bool = True,
         http: httpx.Client | None = None,
+        stream_timeout: float | None = None,
     ) -> None:
-        self._transport, self._owned = _open_sync(url, token, timeout, verify, http)
+        self._transport, self._owned = _open_sync(url, token, timeout, verify, http, stream_timeout)
 
     @property
     def url(self) -> str:
@@ -119,8 +121,9 @@ class AsyncSpaceClient(_AsyncClosing):
         timeout: float | httpx.Timeout | None = None,
         verify: ssl.SSLContext | str | bool = True,
         http: httpx.AsyncClient | None = None,
+        stream_timeout: float | None = None,
     ) -> None:
-        self._transport, self._owned = _open_async(url, token, timeout, verify, http)
+        self._transport, self._owned = _open_async(url, token, timeout, verify, http, stream_timeout)
 
     @classmethod
     def _over(cls, transport: _AsyncTransport) -> AsyncSpaceClient:
@@ -168,8 +171,9 @@ class AsyncManagerClient(_AsyncClosing):
         timeout: float | httpx.Timeout | None = None,
         verify: ssl.SSLContext | str | bool = True,
         http: httpx.AsyncClient | None = None,
+        stream_timeout: float | None = None,
     ) -> None:
-        self._transport, self._owned = _open_async(url, token, timeout, verify, http)
+        self._transport, self._owned = _open_async(url, token, timeout, verify, http, stream_timeout)
 
     @property
     def url(self) -> str:
