@@ -39,5 +39,13 @@ e2e: $(STAMP)
 deb: $(STAMP)
 	PYTHON=$(BIN)/python bash packaging/build-deb.sh
 
+## bench: every benchmark (bench/README.md); sizes by env, e.g. `BENCH_MB=64 BENCH_HUBS=50 make bench`;
+## each also runs alone: `.venv/bin/python -m bench.link fleet`
+bench: $(STAMP)
+	$(BIN)/python -m bench.hub
+	$(BIN)/python -m bench.link
+	if [ -f bench/podman_start.py ]; then $(BIN)/python -m bench.podman_start; fi
+	if [ -f bench/link_failure.py ] && [ "$$(id -u)" = 0 ]; then $(BIN)/python -m bench.link_failure; fi
+
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache

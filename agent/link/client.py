@@ -27,9 +27,9 @@ runs, following :mod:`agent.link.state`:
    seconds ("full jitter"), then ``connecting`` again, forever. The cap is
    :data:`BACKOFF_CAP`, or :data:`UNREACHABLE_CAP` when the manager could not be
    reached at all (:func:`is_unreachable`), so the hub is back within seconds of a
-   network cut ending. The attempt count
-   starts again once a link stayed up :data:`STABLE_AFTER` seconds, so a link that
-   drops after a good run is back within about a second.
+   network cut ending. The attempt count starts again once a link stayed up
+   :data:`STABLE_AFTER` seconds, so a link that drops after a good run is back
+   within about a second.
 5. ``refused`` (``refused`` with ``retry: false``, ``revoked``, or a local problem
    no retry can fix, such as no join token and no ``link.json``): no more attempts;
    the reason is logged and shown by ``/status``. The hub goes on working alone.
@@ -121,8 +121,9 @@ BACKOFF_CAP: Final = 60.0
 #: out): the network is cut, not the manager overloaded, and the hub must be back within
 #: about 5 s of the network coming back, however long the cut lasted.
 UNREACHABLE_CAP: Final = 3.0
-#: A link up this long resets the backoff.
-STABLE_AFTER: Final = 60.0
+#: A link up this long resets the backoff (long enough to show that it worked: a manager
+#: that drops hubs right after welcoming them still sees the backoff grow).
+STABLE_AFTER: Final = 10.0
 #: Websocket pings: interval and deadline for the pong.
 PING_INTERVAL: Final = 10.0
 PING_TIMEOUT: Final = 10.0
@@ -288,6 +289,8 @@ class LinkClient:
         self._last_connected: float | None = None
         self._last_disconnected: float | None = None
         self._session: LinkSession | None = None
+        #: trio time the heartbeat being sent started, None between heartbeats
+        self._heartbeat_since: float | None = None
         #: connections made so far (for tests and the log)
         self.connections = 0
 
@@ -487,7 +490,7 @@ class LinkClient:
             interval = welcome.get("heartbeatInterval")
             if isinstance(interval, int | float) and not isinstance(interval, bool) and 1 <= interval <= 600:
                 self.heartbeat_interval = float(interval)
-            await self._serve(transport, connection)
+            await self._serve(transport, connection, websocket.stream)
 
     async def _receive_control(
         self, transport: WebsocketsTransport, connection: LinkConnection
@@ -558,7 +561,9 @@ class LinkClient:
         self._hub_id = hub_id
         return reply
 
-    async def _serve(self, transport: WebsocketsTransport, connection: LinkConnection) -> None:
+    async def _serve(
+        self, transport: WebsocketsTransport, connection: LinkConnection, stream: trio.abc.Stream
+    ) -> None:
         async def on_stream(stream: InboundStream) -> None:
             await serve_asgi(stream, self._app)
 
@@ -576,6 +581,7 @@ class LinkClient:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._heartbeats, session)
+                nursery.start_soon(self._stall_watchdog, stream)
                 try:
                     await session.run()
                 finally:
@@ -599,9 +605,33 @@ class LinkClient:
                 except Exception:
                     logger.exception("link: building the heartbeat failed")
                     load, summary = {}, {}
-                await self._send_heartbeat(session, load, summary)
+                self._heartbeat_since = trio.current_time()
+                try:
+                    await self._send_heartbeat(session, load, summary)
+                finally:
+                    self._heartbeat_since = None
                 jitter = self.heartbeat_jitter
                 await trio.sleep(self.heartbeat_interval * random.uniform(1 - jitter, 1 + jitter))
+
+    async def _stall_watchdog(self, stream: trio.abc.Stream) -> None:
+        """Drop the link once a heartbeat has been stuck in its send for the pong deadline.
+
+        On a dead link the socket's buffer fills (Trio sends only while less than 16 KiB
+        is unsent) and the send blocks, holding the websocket's send lock, so the
+        websocket's keepalive ping, waiting behind it, never times out: without this the
+        hub would not notice the dead link until the kernel gives up (many minutes).
+        The write itself is shielded (a frame is never torn), so closing the stream is
+        what ends it.
+        """
+        while True:
+            await trio.sleep(min(1.0, self.ping_timeout / 4))
+            since = self._heartbeat_since
+            if since is not None and trio.current_time() - since >= self.ping_timeout:
+                logger.warning(
+                    "link: a heartbeat has not gone out for %g s; dropping the link", self.ping_timeout
+                )
+                await trio.aclose_forcefully(stream)
+                return
 
     async def _send_heartbeat(
         self, session: LinkSession, load: dict[str, Any], summary: dict[str, Any]

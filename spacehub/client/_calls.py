@@ -40,7 +40,7 @@ JSONValue = Any
 #: Called as an upload or download goes: ``progress(bytes_done, bytes_total_or_None)``.
 Progress = Callable[[int, "int | None"], None]
 #: What can be uploaded: bytes, text, a path, an open binary file, or an iterable of chunks.
-Body = bytes | bytearray | memoryview | str | os.PathLike[str] | IO[bytes] | Iterable[bytes]
+Body = bytes | bytearray | memoryview | str | os.PathLike[str] | IO[bytes] | Iterable[bytes | str]
 
 _NO_JSON: Final = object()
 

@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Install the _all.deb in a Debian 12 chroot of another architecture under qemu-user
+# and call the hub's API there. By hand, not in CI (minutes per architecture).
+#
+#   bash packaging/qemu-test.sh [arm64|armhf ...]     (default: arm64 armhf)
+#
+# Chroots are cached in build/qemu/<arch> (delete to start over). Do not run this
+# while a privileged systemd container runs: its systemd-binfmt wipes the host's
+# binfmt_misc registrations (docs: /work/shared/platform.md §3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export DEBIAN_FRONTEND=noninteractive
+ARCHES=("${@:-arm64 armhf}")
+[ "$#" -gt 0 ] || ARCHES=(arm64 armhf)
+
+[ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }
+command -v debootstrap >/dev/null && [ -e /usr/bin/qemu-aarch64-static ] || {
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends debootstrap qemu-user-static binfmt-support >/dev/null
+}
+mountpoint -q /proc/sys/fs/binfmt_misc || mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
+update-binfmts --enable >/dev/null 2>&1 || true
+
+ls build/spacehub_*_all.deb >/dev/null 2>&1 || make deb
+DEB=$(ls build/spacehub_*_all.deb | tail -1)
+
+for arch in "${ARCHES[@]}"; do
+  root=$PWD/build/qemu/$arch
+  echo "== $arch"
+  start=$(date +%s)
+  if [ ! -x "$root/usr/bin/apt-get" ]; then
+    rm -rf "$root"; mkdir -p "$root"
+    debootstrap --arch="$arch" --variant=minbase bookworm "$root" >/dev/null
+    echo "   debootstrap: $(($(date +%s) - start)) s"
+  fi
+  cp /etc/resolv.conf "$root/etc/resolv.conf"
+  mountpoint -q "$root/proc" || mount -t proc proc "$root/proc"  # psutil needs /proc
+  trap 'umount "$root/proc" 2>/dev/null || true' EXIT
+  cp "$DEB" "$root/tmp/"
+  start=$(date +%s)
+  chroot "$root" apt-get update -qq
+  chroot "$root" apt-get install -y -qq --no-install-recommends "/tmp/$(basename "$DEB")" curl >/dev/null
+  echo "   install: $(($(date +%s) - start)) s"
+  chroot "$root" /usr/bin/sth --version
+  chroot "$root" /usr/lib/spacehub/venv/bin/python -c \
+    'import platform, cryptography, psutil, trio; print("  ", platform.machine(), "cryptography", cryptography.__version__, "psutil", psutil.__version__, "trio", trio.__version__)'
+  port=18000
+  chroot "$root" setpriv --reuid=spacehub --regid=spacehub --init-groups -- \
+    env HOME=/var/lib/spacehub STATE_DIRECTORY=/var/lib/spacehub /usr/bin/sth -c /etc/spacehub/sth.toml -P $port \
+    > "$root/tmp/sth.log" 2>&1 &
+  pid=$!
+  for _ in $(seq 150); do curl -sf "http://127.0.0.1:$port/api/v1/version" && break; sleep 0.4; done
+  echo
+  kill -TERM "$pid"; wait "$pid" || true
+  grep -q "API on" "$root/tmp/sth.log" || { cat "$root/tmp/sth.log"; exit 1; }
+  chroot "$root" apt-get purge -y -qq spacehub >/dev/null
+  [ ! -e "$root/usr/lib/spacehub" ] && [ ! -e "$root/var/lib/spacehub" ] && ! chroot "$root" getent passwd spacehub \
+    || { echo "purge left files" >&2; exit 1; }
+  umount "$root/proc"; trap - EXIT
+  echo "   $arch: PASS"
+done
