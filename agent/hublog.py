@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any, Final
@@ -77,6 +78,30 @@ class RingHandler(logging.Handler):
         self._ring.append(entry)
 
 
+#: syslog priorities for journald's "<N>" line prefix (sd-daemon(3)).
+_PRIORITIES: Final = {
+    TRACE: 7,
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
+
+
+class _JournalFormatter(logging.Formatter):
+    """Under systemd (stderr is the journal): a priority prefix, no timestamp
+    (journald keeps its own), no colours."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        priority = _PRIORITIES.get(record.levelno, 6)
+        level = _NAMES.get(record.levelno, record.levelname)
+        text = f"<{priority}>{level} {record.name.rsplit('.', 1)[-1]}: {record.getMessage()}"
+        if record.exc_info:
+            text += " | " + self.formatException(record.exc_info).replace("\n", " | ")
+        return text
+
+
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
@@ -101,7 +126,8 @@ def setup_logging(level: str, ring: RecordRing[LogRecordDict] | None = None) -> 
     for handler in list(logger.handlers):
         logger.removeHandler(handler)
     console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(_TextFormatter())
+    # JOURNAL_STREAM names the journal's stream when systemd connected stderr to it.
+    console.setFormatter(_JournalFormatter() if os.environ.get("JOURNAL_STREAM") else _TextFormatter())
     logger.addHandler(console)
     if ring is not None:
         logger.addHandler(RingHandler(ring, trio.lowlevel.current_trio_token()))

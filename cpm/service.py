@@ -19,6 +19,8 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from agent import notify
+
 from . import __version__
 from .api.app import ManagerApp
 from .config import ManagerConfig
@@ -144,6 +146,8 @@ async def run_manager(
             binds: list[str] = await nursery.start(partial(serve, app, _hypercorn_config(config)))
             addresses = [b.split("://", 1)[-1] for b in binds]
             logger.info("API on %s (%s)", ", ".join(addresses), "TLS" if config.tls else "plain HTTP")
+            # systemd (Type=notify): READY=1 now, the watchdog, STOPPING=1 when cancelled.
+            await nursery.start(partial(notify.lifecycle, f"API on {', '.join(addresses)}"))
             task_status.started(addresses)
     finally:
         registry.close()

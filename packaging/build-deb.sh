@@ -21,7 +21,7 @@ WORK=$ROOT/build/deb
 COMPILED="cryptography psutil cffi pycparser"
 
 quiet_pip() { # the machine's pip.conf names local indexes that may be missing: not our problem
-  "$PY" -m pip --disable-pip-version-check "$@" 2> >(grep -v "is ignored: it is neither" >&2)
+  "$PY" -m pip --disable-pip-version-check "$@" 2> >(grep -v "WARNING: Location .* is ignored" >&2)
 }
 
 if [ "${1:-}" = "--requirements" ]; then

@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
-ARCHES=("${@:-arm64 armhf}")
+ARCHES=("$@")
 [ "$#" -gt 0 ] || ARCHES=(arm64 armhf)
 
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 1; }

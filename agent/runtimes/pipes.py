@@ -24,6 +24,8 @@ from spacehub.protocol import runner as proto
 #: mean fewer wake-ups per megabyte. Falls back silently to the default 64 KiB
 #: where the system limit is lower.
 BULK_PIPE_BYTES: Final = 1024 * 1024
+#: OOM score adjustment of every runner: above the hub's (which systemd lowers).
+INSTANCE_OOM_SCORE_ADJ: Final = 200
 _F_SETPIPE_SZ: Final = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 #: (channel, child fd, direction seen from the hub): "w" = hub writes, "r" = hub reads.
@@ -56,6 +58,11 @@ def _child_fd_setup(child_fds: dict[int, int]) -> Callable[[], None]:
     targets = sorted(child_fds)
 
     def setup() -> None:
+        # The hub runs with a protective OOM score (systemd's OOMScoreAdjust); an
+        # instance must be the one the kernel picks first, not share that shield.
+        # Raising the score needs no privilege.
+        with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as score:
+            score.write(str(INSTANCE_OOM_SCORE_ADJ))
         high = [fcntl.fcntl(child_fds[t], fcntl.F_DUPFD, 64) for t in targets]
         for target, source in zip(targets, high, strict=True):
             os.dup2(source, target)  # dup2 leaves the target inheritable
