@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import time
 from functools import partial
 from pathlib import Path
@@ -18,6 +17,8 @@ from typing import Any, cast
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
+
+from spacehub.ids import persistent_id
 
 from . import __version__, limits, notify
 from .api.app import HubApp
@@ -38,18 +39,7 @@ SHUTDOWN_GRACE = 1.0
 
 def _hub_id(root: Path) -> str:
     """The hub's id, made once and kept beside the sequences."""
-    path = root / ".hub-id"
-    try:
-        value = path.read_text().strip()
-        if value:
-            return value
-    except FileNotFoundError:
-        pass
-    value = f"sth-{secrets.token_hex(4)}"
-    tmp = root / f".hub-id.{os.getpid()}"
-    tmp.write_text(value + "\n")
-    os.replace(tmp, path)
-    return value
+    return persistent_id(root / ".hub-id", "sth")
 
 
 class Hub:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 from functools import partial
 from pathlib import Path
 from typing import Any, Final, cast
@@ -20,6 +19,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from agent import notify
+from spacehub.ids import persistent_id
 
 from . import __version__
 from .api.app import ManagerApp
@@ -49,18 +49,7 @@ def open_registry(config: ManagerConfig) -> Registry:
 
 def manager_id(data_dir: Path) -> str:
     """The manager's id, made once and kept in the data dir."""
-    path = data_dir / "manager-id"
-    try:
-        value = path.read_text().strip()
-        if value:
-            return value
-    except FileNotFoundError:
-        pass
-    value = f"cpm-{secrets.token_hex(4)}"
-    tmp = data_dir / f".manager-id.{os.getpid()}"
-    tmp.write_text(value + "\n")
-    os.replace(tmp, path)
-    return value
+    return persistent_id(data_dir / "manager-id", "cpm")
 
 
 class Manager:

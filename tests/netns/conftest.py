@@ -251,7 +251,13 @@ table inet filter {{
 
     def drop_all(self) -> None:
         """A silent blackhole in the router: every forwarded packet dropped (a table of its own)."""
-        rules = "table inet cut { chain forward { type filter hook forward priority -10; policy drop; } }"
+        rules = """
+table inet cut {
+  chain forward {
+    type filter hook forward priority -10; policy drop;
+  }
+}
+"""
         sh("ip", "netns", "exec", self.router, "nft", "-f", "-", input=rules)
 
     def undrop(self) -> None:
