@@ -317,6 +317,11 @@ class Instance:
         for channel in list(self._event_streams):
             channel.close()
         self._event_streams.clear()
+        # The hub's writing ends are of no use to a process that is gone; the
+        # reading ends close as their pumps drain (an ended instance stays listed
+        # for its lifetime without holding pipes).
+        for stream in (process.stdin, process.control, process.input):
+            await trio.aclose_forcefully(stream)
 
     def _exit_reason(self, code: int) -> str:
         if self.status is Status.KILLING:
@@ -364,6 +369,8 @@ class Instance:
             pass
         finally:
             target.close()
+            # Drained: the pipe is not needed while the instance stays listed.
+            await trio.aclose_forcefully(stream)
 
     async def _pump_log(self, stream: trio.abc.ReceiveStream) -> None:
         buffer = bytearray()
@@ -379,6 +386,7 @@ class Instance:
             pass
         if buffer:
             self._append_runner_log(bytes(buffer))
+        await trio.aclose_forcefully(stream)
         # /log readers see the end once the runner's log is drained and the hub
         # has written its own last line about the exit.
         await self._exited.wait()
@@ -421,6 +429,8 @@ class Instance:
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
                 while await stream.receive_some(limits.STREAM_CHUNK_BYTES):
                     pass
+        finally:
+            await trio.aclose_forcefully(stream)
 
     def _handle_runner_message(self, message: proto.Message) -> None:
         code, data = message.code, message.data

@@ -15,6 +15,7 @@ import zlib
 from collections.abc import AsyncIterator
 
 import httpx
+import psutil
 import pytest
 import trio
 
@@ -534,3 +535,15 @@ async def test_remove_immediately_forgets_an_ended_instance(client: httpx.AsyncC
     with trio.fail_after(15):
         while (await client.get(f"/instance/{instance_id}")).status_code != 404:
             await trio.sleep(0.05)
+
+
+async def test_ended_instance_holds_no_pipes(client: httpx.AsyncClient, hub: HubProcess) -> None:
+    hub_process = psutil.Process(hub.process.pid)
+    await client.get("/version")
+    before = hub_process.num_fds()
+    sequence_id = await upload(client, python_package(ARGS))
+    for _ in range(5):
+        await wait_status(client, await start(client, sequence_id), "completed")
+    with trio.fail_after(10):
+        while hub_process.num_fds() > before + 2:  # the instances stay listed, their pipes do not
+            await trio.sleep(0.1)
