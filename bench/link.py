@@ -898,7 +898,9 @@ def bench_soak() -> None:
 
             def instance_pump(size: int) -> float:
                 started = space.post(f"{env.through}/sequence/{sequence_id}/start", json={})
-                started.raise_for_status()
+                if started.status_code != 200:
+                    text = f"{started.status_code} {started.text[:300]}"
+                    raise SystemExit(f"instance start failed: {text}\nhub log:\n{env.hub.tail()}")
                 instance = f"{env.through}/instance/{started.json()['id']}"
                 return pump(space, f"{instance}/input", space, f"{instance}/output", size)
 

@@ -27,9 +27,10 @@ runs, following :mod:`agent.link.state`:
    seconds ("full jitter"), then ``connecting`` again, forever. The cap is
    :data:`BACKOFF_CAP`, or :data:`UNREACHABLE_CAP` when the manager could not be
    reached at all (:func:`is_unreachable`), so the hub is back within seconds of a
-   network cut ending. The attempt count starts again once a link stayed up
-   :data:`STABLE_AFTER` seconds, so a link that drops after a good run is back
-   within about a second.
+   network cut ending; such attempts do not grow the backoff either. The attempt
+   count starts again once a link stayed up :data:`STABLE_AFTER` seconds (a
+   minute), so a link that drops after a good run is back within about a second,
+   while a manager that keeps dropping the hub at once is retried less and less.
 5. ``refused`` (``refused`` with ``retry: false``, ``revoked``, or a local problem
    no retry can fix, such as no join token and no ``link.json``): no more attempts;
    the reason is logged and shown by ``/status``. The hub goes on working alone.
@@ -123,7 +124,7 @@ BACKOFF_CAP: Final = 60.0
 UNREACHABLE_CAP: Final = 3.0
 #: A link up this long resets the backoff (long enough to show that it worked: a manager
 #: that drops hubs right after welcoming them still sees the backoff grow).
-STABLE_AFTER: Final = 10.0
+STABLE_AFTER: Final = 60.0
 #: Websocket pings: interval and deadline for the pong.
 PING_INTERVAL: Final = 10.0
 PING_TIMEOUT: Final = 10.0
@@ -347,6 +348,7 @@ class LinkClient:
         while True:
             connected_at: list[float] = []
             cap = self.backoff_cap
+            unreachable = False
             try:
                 await self._attempt(connected_at)
                 reason = "the link closed"
@@ -358,7 +360,8 @@ class LinkClient:
                 return
             except Exception as exc:  # noqa: BLE001 - any failure means: back off and try again
                 reason = describe_error(exc)
-                if is_unreachable(exc):
+                unreachable = is_unreachable(exc)
+                if unreachable:
                     cap = min(cap, self.unreachable_cap)
             if connected_at:
                 self._last_disconnected = time.time()
@@ -367,7 +370,11 @@ class LinkClient:
             self._fail(reason)
             self._move(LinkTrigger.FAILED)
             delay = backoff_delay(attempt, self.backoff_base, cap)
-            attempt += 1
+            # An unreachable manager costs nobody anything to retry (and its delay is
+            # capped short, so a cut network is rejoined within seconds of coming
+            # back): only attempts that reached the manager grow the backoff.
+            if not unreachable:
+                attempt += 1
             logger.debug("link: next attempt in %.2f s", delay)
             await trio.sleep(delay)
             self._move(LinkTrigger.RETRY)
