@@ -12,7 +12,7 @@ import os
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -25,13 +25,15 @@ from .api.app import HubApp
 from .config import HubConfig
 from .hublog import LogRecordDict, setup_logging
 from .instances.supervisor import Supervisor
-from .link.client import LinkClient
 from .load import load_check
 from .runtimes.base import Runtime
 from .runtimes.podman import PodmanRuntime, make_runtime
 from .sequences.store import SequenceStore
 from .streams import RecordRing
 from .topics import TopicRouter
+
+if TYPE_CHECKING:
+    from .link.client import LinkClient
 
 #: Seconds open HTTP exchanges get to finish when the hub shuts down.
 SHUTDOWN_GRACE = 1.0
@@ -119,6 +121,10 @@ async def run_hub(
         addresses = [b.split("://", 1)[-1] for b in binds]
         logger.info("API on %s", ", ".join(addresses))
         if config.cpm_url:
+            # Imported only when linking: websockets, cryptography and httpx cost a
+            # hub that runs alone about 10 MB.
+            from .link.client import LinkClient
+
             hub.link = LinkClient(config, app, load=hub.link_load, summary=hub.link_summary)
             await nursery.start(hub.link.run)
         # systemd (Type=notify): READY=1 now, the watchdog, STOPPING=1 when cancelled.

@@ -238,7 +238,7 @@ def bench_passthrough() -> None:
 
 def bench_topic() -> None:
     total = TOTAL_MB * MB
-    line = b'{"n":1234567890,"v":"abcdefghijk"}\n'
+    line = b'{"n":1234567890,"v":"abcdefghijkl"}\n'
     assert len(line) == 36
     chunk = line * (256 * 1024 // 36)
 
