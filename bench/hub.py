@@ -145,7 +145,7 @@ def _pump(
         nonlocal received
         with client.stream("GET", get_path, headers=headers) as response:
             ready.set()
-            for chunk in response.iter_bytes(256 * 1024):
+            for chunk in response.iter_raw():
                 got.update(chunk)
                 received += len(chunk)
                 if received >= total:
