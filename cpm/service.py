@@ -35,8 +35,8 @@ logger = logging.getLogger("cpm")
 
 #: Seconds open HTTP exchanges get to finish when the manager shuts down.
 SHUTDOWN_GRACE: Final = 1.0
-#: Largest websocket message a hub may send: one frame (5-byte header + 64 KiB) with room to spare.
-MAX_LINK_MESSAGE: Final = 128 * 1024
+#: Largest websocket message a hub may send: one frame (5-byte header + 256 KiB of DATA) with room to spare.
+MAX_LINK_MESSAGE: Final = 320 * 1024
 #: ASGI messages hypercorn queues for the app per connection; the socket is read no faster.
 APP_QUEUE: Final = 4
 

@@ -139,7 +139,7 @@ def test_many_concurrent_streams_interleaved() -> None:
     rng = random.Random(7)
     manager, hub = pair()
     bodies: dict[int, bytes] = {}
-    for n in range(100):
+    for n in range(MAX_CONCURRENT_STREAMS):
         stream_id, frame = manager.open_stream("GET", f"/s/{n}", [])
         deliver(hub, frame)
         deliver(manager, hub.respond(stream_id, 200, []))
@@ -164,7 +164,7 @@ def test_many_concurrent_streams_interleaved() -> None:
             outgoing.remove(queue)
     assert ended == set(bodies)
     assert {k: bytes(v) for k, v in received.items()} == bodies
-    assert hub.open_streams() == 100  # the manager has not ended its side
+    assert hub.open_streams() == MAX_CONCURRENT_STREAMS  # the manager has not ended its side
     for stream_id in bodies:
         deliver(hub, manager.end_stream(stream_id))
     assert hub.open_streams() == manager.open_streams() == 0
