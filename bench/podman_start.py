@@ -70,7 +70,11 @@ def main() -> None:
     for runtime in runtimes:
         for language, package in languages:
             note = f"podman run /bin/true {baseline['median']} ms" if runtime == "podman" and baseline else ""
-            target = "p50 <= 500 ms" if runtime == "podman" else "p50 <= 60 ms"
+            # The targets of the benchmarks issue: Python 60 ms, Node 100 ms, Podman 300 ms.
+            if runtime == "podman":
+                target = "p50 <= 300 ms"
+            else:
+                target = "p50 <= 60 ms" if language == "Python" else "p50 <= 100 ms"
             rows.append(
                 (
                     f"{runtime}: {language} start -> first output (ms)",
