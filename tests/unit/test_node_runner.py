@@ -26,75 +26,15 @@ from typing import Any
 
 import pytest
 
-from spacehub.protocol.runner import Code, Message, MessageReader, encode, encode_preamble
+from spacehub.protocol.runner import Code, Message, encode, encode_preamble
+from tests.runner_harness import DUP_AND_EXEC, WAIT, Collector, messages
 
 NODE = shutil.which("node")
 pytestmark = pytest.mark.skipif(NODE is None, reason="node is not installed")
 
 PROJECT = Path(__file__).resolve().parents[2]
 RUNNER = PROJECT / "agent" / "runners" / "node" / "runner.js"
-WAIT = 10.0
 INSTANCE_ID = "5b1e0c1f-7d4e-4c0a-9a43-0e8f1f2d3c4b"
-
-# Runs in the child first: moves the pipe ends (inherited at fds >= 100) onto fds 3-7,
-# then becomes node.
-_DUP_AND_EXEC = (
-    "import os, sys\n"
-    "for pair in sys.argv[1].split(','):\n"
-    "    source, target = map(int, pair.split(':'))\n"
-    "    os.dup2(source, target)\n"
-    "    os.close(source)\n"
-    "os.execv(sys.argv[2], sys.argv[2:])\n"
-)
-
-
-class Collector(threading.Thread):
-    """Reads one of the runner's output fds to its end, keeping everything."""
-
-    def __init__(self, fd: int) -> None:
-        super().__init__(daemon=True)
-        self._fd = fd
-        self._data = bytearray()
-        self._eof = False
-        self._cond = threading.Condition()
-        self.start()
-
-    def run(self) -> None:
-        try:
-            while chunk := os.read(self._fd, 65536):
-                with self._cond:
-                    self._data += chunk
-                    self._cond.notify_all()
-        finally:
-            os.close(self._fd)
-            with self._cond:
-                self._eof = True
-                self._cond.notify_all()
-
-    @property
-    def data(self) -> bytes:
-        with self._cond:
-            return bytes(self._data)
-
-    def wait_for(self, predicate: Callable[[bytes], bool], what: str, timeout: float = WAIT) -> bytes:
-        with self._cond:
-            ok = self._cond.wait_for(lambda: predicate(bytes(self._data)) or self._eof, timeout)
-            data = bytes(self._data)
-        if not ok or not predicate(data):
-            raise AssertionError(f"timed out or ended waiting for {what}; got {data[-2000:]!r}")
-        return data
-
-    def wait_eof(self, timeout: float = WAIT) -> bytes:
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._eof, timeout):
-                raise AssertionError(f"no end of stream; got {bytes(self._data)[-2000:]!r}")
-            return bytes(self._data)
-
-
-def _messages(data: bytes) -> list[Message]:
-    reader = MessageReader()
-    reader.receive_data(data[: data.rfind(b"\n") + 1])
-    return list(reader)
 
 
 class NodeInstance:
@@ -138,7 +78,7 @@ class NodeInstance:
         mapping = ",".join(f"{source}:{target}" for target, source in enumerate(high, start=3))
         assert NODE is not None
         self.proc = subprocess.Popen(
-            [sys.executable, "-S", "-c", _DUP_AND_EXEC, mapping, NODE, str(RUNNER)],
+            [sys.executable, "-S", "-c", DUP_AND_EXEC, mapping, NODE, str(RUNNER)],
             stdin=runner_ends[0],
             stdout=runner_ends[1],
             stderr=runner_ends[2],
@@ -186,16 +126,16 @@ class NodeInstance:
     # ---- runner -> hub
 
     def messages(self, code: Code | None = None) -> list[Message]:
-        return [m for m in _messages(self.monitoring.data) if code is None or m.code is code]
+        return [m for m in messages(self.monitoring.data) if code is None or m.code is code]
 
     def wait_message(
         self, code: Code, predicate: Callable[[Message], bool] = lambda m: True, timeout: float = WAIT
     ) -> Message:
         def found(data: bytes) -> bool:
-            return any(m.code is code and predicate(m) for m in _messages(data))
+            return any(m.code is code and predicate(m) for m in messages(data))
 
         data = self.monitoring.wait_for(found, f"message {code.name}", timeout)
-        return next(m for m in _messages(data) if m.code is code and predicate(m))
+        return next(m for m in messages(data) if m.code is code and predicate(m))
 
     def wait_exit(self, timeout: float = WAIT) -> int:
         return self.proc.wait(timeout)

@@ -27,7 +27,8 @@ from typing import Any
 
 import pytest
 
-from spacehub.protocol.runner import Code, Message, MessageReader, encode, encode_preamble
+from spacehub.protocol.runner import Code, Message, encode, encode_preamble
+from tests.runner_harness import DUP_AND_EXEC, WAIT, Collector, messages, write_all
 
 PROJECT = Path(__file__).resolve().parents[2]
 RUNNER = PROJECT / "agent" / "runners" / "python" / "runner.py"
@@ -36,74 +37,7 @@ EXTRA_PATH = os.environ.get("SPACEHUB_TEST_RUNNER_PYTHONPATH", "")
 needs_scramjet = pytest.mark.skipif(
     sys.executable != PYTHON and not EXTRA_PATH, reason="scramjet is installed for the test interpreter only"
 )
-WAIT = 10.0
 INSTANCE_ID = "0f5ac4c8-8b0a-4d43-9a9a-6c1d2e3f4a5b"
-
-# Runs in the child before the runner: moves the pipe ends (inherited at fds >= 100, so
-# nothing collides) onto fds 3-7, then becomes the runner.
-_DUP_AND_EXEC = (
-    "import os, sys\n"
-    "for pair in sys.argv[1].split(','):\n"
-    "    source, target = map(int, pair.split(':'))\n"
-    "    os.dup2(source, target)\n"
-    "    os.close(source)\n"
-    "os.execv(sys.argv[2], sys.argv[2:])\n"
-)
-
-
-class _Collector(threading.Thread):
-    """Reads one of the runner's output fds to its end, keeping everything."""
-
-    def __init__(self, fd: int) -> None:
-        super().__init__(daemon=True)
-        self._fd = fd
-        self._data = bytearray()
-        self._eof = False
-        self._cond = threading.Condition()
-        self.start()
-
-    def run(self) -> None:
-        try:
-            while chunk := os.read(self._fd, 65536):
-                with self._cond:
-                    self._data += chunk
-                    self._cond.notify_all()
-        finally:
-            os.close(self._fd)
-            with self._cond:
-                self._eof = True
-                self._cond.notify_all()
-
-    @property
-    def data(self) -> bytes:
-        with self._cond:
-            return bytes(self._data)
-
-    def wait_for(self, predicate: Callable[[bytes], bool], what: str, timeout: float = WAIT) -> bytes:
-        with self._cond:
-            ok = self._cond.wait_for(lambda: predicate(bytes(self._data)) or self._eof, timeout)
-            data = bytes(self._data)
-        if not ok or not predicate(data):
-            raise AssertionError(f"timed out or ended waiting for {what}; got {data[-2000:]!r}")
-        return data
-
-    def wait_eof(self, timeout: float = WAIT) -> bytes:
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._eof, timeout):
-                raise AssertionError(f"no end of stream; got {bytes(self._data)[-2000:]!r}")
-            return bytes(self._data)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _messages(data: bytes) -> list[Message]:
-    reader = MessageReader()
-    reader.receive_data(data[: data.rfind(b"\n") + 1])
-    return list(reader)
 
 
 class Instance:
@@ -154,7 +88,7 @@ class Instance:
         high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 100) for fd in runner_ends[3:]]
         mapping = ",".join(f"{source}:{target}" for target, source in enumerate(high, start=3))
         self.proc = subprocess.Popen(
-            [sys.executable, "-S", "-c", _DUP_AND_EXEC, mapping, PYTHON, str(RUNNER)],
+            [sys.executable, "-S", "-c", DUP_AND_EXEC, mapping, PYTHON, str(RUNNER)],
             stdin=runner_ends[0],
             stdout=runner_ends[1],
             stderr=runner_ends[2],
@@ -166,11 +100,11 @@ class Instance:
         self._stdin, self._control, self._input = hub_ends[0], hub_ends[3], hub_ends[5]
         self._writers = {self._stdin, self._control, self._input}
         self._stdout_fd = hub_ends[1]
-        self.stdout = _Collector(hub_ends[1]) if drain_stdout else None
-        self.stderr = _Collector(hub_ends[2])
-        self.monitoring = _Collector(hub_ends[4])
-        self.output = _Collector(hub_ends[6])
-        self.log = _Collector(hub_ends[7])
+        self.stdout = Collector(hub_ends[1]) if drain_stdout else None
+        self.stderr = Collector(hub_ends[2])
+        self.monitoring = Collector(hub_ends[4])
+        self.output = Collector(hub_ends[6])
+        self.log = Collector(hub_ends[7])
 
     # ---- hub -> runner
 
@@ -182,10 +116,10 @@ class Instance:
         self.send(Code.PONG, {"appConfig": app_config or {}, "args": args or []})
 
     def write_input(self, data: bytes) -> None:
-        _write_all(self._input, data)
+        write_all(self._input, data)
 
     def write_stdin(self, data: bytes) -> None:
-        _write_all(self._stdin, data)
+        write_all(self._stdin, data)
 
     def close_writer(self, name: str) -> None:
         fd = {"stdin": self._stdin, "control": self._control, "input": self._input}[name]
@@ -196,17 +130,17 @@ class Instance:
     # ---- runner -> hub
 
     def messages(self, code: Code | None = None) -> list[Message]:
-        found = _messages(self.monitoring.data)
+        found = messages(self.monitoring.data)
         return [m for m in found if code is None or m.code is code]
 
     def wait_message(
         self, code: Code, predicate: Callable[[Message], bool] = lambda m: True, timeout: float = WAIT
     ) -> Message:
         def found(data: bytes) -> bool:
-            return any(m.code is code and predicate(m) for m in _messages(data))
+            return any(m.code is code and predicate(m) for m in messages(data))
 
         data = self.monitoring.wait_for(found, f"message {code.name}", timeout)
-        return next(m for m in _messages(data) if m.code is code and predicate(m))
+        return next(m for m in messages(data) if m.code is code and predicate(m))
 
     def wait_exit(self, timeout: float = WAIT) -> int:
         return self.proc.wait(timeout)
