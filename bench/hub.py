@@ -63,13 +63,28 @@ def start(client: httpx.Client, sequence_id: str) -> str:
 
 # ---------------------------------------------------------------------------------------
 def bench_idle() -> None:
+    """The hub alone, and the hub joined to a ``cpm`` over wss (the issue's figure), after 30 s."""
+    from bench.link import linked  # the manager, a Space and a joined hub, as bench.link sets them up
+
+    seconds = float(os.environ.get("BENCH_IDLE_SECONDS", "30"))
     with hub() as h:
-        time.sleep(float(os.environ.get("BENCH_IDLE_SECONDS", "30")))
-        idle = rss_mb(h.process.pid)
+        time.sleep(seconds)
+        alone = rss_mb(h.process.pid)
+    with linked() as (env, _):
+        time.sleep(seconds)
+        joined = rss_mb(env.hub.pid)
     baseline = bare_python_rss()
     report(
         "hub idle",
-        [("hub idle RSS (MB)", round(idle, 1), f"bare python sleep {baseline:.1f} MB", "<= 40 MB")],
+        [
+            (
+                "hub idle RSS, linked to a cpm (MB)",
+                round(joined, 1),
+                f"bare python sleep {baseline:.1f} MB",
+                "<= 40 MB",
+            ),
+            ("hub idle RSS, alone (MB)", round(alone, 1), f"bare python sleep {baseline:.1f} MB", "<= 40 MB"),
+        ],
     )
 
 

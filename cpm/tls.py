@@ -13,8 +13,10 @@ and are reused on later starts, so hubs configured with the CA keep trusting it:
 The certificates carry what Python 3.13's strict X.509 checks (``VERIFY_X509_STRICT``,
 on by default there) demand: a critical BasicConstraints, KeyUsage, SKI on both, AKI
 on the leaf, a SAN with every DNS name and IP (``localhost`` and ``127.0.0.1`` always),
-and EKU serverAuth on the leaf. :func:`client_ssl_context` turns the strict checks on
-under 3.11 and 3.12 too, so every version judges the chain alike.
+and EKU serverAuth on the leaf. :func:`client_ssl_context` turns the strict checks on under
+3.11 and 3.12 too, so every version judges the chain alike. It and :func:`check_ca_fingerprint`
+live in :mod:`spacehub.tls` (standard library only, as the hub imports them) and are
+re-exported here.
 
 How a hub comes to trust the CA
 -------------------------------
@@ -36,7 +38,6 @@ Only APIs that ``cryptography`` 38 (Debian 12) already has are used here.
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import os
 import secrets
@@ -54,6 +55,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cpm.errors import ManagerError
+from spacehub.tls import check_ca_fingerprint, client_ssl_context
 
 __all__ = [
     "TlsFiles",
@@ -139,62 +141,11 @@ def ca_fingerprint(path: Path | str) -> str:
     return _fingerprint(_load_cert(Path(path)))
 
 
-def check_ca_fingerprint(pem_bytes: bytes, fingerprint: str) -> bool:
-    """Whether ``pem_bytes`` is exactly one certificate whose SHA-256 is ``fingerprint``.
-
-    The fingerprint may use any case, with or without colons or spaces. Never raises.
-    """
-    try:
-        if pem_bytes.count(b"-----BEGIN") != 1:
-            return False
-        cert = x509.load_pem_x509_certificate(pem_bytes)
-        wanted = "".join(fingerprint.split()).replace(":", "").upper()
-        return hmac.compare_digest(_fingerprint(cert).replace(":", ""), wanted)
-    except (ValueError, TypeError, AttributeError):
-        return False
-
-
 def server_ssl_context(files: TlsFiles) -> ssl.SSLContext:
     """The manager's server-side context (TLS 1.2 or newer)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(files.server_cert, files.server_key)
-    return context
-
-
-def client_ssl_context(
-    ca_file: Path | str | None = None,
-    fingerprint: str | None = None,
-    *,
-    ca_data: bytes | None = None,
-) -> ssl.SSLContext:
-    """A verifying client context that trusts only the manager's CA.
-
-    Give the CA as ``ca_file`` or ``ca_data`` (PEM). With ``fingerprint`` as well, the
-    CA is checked against it first (``ValueError`` on a mismatch). A fingerprint alone is
-    not enough to verify a connection: fetch the CA first (see the module docstring).
-    Host names are checked; use ``server_hostname`` when connecting by IP or name.
-    """
-    if (ca_file is None) == (ca_data is None):
-        if ca_file is None and fingerprint is not None:
-            raise ValueError(
-                "a fingerprint alone cannot verify the manager: fetch its CA (GET /api/v1/ca.pem), "
-                "check it with check_ca_fingerprint(), then pass it as ca_data"
-            )
-        raise ValueError("give the manager's CA as exactly one of ca_file or ca_data")
-    if fingerprint is not None:
-        pem = _read_small(Path(ca_file)) if ca_file is not None else ca_data
-        if pem is None or not check_ca_fingerprint(pem, fingerprint):
-            raise ValueError("the manager's CA does not match the configured fingerprint")
-    if ca_file is not None:
-        context = ssl.create_default_context(cafile=os.fspath(ca_file))
-    else:
-        assert ca_data is not None
-        # cadata as str is PEM (bytes would mean DER); PEM is ASCII.
-        context = ssl.create_default_context(cadata=ca_data.decode("ascii"))
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    # Python 3.13 sets this by default; set it everywhere so 3.11 refuses what 3.13 would.
-    context.verify_flags |= ssl.VERIFY_X509_STRICT
     return context
 
 

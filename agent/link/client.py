@@ -57,13 +57,10 @@ from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
-import httpx
 import trio
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from websockets.exceptions import InvalidStatus
 from websockets.trio.client import connect
 
-from cpm.tls import check_ca_fingerprint, client_ssl_context
 from spacehub import __version__
 from spacehub.link import (
     ASGIApp,
@@ -74,6 +71,7 @@ from spacehub.link import (
     serve_asgi,
 )
 from spacehub.protocol.auth import (
+    HubKey,
     KeyFileError,
     challenge_payload,
     generate_hub_key,
@@ -90,6 +88,7 @@ from spacehub.protocol.link import (
     LinkConnection,
     LinkError,
 )
+from spacehub.tls import check_ca_fingerprint, client_ssl_context
 
 from ..config import HubConfig, is_loopback
 from .state import LinkState, LinkTrigger, next_state
@@ -282,7 +281,7 @@ class LinkClient:
         self.key_path = self.data_dir / KEY_FILE
         self.link_path = self.data_dir / LINK_FILE
         self.state = LinkState.DISABLED
-        self._key: Ed25519PrivateKey | None = None
+        self._key: HubKey | None = None
         self._hub_id: str | None = None
         self._ca_data: bytes | None = None
         self._last_error: str | None = None
@@ -438,6 +437,8 @@ class LinkClient:
 
     async def _fetch_ca(self, fingerprint: str) -> bytes:
         """The manager's CA, fetched without verification and then checked by its fingerprint."""
+        import httpx  # only here, once per hub: the idle hub does not carry an HTTP client
+
         parts = urlsplit(self._config.cpm_url)
         url = urlunsplit(("https", parts.netloc, "/api/v1/ca.pem", "", ""))
         unverified = ssl.create_default_context()

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from spacehub.protocol import auth
 from spacehub.protocol.auth import (
     CHALLENGE_SIZE,
     PAYLOAD_PREFIX,
@@ -44,7 +46,7 @@ def test_public_key_is_raw_32_bytes() -> None:
     key = generate_hub_key()
     raw = public_key_bytes(key)
     assert len(raw) == 32
-    assert public_key_bytes(key.public_key()) == raw
+    assert key.public_bytes() == raw
     assert public_key_bytes(generate_hub_key()) != raw
 
 
@@ -163,3 +165,106 @@ def test_refuses_what_is_not_an_ed25519_key(tmp_path: Path) -> None:
         load_private_key(ec_key)
     with pytest.raises(FileNotFoundError):
         load_private_key(tmp_path / "missing.key")
+
+
+# -- the hub's signing backends ----------------------------------------------------------
+
+
+def test_the_hub_signs_through_libcrypto_here() -> None:
+    """On Debian (and any CPython linked to a shared OpenSSL) the hub needs no ``cryptography``."""
+    assert auth.loaded_libcrypto() is not None
+    assert isinstance(auth._backend(), auth.LibcryptoEd25519)
+
+
+@pytest.mark.parametrize("backend", ["libcrypto", "cryptography"])
+def test_backends_pass_rfc8032_and_agree_with_cryptography(backend: str) -> None:
+    path = auth.loaded_libcrypto()
+    assert path is not None
+    chosen: auth.Ed25519Backend = (
+        auth.LibcryptoEd25519(path) if backend == "libcrypto" else auth.CryptographyEd25519()
+    )
+    assert auth.passes_known_answer(chosen)
+    for size in (0, 1, 63, 64, 65, 1000, 70_000):
+        seed, message = os.urandom(32), os.urandom(size)
+        reference = Ed25519PrivateKey.from_private_bytes(seed)
+        # Ed25519 is deterministic: the same key and message give the same signature everywhere.
+        assert chosen.sign(seed, message) == reference.sign(message)
+        assert chosen.public_key(seed) == public_key_bytes(reference)
+        assert verify_challenge(chosen.public_key(seed), message, chosen.sign(seed, message))
+
+
+def test_a_backend_that_answers_wrong_fails_the_known_answer_test() -> None:
+    class Wrong:
+        def public_key(self, seed: bytes) -> bytes:
+            return bytes(32)
+
+        def sign(self, seed: bytes, payload: bytes) -> bytes:
+            return bytes(64)
+
+    class Broken:
+        def public_key(self, seed: bytes) -> bytes:
+            raise RuntimeError("libcrypto refused the Ed25519 key")
+
+        def sign(self, seed: bytes, payload: bytes) -> bytes:
+            raise RuntimeError("unreachable")
+
+    assert not auth.passes_known_answer(Wrong())
+    assert not auth.passes_known_answer(Broken())
+
+
+def test_without_libcrypto_the_hub_falls_back_to_cryptography(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(auth, "_backend_in_use", None)
+    monkeypatch.setattr(auth, "loaded_libcrypto", lambda: None)
+    key = generate_hub_key()
+    assert isinstance(auth._backend(), auth.CryptographyEd25519)
+    payload = challenge_payload(make_challenge(), HUB, SPACE)
+    assert verify_challenge(public_key_bytes(key), payload, sign_challenge(key, payload))
+
+
+def test_a_missing_libcrypto_file_falls_back(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(auth, "_backend_in_use", None)
+    monkeypatch.setattr(auth, "loaded_libcrypto", lambda: str(tmp_path / "libcrypto.so.3"))
+    assert isinstance(auth._backend(), auth.CryptographyEd25519)
+
+
+def test_key_file_is_what_cryptography_writes_and_reads(tmp_path: Path) -> None:
+    reference = Ed25519PrivateKey.generate()
+    pem = reference.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    seed = reference.private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+    )
+    assert auth.HubKey(seed).pem() == pem
+    path = tmp_path / "hub.key"
+    path.write_bytes(pem)
+    path.chmod(0o600)
+    assert load_private_key(path).public_bytes() == public_key_bytes(reference)
+    ours = generate_hub_key()
+    save_private_key(ours, path)
+    loaded = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    assert isinstance(loaded, Ed25519PrivateKey)
+    assert public_key_bytes(loaded) == ours.public_bytes()
+
+
+def test_a_key_file_in_another_pkcs8_form_is_read_through_cryptography(tmp_path: Path) -> None:
+    """A PEM that is not byte-for-byte our form (here: wrapped at 16 columns) still loads."""
+    reference = Ed25519PrivateKey.generate()
+    pem = reference.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    lines = pem.splitlines()
+    body = b"".join(lines[1:-1])
+    rewrapped = (
+        b"\n".join([lines[0], *(body[i : i + 16] for i in range(0, len(body), 16)), lines[-1]]) + b"\n"
+    )
+    path = tmp_path / "hub.key"
+    path.write_bytes(rewrapped)
+    path.chmod(0o600)
+    assert load_private_key(path).public_bytes() == public_key_bytes(reference)
+
+
+def test_hub_key_checks_its_seed_and_hides_it() -> None:
+    with pytest.raises(ValueError, match="32 bytes"):
+        auth.HubKey(b"short")
+    assert "secret" in repr(generate_hub_key())
