@@ -22,6 +22,7 @@ from spacehub.ids import persistent_id
 
 from . import __version__, limits, notify
 from .api.app import HubApp
+from .api.http import tune_hypercorn
 from .config import HubConfig
 from .hublog import LogRecordDict, setup_logging
 from .instances.supervisor import Supervisor
@@ -100,7 +101,8 @@ def _hypercorn_config(config: HubConfig, logger: logging.Logger) -> HypercornCon
     hconfig.graceful_timeout = SHUTDOWN_GRACE
     hconfig.include_server_header = False
     # Request bodies are read only as fast as the hub consumes them.
-    hconfig.max_app_queue_size = 4
+    hconfig.max_app_queue_size = limits.HTTP_APP_QUEUE_MESSAGES
+    tune_hypercorn()
     return hconfig
 
 

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import hypercorn.trio.tcp_server
 import trio
 
 from .. import limits
@@ -29,6 +30,20 @@ Send = Callable[[Message], Awaitable[None]]
 logger = logging.getLogger("agent.api")
 
 JSON_TYPES: Final = frozenset({"application/json", "text/json"})
+
+
+def tune_hypercorn(read_bytes: int = limits.SOCKET_READ_BYTES) -> None:
+    """Make hypercorn's Trio server read sockets ``read_bytes`` at a time.
+
+    hypercorn (0.18, pinned) reads 64 KiB per ``receive_some`` from a module constant,
+    with no setting for it; every read then goes through h11, the stream and the app's
+    queue. Streaming 1 GB in, that per-read cost was about a third of the hub's CPU.
+    The constant is read on every call, so setting it once before serving is enough;
+    the request queue (``max_app_queue_size``) still bounds what is read ahead.
+    """
+    if not isinstance(getattr(hypercorn.trio.tcp_server, "MAX_RECV", None), int):
+        raise RuntimeError("hypercorn.trio.tcp_server.MAX_RECV is gone: check the pinned hypercorn version")
+    hypercorn.trio.tcp_server.MAX_RECV = read_bytes
 
 
 class Request:
