@@ -19,6 +19,7 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from agent import notify
+from agent.api.http import tune_hypercorn
 from spacehub.ids import persistent_id
 
 from . import __version__
@@ -112,6 +113,8 @@ def _hypercorn_config(config: ManagerConfig) -> HypercornConfig:
     hconfig.include_server_header = False
     hconfig.max_app_queue_size = APP_QUEUE
     hconfig.websocket_max_message_size = MAX_LINK_MESSAGE
+    # 256 KiB socket reads: each read is a pass through TLS, wsproto/h11 and the app's queue.
+    tune_hypercorn()
     if config.tls:
         if config.tls_cert is not None and config.tls_key is not None:
             hconfig.certfile, hconfig.keyfile = str(config.tls_cert), str(config.tls_key)
