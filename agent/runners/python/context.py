@@ -33,59 +33,122 @@ point; 22 failed on start; 23 failed during execution.
 
 from __future__ import annotations
 
-import codecs
-import contextlib
-import importlib.util
-import inspect
-import json
-import logging
-import os
-import signal
-import stat
+import importlib
 import sys
-import threading
-import time
-import traceback
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
-from importlib.machinery import ModuleSpec
-from types import ModuleType
+from types import CoroutineType, GeneratorType, ModuleType
 from typing import Any, Final, NoReturn
 
-try:
-    from spacehub.protocol.runner import (
-        FD_CONTROL,
-        FD_INPUT,
-        FD_LOG,
-        FD_MONITORING,
-        FD_OUTPUT,
-        FD_STDERR,
-        FD_STDIN,
-        FD_STDOUT,
-        MAX_PREAMBLE_BYTES,
-        Code,
-        Message,
-        MessageReader,
-        PreambleReader,
-        ProtocolError,
-        encode,
-    )
-except ImportError as _exc:  # pragma: no cover - only when the hub forgot PYTHONPATH
-    sys.stderr.write(f"spacehub runner: cannot import spacehub.protocol.runner ({_exc}); check PYTHONPATH\n")
-    raise SystemExit(20) from None
 
-# asyncio imports ssl only to offer TLS, and loading OpenSSL costs ~4.5 MB of RSS in every
-# instance although few sequences use TLS. So ssl is hidden while asyncio loads (asyncio
-# then sets its ``ssl`` globals to None, as on a Python built without ssl) and handed to
-# asyncio by _AsyncioSslFinder as soon as anything imports ssl.
+class _StandIn(ModuleType):
+    """Takes the place of a module while the runner loads (see _STAND_INS).
+
+    The first attribute asked of it that it does not have imports the real module, which
+    then replaces it in every module that imported it meanwhile.
+    """
+
+    def __init__(self, name: str, **constants: int) -> None:
+        super().__init__(name)
+        vars(self).update(constants)
+        #: the namespaces that hold this stand-in under its module's name
+        self._spacehub_holders: list[dict[str, Any]] = []
+
+    def __getattr__(self, attr: str) -> Any:
+        name = self.__name__
+        if sys.modules.get(name) is self:  # asked for while the runner loads
+            del sys.modules[name]
+        module = importlib.import_module(name)
+        for namespace in self._spacehub_holders:
+            if namespace.get(name) is self:
+                namespace[name] = module
+        return getattr(module, attr)
+
+
+# Every instance loads asyncio, and what asyncio imports costs RSS in each of them, although
+# an idle instance (like most) uses only part of it. So while the runner's modules load:
+# - ssl is hidden: asyncio imports it only to offer TLS, and loading OpenSSL costs ~4.5 MB.
+#   asyncio then sets its ``ssl`` globals to None, as on a Python built without ssl, and
+#   _AsyncioSslFinder hands ssl to it as soon as anything imports ssl.
+# - modules that asyncio, dataclasses, traceback and socket import but use only on rare
+#   paths are _StandIn objects, loaded on first use (~1.5 MB in all): inspect, with ast
+#   and dis (asyncio's debug mode, ensure_future of an awaitable that is no coroutine, a
+#   dataclass without docstring; the runner avoids it on its common paths), subprocess
+#   (asyncio's subprocesses; asyncio reads only these constants, subprocess's own values,
+#   when it loads), tokenize (linecache reading a source line for a traceback), textwrap
+#   (the traceback of an exception group) and array (socket.send_fds/recv_fds).
 _DEFER_SSL: Final = "ssl" not in sys.modules
-if _DEFER_SSL:
-    sys.modules["ssl"] = None  # type: ignore[assignment]
-try:
-    import asyncio
-finally:
+_STAND_INS: Final = {
+    name: _StandIn(name, **constants)
+    for name, constants in (
+        ("inspect", {}),
+        ("subprocess", {"PIPE": -1, "STDOUT": -2, "DEVNULL": -3}),
+        ("tokenize", {}),
+        ("textwrap", {}),
+        ("array", {}),
+    )
+    if name not in sys.modules
+}
+
+
+def _end_loading() -> None:
+    """The runner's modules are loaded: ssl and the stand-ins leave sys.modules, so that
+    importing one of them from now on loads the real module."""
     if _DEFER_SSL:
         del sys.modules["ssl"]
+    for name, stand_in in _STAND_INS.items():
+        if sys.modules.get(name) is stand_in:
+            del sys.modules[name]
+        stand_in._spacehub_holders = [
+            vars(module)
+            for module in list(sys.modules.values())
+            if type(module) is ModuleType and vars(module).get(name) is stand_in
+        ]
+
+
+if _DEFER_SSL:
+    sys.modules["ssl"] = None  # type: ignore[assignment]
+sys.modules.update(_STAND_INS)
+try:
+    import asyncio
+    import codecs
+    import contextlib
+    import importlib.util
+    import json
+    import logging
+    import os
+    import signal
+    import stat
+    import threading
+    import time
+    import traceback
+    from collections import deque
+    from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Mapping, Sequence
+    from importlib.machinery import ModuleSpec
+
+    try:
+        from spacehub.protocol.runner import (
+            FD_CONTROL,
+            FD_INPUT,
+            FD_LOG,
+            FD_MONITORING,
+            FD_OUTPUT,
+            FD_STDERR,
+            FD_STDIN,
+            FD_STDOUT,
+            MAX_PREAMBLE_BYTES,
+            Code,
+            Message,
+            MessageReader,
+            PreambleReader,
+            ProtocolError,
+            encode,
+        )
+    except ImportError as _exc:  # pragma: no cover - only when the hub forgot PYTHONPATH
+        sys.stderr.write(
+            f"spacehub runner: cannot import spacehub.protocol.runner ({_exc}); check PYTHONPATH\n"
+        )
+        raise SystemExit(20) from None
+finally:
+    _end_loading()
 
 
 def _hand_ssl_to_asyncio(ssl: ModuleType) -> None:
@@ -349,6 +412,19 @@ def _resolve_main(sequence_dir: str, main: str) -> str | None:
 # --------------------------------------------------------------------------- small helpers
 
 
+#: inspect.CO_ITERABLE_COROUTINE: a generator made awaitable by types.coroutine.
+_CO_ITERABLE_COROUTINE: Final = 0x100
+
+
+def _isawaitable(value: Any) -> bool:
+    """``inspect.isawaitable`` (which this is a copy of) without importing inspect."""
+    return (
+        isinstance(value, CoroutineType)
+        or (isinstance(value, GeneratorType) and bool(value.gi_code.co_flags & _CO_ITERABLE_COROUTINE))
+        or isinstance(value, Awaitable)
+    )
+
+
 async def _await(awaitable: Awaitable[Any]) -> Any:
     """A coroutine around any awaitable (run_coroutine_threadsafe takes coroutines only)."""
     return await awaitable
@@ -361,6 +437,8 @@ def _call_flexible(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
     runner passes (``lambda: ...`` as a stop handler), so trailing arguments are dropped
     rather than failing with a TypeError.
     """
+    import inspect  # here: see _STAND_INS
+
     try:
         signature = inspect.signature(fn)
     except (TypeError, ValueError):
@@ -710,7 +788,7 @@ class _TransformSource(_Source):
 
     async def _apply(self, item: Any) -> Any:
         result = self._func(item, *self._args)
-        if inspect.isawaitable(result):
+        if _isawaitable(result):
             result = await result
         if self._kind is _MAP:
             if result is None:
@@ -824,6 +902,8 @@ def _scramjet_input(stream_cls: Any, drop: Any, source: _InputSource) -> Any:
             return await super().read()
 
         def _spacehub_transform(self, kind: str, func: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+            import inspect  # here: see _STAND_INS
+
             if not self._direct() or inspect.iscoroutinefunction(func):
                 return None
             assert self._spacehub_source is not None
@@ -1397,7 +1477,7 @@ class _Runner:
         except Exception as exc:  # noqa: BLE001 - a failing handler is reported, never fatal
             self._log_failure(what, exc)
             return None
-        if not inspect.isawaitable(result):
+        if not _isawaitable(result):
             return None
         assert self.loop is not None
         try:
@@ -1467,7 +1547,7 @@ class _Runner:
             return True
         try:
             result = check()
-            if inspect.isawaitable(result):
+            if _isawaitable(result):
                 assert self.loop is not None
                 future = asyncio.run_coroutine_threadsafe(_await(result), self.loop)
                 try:
@@ -1560,8 +1640,8 @@ class _Runner:
             raise
         self._result = result
         asyncio.get_running_loop().call_soon(self._pang_at_first_yield, timer)
-        if not _is_async_iterable(result) and inspect.isawaitable(result):
-            while not _is_async_iterable(result) and inspect.isawaitable(result):
+        if not _is_async_iterable(result) and _isawaitable(result):
+            while not _is_async_iterable(result) and _isawaitable(result):
                 result = await result
             # The awaited value may declare topics too; PANG again only if that changes them.
             self._result = result
