@@ -42,6 +42,7 @@ from spacehub.link.session import LinkClosed
 from ..errors import Forbidden, ManagerError
 from ..link.transport import AsgiWebSocketTransport
 from . import space as space_routes
+from .tokens import DatabaseVersion, TokenCache
 
 if TYPE_CHECKING:
     from ..service import Manager
@@ -103,6 +104,14 @@ class ManagerApp:
     def __init__(self, manager: Manager) -> None:
         self._manager = manager
         self._router = build_router(manager)
+        registry = manager.registry
+
+        async def check(space: str, token: str) -> bool:
+            return await trio.to_thread.run_sync(registry.check_api_token, space, token)
+
+        # An in-memory registry has no file another connection could watch: no caching then.
+        version = DatabaseVersion(registry.path) if registry.path != ":memory:" else (lambda: None)
+        self._tokens = TokenCache(check, version, trio.current_time)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -156,8 +165,7 @@ class ManagerApp:
         if space_match is not None:
             space = space_match.group(1)
             token = _bearer(request)
-            registry = self._manager.registry
-            if token is None or not await trio.to_thread.run_sync(registry.check_api_token, space, token):
+            if token is None or not await self._tokens.allows(space, token):
                 raise Forbidden()
             raw_path: bytes = scope.get("raw_path") or path.encode()
             proxied = space_routes.PROXY_PATH.match(raw_path)

@@ -72,12 +72,15 @@ def register(router: Router, manager: Manager) -> None:
 
 async def proxy(manager: Manager, request: Request, send: Send, space: str, hub_id: str, rest: str) -> None:
     """Forward to hub ``hub_id`` of ``space`` as ``/api/v1<rest>`` with the same query string."""
-    hub = await manager.sessions.db(manager.registry.get_hub, hub_id)
-    if hub.space != space:
-        raise HubNotFound(f"hub {hub_id!r} not found")
     session = manager.sessions.live(hub_id)
     if session is None:
+        # Not connected: the registry tells "no such hub here" (404) from "offline" (503).
+        hub = await manager.sessions.db(manager.registry.get_hub, hub_id)
+        if hub.space != space:
+            raise HubNotFound(f"hub {hub_id!r} not found")
         raise HubUnavailable(f"Hub {hub_id} is not connected")
+    if session.space != space:  # a live link was authenticated for its space: no registry trip
+        raise HubNotFound(f"hub {hub_id!r} not found")
     target = f"/api/v1{rest}"
     query = request.scope.get("query_string", b"")
     if query:
