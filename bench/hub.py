@@ -8,6 +8,7 @@ BENCH_MB=256 .venv/bin/python bench/hub.py passthrough
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -20,7 +21,7 @@ import httpx
 import psutil
 
 from bench.common import hub, report, summary
-from tests.helpers import python_package
+from tests.helpers import make_package, python_package
 
 MB = 1024 * 1024
 TOTAL_MB = int(os.environ.get("BENCH_MB", "1024"))
@@ -31,6 +32,11 @@ IDLE = "import asyncio\nasync def run(context, input, *args):\n    await asyncio
 IDENTITY_BYTES = (
     "provides = {'provides': '', 'contentType': 'application/octet-stream'}\n"
     "async def run(context, input, *args):\n    async for chunk in input:\n        yield chunk\n"
+)
+#: A Node.js identity: the input stream is returned as the output.
+NODE_IDENTITY_PACKAGE = make_package(
+    {"index.js": "module.exports = function (input) { return input; };\n"},
+    package_json={"name": "bench-node-identity", "version": "1.0.0", "main": "index.js"},
 )
 IDENTITY_TEXT = "async def run(context, input, *args):\n    async for line in input:\n        yield line\n"
 
@@ -49,8 +55,10 @@ def bare_python_rss() -> float:
         process.wait()
 
 
-def upload(client: httpx.Client, source: str) -> str:
-    response = client.post("/sequence", content=python_package(source))
+def upload(client: httpx.Client, source: str | bytes) -> str:
+    """Upload a Python sequence given as its main.py source, or a ready package (bytes)."""
+    package = source if isinstance(source, bytes) else python_package(source)
+    response = client.post("/sequence", content=package)
     response.raise_for_status()
     return str(response.json()["id"])
 
@@ -239,7 +247,7 @@ def bench_passthrough() -> None:
         no_instance, _, _ = _pump(client, "/topic/base", "/topic/base", _blocks(total), total, octet)
         cat = cat_pipe_mbps(total)
         baseline = f"cat {cat:.0f}; HTTP no instance {no_instance:.0f}"
-        for label, source, body, headers, size, target in (
+        cases: list[tuple[str, str | bytes, Callable[[], Iterator[bytes]], dict[str, str], int, str]] = [
             ("Python bytes (MB/s)", IDENTITY_BYTES, _blocks(total), octet, total, ">= 300"),
             (
                 "Python text, 76-byte lines (MB/s)",
@@ -249,7 +257,10 @@ def bench_passthrough() -> None:
                 (total // 4) // (256 * 1024 // 76 * 76) * (256 * 1024 // 76 * 76),
                 ">= 20",
             ),
-        ):
+        ]
+        if shutil.which("node"):
+            cases.append(("Node bytes (MB/s)", NODE_IDENTITY_PACKAGE, _blocks(total), octet, total, ">= 300"))
+        for label, source, body, headers, size, target in cases:
             results = []
             for _ in range(max(1, RUNS // 2)):
                 instance_id = start(client, upload(client, source))
