@@ -498,6 +498,30 @@ class Registry:
             ).fetchall()
         return [_hub(row) for row in rows]
 
+    def hub_standing(self) -> dict[str, tuple[str, str | None]]:
+        """Every hub's space and revocation: ``{id: (space, reason)}``, ``reason`` None unless revoked.
+
+        A revoked hub's reason is ``""`` if none was given. One narrow scan, no parsing: the
+        manager calls it only when :meth:`data_version` says another process wrote the file.
+        """
+        with self._transaction() as db:
+            rows = db.execute("SELECT id, space, revoked_at, revoked_reason FROM hubs").fetchall()
+        return {
+            row["id"]: (row["space"], None if row["revoked_at"] is None else row["revoked_reason"] or "")
+            for row in rows
+        }
+
+    def data_version(self) -> int:
+        """SQLite's ``PRAGMA data_version`` of this registry's connection.
+
+        It changes when *another* connection (another process, e.g. ``cpm hub revoke``)
+        commits to the file, never for this connection's own writes, so a running manager
+        can tell, without reading a table, whether anyone else changed the registry.
+        """
+        with self._lock:
+            (version,) = self._db.execute("PRAGMA data_version").fetchone()
+        return int(version)
+
     def revoke_hub(self, hub_id: str, reason: str) -> Hub:
         """Revoke a hub's key for good; revoking again keeps the first time and reason.
 

@@ -13,20 +13,31 @@ tasks live in the task hypercorn runs the websocket in, and end with it):
    or ``refused`` with a stable code and close with 4403. All of it within
    :data:`HANDSHAKE_TIMEOUT`.
 2. **Session**: a :class:`~spacehub.link.session.LinkSession` runs the link; its
-   control messages land in :meth:`HubSession.on_control` (heartbeats keep the
-   last load and summary; pongs answer our pings). A second link of the same hub
-   replaces the first, which is closed.
+   control messages are handled in place by :meth:`HubSession.on_control`
+   (heartbeats keep the last load and summary in the hub's :class:`HubReport`;
+   pongs answer our pings), so a link costs no task beyond the one hypercorn
+   runs it in. A second link of the same hub replaces the first, which is closed.
 3. **Liveness**: the manager sends ``{"type": "ping"}`` every ``ping_interval`` and
    closes a link whose pong is more than ``pong_timeout`` late (an ASGI websocket
-   gives the app no ping deadline of its own). A hub is *healthy* while its link
-   is up and its last heartbeat (or the connection, before the first one) is at
-   most ``missed_heartbeats * heartbeat_interval`` old.
+   gives the app no ping deadline of its own). One scheduler task does this for
+   every link, from a heap of due times; each ping is sent by a short task of its
+   own, so a hub that stopped reading delays nobody else. A hub is *healthy*
+   while its link is up and its last heartbeat (or the connection, before the
+   first one) is at most ``missed_heartbeats * heartbeat_interval`` old.
 4. **Watchdog**: logs health changes and closes the links of hubs revoked in the
-   registry meanwhile (``cpm hub revoke`` writes the SQLite file directly).
+   registry meanwhile (``cpm hub revoke`` writes the SQLite file directly). The
+   registry is read only when another process has written it (SQLite's
+   ``PRAGMA data_version``), so an idle fleet costs no periodic scan of it.
+
+Idle links are the common case (thousands per manager), so what a link keeps
+is small: health and ping state live in memory and reach SQLite only when a link
+comes up or goes down; the last load is kept as compact JSON, and an empty
+summary as one shared empty mapping.
 
 When a link ends, the registry records ``lastDisconnected`` (unless a newer link
-of the same hub took over); the hub's last summary stays in memory, so its
-instances are still listed, as ``unknown``, never killed.
+of the same hub took over); the hub's last :class:`HubReport` stays in memory
+(not the link itself), so its instances are still listed, as ``unknown``, never
+killed.
 
 The proxy (:func:`forward`) carries one HTTP request into the hub over a new
 stream: the request body goes up while the response comes down, each direction
@@ -39,13 +50,17 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import heapq
+import itertools
+import json
 import logging
+import math
 import sqlite3
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 import trio
 
@@ -70,7 +85,7 @@ from ..errors import (
 from ..registry import Hub, Registry, iso_utc
 from .transport import CLOSE_INTERNAL, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_PROTOCOL, AsgiWebSocketTransport
 
-__all__ = ["HANDSHAKE_TIMEOUT", "HubSession", "HubSessions", "forward"]
+__all__ = ["HANDSHAKE_TIMEOUT", "HubReport", "HubSession", "HubSessions", "forward"]
 
 logger = logging.getLogger("cpm.link")
 T = TypeVar("T")
@@ -81,6 +96,8 @@ HANDSHAKE_TIMEOUT: Final = 10.0
 WATCHDOG_INTERVAL: Final = 2.0
 #: Seconds a refusal or a revocation notice gets to leave before the link is closed.
 NOTICE_TIMEOUT: Final = 2.0
+#: The parts of a heartbeat's summary the Space API shows.
+SUMMARY_KINDS: Final = ("sequences", "instances", "topics")
 #: Request headers never forwarded to a hub: hop-by-hop ones, and the caller's
 #: credentials for the manager (the hub trusts its link, not the caller).
 DROP_REQUEST_HEADERS: Final = frozenset(
@@ -113,66 +130,93 @@ class _Refusal(Exception):
         self.reason = reason
 
 
-@dataclass(eq=False)
-class HubSession:
-    """One connected hub (and, after it leaves, what it last told us)."""
+#: The items of a summary that lists nothing; shared by every such hub, never changed.
+_NO_ITEMS: Final[dict[str, list[dict[str, Any]]]] = {}
+
+
+def _summary_items(summary: dict[str, Any]) -> dict[str, list[dict[str, Any]]]:
+    """The summary's non-empty ``sequences``, ``instances`` and ``topics`` (objects only)."""
+    items: dict[str, list[dict[str, Any]]] = {}
+    for kind in SUMMARY_KINDS:
+        values = summary.get(kind)
+        if isinstance(values, list):
+            kept = [item for item in values if isinstance(item, dict)]
+            if kept:
+                items[kind] = kept
+    return items or _NO_ITEMS
+
+
+@dataclass(eq=False, slots=True)
+class HubReport:
+    """What a hub last told this manager; kept after its link ends, until it links again."""
 
     hub_id: str
     space: str
-    link: LinkSession
-    transport: AsgiWebSocketTransport
-    #: trio clock, for health; wall clock for records
-    connected_at: float
     version: str = ""
+    #: trio clock, for health; wall clock for records
     last_heartbeat: float | None = None
     last_heartbeat_wall: float | None = None
-    load: dict[str, Any] | None = None
-    summary: dict[str, Any] = field(default_factory=dict)
+    #: the last heartbeat's load, as compact JSON (a parsed one is ~2 KB per hub)
+    load_json: str | None = None
+    summary_items: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: _NO_ITEMS)
+
+    @property
+    def load(self) -> dict[str, Any] | None:
+        return None if self.load_json is None else cast(dict[str, Any], json.loads(self.load_json))
+
+    def items(self, kind: str) -> list[dict[str, Any]]:
+        """The last summary's ``sequences``, ``instances`` or ``topics`` (objects only)."""
+        return self.summary_items.get(kind, [])
+
+    def heartbeat(self, message: dict[str, Any]) -> None:
+        self.last_heartbeat = trio.current_time()
+        self.last_heartbeat_wall = time.time()
+        load = message.get("load")
+        if isinstance(load, dict):
+            self.load_json = json.dumps(load, separators=(",", ":"))
+        summary = message.get("summary")
+        if isinstance(summary, dict):
+            self.summary_items = _summary_items(summary)
+
+
+@dataclass(eq=False, slots=True)
+class HubSession:
+    """One connected hub: its link, its report, and the state of our pings."""
+
+    hub_id: str
+    space: str
+    transport: AsgiWebSocketTransport
+    #: trio clock
+    connected_at: float
+    report: HubReport
+    link: LinkSession = field(init=False)
     connected: bool = True
     was_healthy: bool = True
     cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    _ping_nonce: int = 0
-    _pong: trio.Event = field(default_factory=trio.Event)
+    #: the nonce of the last ping sent
+    ping_nonce: int = 0
+    #: trio time the last ping's pong is due by; inf while that ping is being sent; None once answered
+    pong_due: float | None = None
+    #: trio time the next ping is due
+    next_ping: float = 0.0
 
     def healthy(self, now: float, window: float) -> bool:
         if not self.connected:
             return False
-        since = self.last_heartbeat if self.last_heartbeat is not None else self.connected_at
+        last = self.report.last_heartbeat
+        since = last if last is not None else self.connected_at
         return now - since <= window
 
-    def items(self, kind: str) -> list[dict[str, Any]]:
-        """The last summary's ``sequences``, ``instances`` or ``topics`` (objects only)."""
-        values = self.summary.get(kind)
-        if not isinstance(values, list):
-            return []
-        return [item for item in values if isinstance(item, dict)]
-
-    async def on_control(self, message: dict[str, Any]) -> None:
+    def on_control(self, message: dict[str, Any]) -> None:
+        """A control message from the hub, handled in the link's read loop (never waits)."""
         kind = message.get("type")
         if kind == "heartbeat":
-            self.last_heartbeat = trio.current_time()
-            self.last_heartbeat_wall = time.time()
-            load = message.get("load")
-            if isinstance(load, dict):
-                self.load = load
-            summary = message.get("summary")
-            if isinstance(summary, dict):
-                self.summary = summary
+            self.report.heartbeat(message)
         elif kind == "pong":
-            if message.get("nonce") == self._ping_nonce:
-                self._pong.set()
+            if message.get("nonce") == self.ping_nonce:
+                self.pong_due = None
         else:
             logger.debug("hub %s: control message %r ignored", self.hub_id, kind)
-
-    async def ping(self, timeout: float) -> bool:
-        """Send a ping; whether its pong came back within ``timeout`` seconds."""
-        self._ping_nonce += 1
-        self._pong = trio.Event()
-        await self.link.send_control({"type": "ping", "nonce": self._ping_nonce})
-        with trio.move_on_after(timeout):
-            await self._pong.wait()
-            return True
-        return False
 
     async def close(
         self, reason: str, notice: dict[str, Any] | None = None, code: int = CLOSE_NORMAL
@@ -196,8 +240,14 @@ class HubSessions:
         self.config = config
         self.manager_id = manager_id
         self._live: dict[str, HubSession] = {}
-        #: the latest session of every hub seen since start, live or not
-        self._last: dict[str, HubSession] = {}
+        #: the latest report of every hub seen since start, live or not
+        self._last: dict[str, HubReport] = {}
+        #: (due time, tie-breaker, session): when the scheduler next looks at a session's pings
+        self._due: list[tuple[float, int, HubSession]] = []
+        self._order = itertools.count()
+        self._wakeup = trio.Event()
+        #: the registry's PRAGMA data_version when the watchdog last read the hubs
+        self._seen_version: int | None = None
 
     @property
     def health_window(self) -> float:
@@ -242,13 +292,14 @@ class HubSessions:
         """
         items: list[dict[str, Any]] = []
         for hub_id in sorted(self._last):
-            session = self._last[hub_id]
-            if session.space != space or hub_id not in hubs:
+            report = self._last[hub_id]
+            if report.space != space or hub_id not in hubs:
                 continue
-            connected = self._live.get(hub_id) is session
+            live = self._live.get(hub_id)
+            connected = live is not None and live.report is report
             if not connected and kind != "instances":
                 continue
-            for item in session.items(kind):
+            for item in report.items(kind):
                 entry = {**item, "hub": hub_id}
                 if not connected:
                     entry["status"] = "unknown"
@@ -385,32 +436,19 @@ class HubSessions:
     async def _run_session(
         self, hub: Hub, version: str, connection: LinkConnection, transport: AsgiWebSocketTransport
     ) -> None:
-        session: HubSession | None = None
-
-        async def on_control(message: dict[str, Any]) -> None:
-            assert session is not None
-            await session.on_control(message)
-
-        link = LinkSession(connection, transport, on_control=on_control)
-        session = HubSession(hub.id, hub.space, link, transport, trio.current_time(), version=version)
+        now = trio.current_time()
+        session = HubSession(hub.id, hub.space, transport, now, HubReport(hub.id, hub.space, version))
+        link = session.link = LinkSession(connection, transport, on_control_nowait=session.on_control)
         old = self._live.get(hub.id)
         self._live[hub.id] = session
-        self._last[hub.id] = session
+        self._last[hub.id] = session.report
+        self._schedule(session, now)  # the first ping goes out at once
         logger.info("hub %s connected (space %s, sth %s)", hub.id, hub.space, version or "?")
         try:
             if old is not None:
                 await old.close("replaced by a newer link of the same hub")
             with session.cancel_scope:
-                async with trio.open_nursery() as nursery:
-
-                    async def run_link() -> None:
-                        try:
-                            await link.run()
-                        finally:
-                            nursery.cancel_scope.cancel()
-
-                    nursery.start_soon(run_link)
-                    nursery.start_soon(self._ping_loop, session)
+                await link.run()
         finally:
             session.connected = False
             with trio.CancelScope(shield=True):
@@ -425,56 +463,112 @@ class HubSessions:
                         except (sqlite3.Error, ManagerError) as exc:
                             logger.error("cannot record that hub %s disconnected: %s", hub.id, exc)
 
-    async def _ping_loop(self, session: HubSession) -> None:
-        while True:
-            started = trio.current_time()
-            try:
-                answered = await session.ping(self.config.pong_timeout)
-            except (LinkClosed, LinkError):
-                return
-            if not answered:
-                await session.close(f"no pong within {self.config.pong_timeout:g} s")
-                return
-            await trio.sleep_until(started + self.config.ping_interval)
+    # -- pings --------------------------------------------------------------------------------
+
+    def _schedule(self, session: HubSession, when: float) -> None:
+        """Have the scheduler look at ``session`` at trio time ``when``."""
+        head = self._due[0][0] if self._due else math.inf
+        heapq.heappush(self._due, (when, next(self._order), session))
+        if when < head:
+            self._wakeup.set()
+
+    async def _run_pings(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Ping every live link every ``ping_interval``; close those whose pong is late."""
+        async with trio.open_nursery() as nursery:
+            task_status.started()
+            while True:
+                now = trio.current_time()
+                while self._due and self._due[0][0] <= now:
+                    _, _, session = heapq.heappop(self._due)
+                    if self._live.get(session.hub_id) is not session:
+                        continue  # that link has ended; its entries just run out
+                    if session.pong_due is not None:
+                        if now >= session.pong_due:
+                            session.pong_due = None  # closed once
+                            reason = f"no pong within {self.config.pong_timeout:g} s"
+                            nursery.start_soon(self._close_late, session, reason)
+                    elif now >= session.next_ping:
+                        session.ping_nonce += 1
+                        session.pong_due = math.inf  # the deadline starts once the ping has left
+                        session.next_ping = now + self.config.ping_interval
+                        self._schedule(session, session.next_ping)
+                        nursery.start_soon(self._ping, session, session.ping_nonce)
+                self._wakeup = trio.Event()
+                with trio.move_on_at(self._due[0][0] if self._due else math.inf):
+                    await self._wakeup.wait()
+
+    # These two run in the scheduler's nursery: a failure must end one link, never the manager.
+
+    async def _ping(self, session: HubSession, nonce: int) -> None:
+        try:
+            await session.link.send_control({"type": "ping", "nonce": nonce})
+        except (LinkClosed, LinkError):
+            return  # the link is ending; its session task finds out why
+        except Exception:
+            logger.exception("cannot ping hub %s; closing its link", session.hub_id)
+            session.link.close()
+            return
+        if session.ping_nonce == nonce and session.pong_due is not None:  # not answered yet
+            session.pong_due = trio.current_time() + self.config.pong_timeout
+            self._schedule(session, session.pong_due)
+
+    async def _close_late(self, session: HubSession, reason: str) -> None:
+        try:
+            await session.close(reason)
+        except Exception:
+            logger.exception("cannot close the link of hub %s cleanly", session.hub_id)
+            session.link.close()
+            session.cancel_scope.cancel()
 
     # -- the watchdog -----------------------------------------------------------------------
 
     async def run_watchdog(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Every :data:`WATCHDOG_INTERVAL`: log health changes, close revoked hubs' links."""
-        task_status.started()
-        while True:
-            await trio.sleep(WATCHDOG_INTERVAL)
-            now = trio.current_time()
-            for session in list(self._live.values()):
-                healthy = session.healthy(now, self.health_window)
-                if healthy != session.was_healthy:
-                    session.was_healthy = healthy
-                    if healthy:
-                        logger.info("hub %s is healthy again", session.hub_id)
-                    else:
-                        logger.warning(
-                            "hub %s is unhealthy: no heartbeat for %g s", session.hub_id, self.health_window
-                        )
-            await self._close_revoked()
+        """Ping the links; every :data:`WATCHDOG_INTERVAL`: log health changes, close revoked hubs' links."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._run_pings)
+            self._seen_version = await self.db(self.registry.data_version)
+            task_status.started()
+            while True:
+                await trio.sleep(WATCHDOG_INTERVAL)
+                now = trio.current_time()
+                for session in list(self._live.values()):
+                    healthy = session.healthy(now, self.health_window)
+                    if healthy != session.was_healthy:
+                        session.was_healthy = healthy
+                        if healthy:
+                            logger.info("hub %s is healthy again", session.hub_id)
+                        else:
+                            logger.warning(
+                                "hub %s is unhealthy: no heartbeat for %g s",
+                                session.hub_id,
+                                self.health_window,
+                            )
+                await self._close_revoked()
+
+    def _hub_standing_if_changed(self) -> tuple[int, dict[str, tuple[str, str | None]] | None]:
+        """The registry's data version, and every hub's standing if another process wrote since."""
+        version = self.registry.data_version()
+        if version == self._seen_version:
+            return version, None
+        return version, self.registry.hub_standing()
 
     async def _close_revoked(self) -> None:
-        for space in sorted({session.space for session in self._live.values()}):
-            try:
-                hubs = await self.db(self.registry.list_hubs, space)
-            except SpaceNotFound:
-                hubs = []
-            except (sqlite3.Error, ManagerError) as exc:
-                logger.error("cannot check space %s for revoked hubs: %s", space, exc)
+        try:
+            version, standing = await self.db(self._hub_standing_if_changed)
+        except (sqlite3.Error, ManagerError) as exc:
+            logger.error("cannot check the registry for revoked hubs: %s", exc)
+            return
+        self._seen_version = version
+        if standing is None:
+            return
+        for session in list(self._live.values()):
+            space, revoked_reason = standing.get(session.hub_id, (None, None))
+            if space == session.space and revoked_reason is None:
                 continue
-            allowed = {hub.id for hub in hubs if not hub.revoked}
-            reasons = {hub.id: hub.revoked_reason or "" for hub in hubs}
-            for session in list(self._live.values()):
-                if session.space == space and session.hub_id not in allowed:
-                    reason = reasons.get(session.hub_id) or "the hub was removed"
-                    self._last.pop(session.hub_id, None)
-                    await session.close(
-                        f"revoked: {reason}", {"type": "revoked", "reason": reason}, code=CLOSE_POLICY
-                    )
+            reason = revoked_reason or "the hub was removed"
+            self._last.pop(session.hub_id, None)
+            notice = {"type": "revoked", "reason": reason}
+            await session.close(f"revoked: {reason}", notice, code=CLOSE_POLICY)
 
 
 def _b64(value: object, name: str) -> bytes:

@@ -17,7 +17,10 @@ events *synchronously*, so the read loop never waits for a stream's consumer:
 * control messages go into a bounded channel read by one task that awaits
   ``on_control`` for each, in order. If the handler falls
   :data:`CONTROL_QUEUE` messages behind, the link is closed rather than letting
-  a slow handler stall stream data (or memory grow);
+  a slow handler stall stream data (or memory grow). A handler that never
+  waits may be given as ``on_control_nowait`` instead: the read loop calls it
+  in place, and the session keeps no channel and no task for control messages
+  (the manager does so: it holds thousands of idle links);
 * each stream the peer opens runs ``on_stream`` in its own task, in a nursery the
   session owns.
 
@@ -314,9 +317,9 @@ class LinkSession:
 
     ``run()`` returns normally when the transport ends, when :meth:`close` is
     called, or when the peer breaks the protocol (the reason is in
-    :attr:`close_reason`); an exception raised by ``on_control`` ends the session
-    and is re-raised by ``run()``. An exception raised by ``on_stream`` is logged
-    and its stream reset.
+    :attr:`close_reason`); an exception raised by ``on_control`` (or
+    ``on_control_nowait``) ends the session and is re-raised by ``run()``. An
+    exception raised by ``on_stream`` is logged and its stream reset.
     """
 
     def __init__(
@@ -326,17 +329,25 @@ class LinkSession:
         *,
         on_stream: Callable[[InboundStream], Awaitable[None]] | None = None,
         on_control: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
+        on_control_nowait: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
+        if on_control is not None and on_control_nowait is not None:
+            raise ValueError("give on_control or on_control_nowait, not both")
         self._connection = connection
         self._transport = transport
         self._on_stream = on_stream
         self._on_control = on_control
+        self._on_control_nowait = on_control_nowait
         self._send_lock = trio.Lock()
         self._streams: dict[int, _Stream] = {}
         self._scope = trio.CancelScope()
         self._closed = False
         self._running = False
-        self._control_send, self._control_receive = trio.open_memory_channel[dict[str, Any]](CONTROL_QUEUE)
+        self._control_send: trio.MemorySendChannel[dict[str, Any]] | None = None
+        self._control_receive: trio.MemoryReceiveChannel[dict[str, Any]] | None = None
+        if on_control_nowait is None:
+            channel = trio.open_memory_channel[dict[str, Any]](CONTROL_QUEUE)
+            self._control_send, self._control_receive = channel
         self._control_error: BaseException | None = None
         #: why the session ended (None while it runs)
         self.close_reason: str | None = None
@@ -361,7 +372,8 @@ class LinkSession:
         with self._scope:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
-                nursery.start_soon(self._control_loop)
+                if self._control_receive is not None:
+                    nursery.start_soon(self._control_loop, self._control_receive)
                 task_status.started()
                 try:
                     if not self._closed:
@@ -386,7 +398,8 @@ class LinkSession:
         streams, self._streams = self._streams, {}
         for stream in streams.values():
             stream._fail(LinkClosed(f"the link closed: {self.close_reason}"))
-        self._control_send.close()
+        if self._control_send is not None:
+            self._control_send.close()
 
     async def _read_loop(self, nursery: trio.Nursery) -> None:
         while True:
@@ -414,7 +427,13 @@ class LinkSession:
     def _dispatch(self, event: object, nursery: trio.Nursery) -> list[bytes]:
         """Hand one event on without waiting; returns frames to send (a refusal's RESET)."""
         match event:
-            case ControlReceived(message=message):
+            case ControlReceived(message=message) if self._on_control_nowait is not None:
+                try:
+                    self._on_control_nowait(message)
+                except Exception as exc:  # noqa: BLE001 - re-raised by run()
+                    self._control_error = exc
+                    self._end(f"control handler failed: {exc!r}")
+            case ControlReceived(message=message) if self._control_send is not None:
                 try:
                     self._control_send.send_nowait(message)
                 except trio.WouldBlock:
@@ -451,9 +470,9 @@ class LinkSession:
                     stream._notify()
         return []
 
-    async def _control_loop(self) -> None:
-        async with self._control_receive:
-            async for message in self._control_receive:
+    async def _control_loop(self, receive: trio.MemoryReceiveChannel[dict[str, Any]]) -> None:
+        async with receive:
+            async for message in receive:
                 if self._on_control is None:
                     continue
                 try:

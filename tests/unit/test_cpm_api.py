@@ -24,6 +24,7 @@ from websockets.trio.client import connect
 
 from cpm import __version__
 from cpm.config import ConfigError, ManagerConfig, load_config
+from cpm.link.sessions import HubReport
 from cpm.registry import Registry
 from cpm.service import run_manager
 from spacehub.link import LinkClosed, LinkSession, WebsocketsTransport, serve_asgi
@@ -316,6 +317,13 @@ async def test_join_heartbeat_proxy_and_aggregates(tmp_path: Path) -> None:
                 assert record["description"] == "test hub"
                 assert record["tags"] == ["a"]
                 assert "lastConnected" in record["info"]
+                assert record["load"] == {
+                    "avgLoad": 0.1,
+                    "currentLoad": 1,
+                    "memFree": 1,
+                    "memUsed": 1,
+                    "fsSize": [],
+                }
 
                 response = await client.get(f"{base}/sth/{hub_id}/api/v1/version?x=1", headers=headers)
                 assert response.status_code == 200
@@ -456,3 +464,18 @@ async def test_a_stalled_reader_holds_back_only_its_stream(tmp_path: Path) -> No
                 record = await hub_record(client, m.token, hub_id)
                 assert record["healthy"] is True
                 assert record["isConnectionActive"] is True
+
+
+async def test_a_hub_report_keeps_heartbeats_compact() -> None:
+    # Thousands of idle hubs: the load is kept as JSON, an empty summary as one shared mapping.
+    a, b = HubReport("sth-1", "demo"), HubReport("sth-2", "demo")
+    load = {"avgLoad": 0.5, "fsSize": [{"fs": "/dev/sda1", "use": 40.0}]}
+    for report in (a, b):
+        report.heartbeat({"type": "heartbeat", "load": load, "summary": {"sequences": [], "topics": []}})
+    assert a.load == load
+    assert a.summary_items is b.summary_items
+    assert a.items("instances") == []
+    a.heartbeat({"type": "heartbeat", "summary": {"instances": [{"id": "i"}, "junk"], "topics": "junk"}})
+    assert a.items("instances") == [{"id": "i"}]
+    assert a.items("topics") == []
+    assert a.load == load  # a heartbeat without a load keeps the last one

@@ -484,3 +484,31 @@ def test_errors_carry_status() -> None:
     assert Forbidden().status == 403
     assert ManagerError().status == 500
     assert TokenExpired("custom").message == "custom"
+
+
+def test_data_version_moves_only_for_other_connections(
+    registry: Registry, space: str, db_path: Path, clock: FakeClock
+) -> None:
+    # The running manager polls this instead of scanning the hubs: its own writes (connects,
+    # disconnects) must not look like a change, another process's (cpm hub revoke) must.
+    hub = join(registry, space, key(1))
+    before = registry.data_version()
+    registry.mark_connected(hub.id)
+    registry.mark_disconnected(hub.id)
+    assert registry.data_version() == before
+    with Registry(db_path, clock=clock) as admin:
+        admin.revoke_hub(hub.id, "stolen")
+    assert registry.data_version() != before
+
+
+def test_hub_standing(registry: Registry, space: str) -> None:
+    kept = join(registry, space, key(1))
+    stolen = join(registry, space, key(2))
+    silent = join(registry, space, key(3))
+    registry.revoke_hub(stolen.id, "stolen")
+    registry.revoke_hub(silent.id, "")
+    assert registry.hub_standing() == {
+        kept.id: (space, None),
+        stolen.id: (space, "stolen"),
+        silent.id: (space, ""),
+    }

@@ -392,3 +392,47 @@ async def test_serve_asgi_tells_the_app_about_a_reset() -> None:
             await stream.reset("client went away")
             await trio.testing.wait_all_tasks_blocked()
     assert DISCONNECTS == ["http.request", "http.disconnect"]
+
+
+async def test_on_control_nowait_is_called_in_order_without_a_control_task() -> None:
+    seen: list[dict[str, Any]] = []
+    a, b = memory_transport_pair()
+    manager = LinkSession(LinkConnection("manager"), a, on_control_nowait=seen.append)
+    hub = LinkSession(LinkConnection("hub"), b)
+    assert manager._control_send is None  # no channel kept for an idle link
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(manager.run)
+            await nursery.start(hub.run)
+            for n in range(3):
+                await hub.send_control({"type": "heartbeat", "n": n})
+            await trio.testing.wait_all_tasks_blocked()
+            assert [message["n"] for message in seen] == [0, 1, 2]
+            manager.close()
+            hub.close()
+
+
+async def test_on_control_nowait_error_ends_the_session_and_is_raised() -> None:
+    def on_control(message: dict[str, Any]) -> None:
+        raise ValueError(message["reason"])
+
+    a, b = memory_transport_pair()
+    manager = LinkSession(LinkConnection("manager"), a, on_control_nowait=on_control)
+    hub = LinkSession(LinkConnection("hub"), b)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(hub.run)
+            await hub.send_control({"type": "x", "reason": "bye"})
+            with pytest.raises(ValueError, match="bye"):
+                await manager.run()
+    assert manager.closed
+
+
+def test_on_control_and_on_control_nowait_exclude_each_other() -> None:
+    a, _ = memory_transport_pair()
+
+    async def on_control(message: dict[str, Any]) -> None:
+        pass
+
+    with pytest.raises(ValueError):
+        LinkSession(LinkConnection("manager"), a, on_control=on_control, on_control_nowait=print)
