@@ -541,7 +541,7 @@ async def _sim_hub(
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from websockets.trio.client import connect
 
-    from agent.link.client import CLOSE_TIMEOUT, MAX_MESSAGE, PING_INTERVAL, PING_TIMEOUT
+    from agent.link.client import CLOSE_TIMEOUT, MAX_MESSAGE
     from spacehub.link import WebsocketsTransport
     from spacehub.protocol.auth import challenge_payload, public_key_bytes, sign_challenge
     from spacehub.protocol.link import ControlReceived, LinkConnection
@@ -566,8 +566,7 @@ async def _sim_hub(
                         connect(
                             config["url"] + "/api/v1/link",
                             ssl=context,
-                            ping_interval=PING_INTERVAL,
-                            ping_timeout=PING_TIMEOUT,
+                            ping_interval=None,  # as LinkClient: the manager's pings prove the link
                             close_timeout=CLOSE_TIMEOUT,
                             open_timeout=30,
                             max_size=MAX_MESSAGE,

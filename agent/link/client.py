@@ -19,10 +19,14 @@ runs, following :mod:`agent.link.state`:
    manager opens is served by the hub's own ASGI app in-process
    (:func:`~spacehub.link.serve_asgi`, ``/api/v1/`` only); control pings are
    answered; a heartbeat (load-check and summary) goes out at once and then every
-   :data:`HEARTBEAT_INTERVAL` ± :data:`HEARTBEAT_JITTER`. The websocket's own
-   pings (every :data:`PING_INTERVAL`, :data:`PING_TIMEOUT` deadline) notice a
-   dead link within 20 s; ``close_timeout`` is short so closing it never holds
-   the next attempt back.
+   :data:`HEARTBEAT_INTERVAL` ± :data:`HEARTBEAT_JITTER`. The manager pings every
+   link (its ``pingInterval``, in the welcome); a hub that hears nothing at all
+   from it for that interval plus its ``pongTimeout`` (by default
+   :data:`PING_INTERVAL` + :data:`PING_TIMEOUT`, 20 s) drops the link. The
+   websocket's own keepalive pings are off: they doubled the messages every idle
+   link costs the manager (a fleet of thousands pays for each one), and the
+   manager's pings already prove the link both ways. ``close_timeout`` is short so
+   closing it never holds the next attempt back.
 4. any failure: ``backoff`` for ``uniform(0, min(cap, base * 2**attempt))``
    seconds ("full jitter"), then ``connecting`` again, forever. The cap is
    :data:`BACKOFF_CAP`, or :data:`UNREACHABLE_CAP` when the manager could not be
@@ -124,7 +128,8 @@ UNREACHABLE_CAP: Final = 3.0
 #: A link up this long resets the backoff (long enough to show that it worked: a manager
 #: that drops hubs right after welcoming them still sees the backoff grow).
 STABLE_AFTER: Final = 60.0
-#: Websocket pings: interval and deadline for the pong.
+#: The manager's ping interval and pong deadline, until its welcome says otherwise:
+#: silence from the manager for their sum means the link is dead.
 PING_INTERVAL: Final = 10.0
 PING_TIMEOUT: Final = 10.0
 #: Seconds for TCP, TLS and the websocket handshake together.
@@ -472,8 +477,7 @@ class LinkClient:
         async with connect(
             self._link_url(),
             ssl=context,
-            ping_interval=self.ping_interval,
-            ping_timeout=self.ping_timeout,
+            ping_interval=None,  # the manager's pings prove the link (see the module docstring)
             close_timeout=CLOSE_TIMEOUT,
             open_timeout=self.open_timeout,
             max_size=MAX_MESSAGE,
@@ -495,10 +499,12 @@ class LinkClient:
             logger.info(
                 "linked to %s as %s in space %s", self._config.cpm_url, self._hub_id, self._config.space
             )
-            interval = welcome.get("heartbeatInterval")
-            if isinstance(interval, int | float) and not isinstance(interval, bool) and 1 <= interval <= 600:
-                self.heartbeat_interval = float(interval)
-            await self._serve(transport, connection, websocket.stream)
+            interval = _seconds(welcome.get("heartbeatInterval"), 1)
+            if interval is not None:
+                self.heartbeat_interval = interval
+            ping, pong = _seconds(welcome.get("pingInterval"), 0.1), _seconds(welcome.get("pongTimeout"), 0.1)
+            silence = (ping or self.ping_interval) + (pong or self.ping_timeout)
+            await self._serve(transport, connection, websocket.stream, silence)
 
     async def _receive_control(
         self, transport: WebsocketsTransport, connection: LinkConnection
@@ -570,7 +576,11 @@ class LinkClient:
         return reply
 
     async def _serve(
-        self, transport: WebsocketsTransport, connection: LinkConnection, stream: trio.abc.Stream
+        self,
+        transport: WebsocketsTransport,
+        connection: LinkConnection,
+        stream: trio.abc.Stream,
+        silence: float,
     ) -> None:
         async def on_stream(stream: InboundStream) -> None:
             await serve_asgi(stream, self._app)
@@ -590,6 +600,7 @@ class LinkClient:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._heartbeats, session)
                 nursery.start_soon(self._stall_watchdog, stream)
+                nursery.start_soon(self._silence_watchdog, transport, stream, silence)
                 try:
                     await session.run()
                 finally:
@@ -625,11 +636,10 @@ class LinkClient:
         """Drop the link once a heartbeat has been stuck in its send for the pong deadline.
 
         On a dead link the socket's buffer fills (Trio sends only while less than 16 KiB
-        is unsent) and the send blocks, holding the websocket's send lock, so the
-        websocket's keepalive ping, waiting behind it, never times out: without this the
-        hub would not notice the dead link until the kernel gives up (many minutes).
-        The write itself is shielded (a frame is never torn), so closing the stream is
-        what ends it.
+        is unsent) and the send blocks, holding the websocket's send lock; the kernel
+        would not give up for many minutes. The silence watchdog would notice too, but
+        later (ping interval + pong deadline). The write itself is shielded (a frame is
+        never torn), so closing the stream is what ends it.
         """
         while True:
             await trio.sleep(min(1.0, self.ping_timeout / 4))
@@ -640,6 +650,23 @@ class LinkClient:
                 )
                 await trio.aclose_forcefully(stream)
                 return
+
+    async def _silence_watchdog(
+        self, transport: WebsocketsTransport, stream: trio.abc.Stream, silence: float
+    ) -> None:
+        """Drop the link once nothing at all has come from the manager for ``silence`` seconds.
+
+        The manager pings every link; on a dead link (a NAT that forgot the connection, a
+        cable pulled) nothing arrives, and no read error ever would. Closing the stream
+        ends the session's read loop, and the attempt fails like any broken link.
+        """
+        while True:
+            quiet = trio.current_time() - transport.last_received
+            if quiet >= silence:
+                logger.warning("link: nothing from the manager for %g s; dropping the link", silence)
+                await trio.aclose_forcefully(stream)
+                return
+            await trio.sleep(max(silence - quiet, 0.05))
 
     async def _send_heartbeat(
         self, session: LinkSession, load: dict[str, Any], summary: dict[str, Any]
@@ -660,3 +687,10 @@ class LinkClient:
                     raise
                 longest = max((len(v) for v in summary.values() if isinstance(v, list)), default=0)
                 keep = longest // 2 if keep is None else keep // 2
+
+
+def _seconds(value: Any, least: float) -> float | None:
+    """A duration the manager sent, if it is a number of seconds between ``least`` and 600."""
+    if isinstance(value, int | float) and not isinstance(value, bool) and least <= value <= 600:
+        return float(value)
+    return None

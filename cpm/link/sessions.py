@@ -377,6 +377,9 @@ class HubSessions:
             "hubId": hub.id,
             "space": space,
             "heartbeatInterval": self.config.heartbeat_interval,
+            # The hub drops a link silent for pingInterval + pongTimeout (it sends no pings of its own).
+            "pingInterval": self.config.ping_interval,
+            "pongTimeout": self.config.pong_timeout,
         }
         await transport.send(connection.send_control(welcome))
         return hub, version if isinstance(version, str) else ""

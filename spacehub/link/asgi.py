@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any, Final
 from urllib.parse import unquote
 
+import trio
 from websockets.exceptions import ConnectionClosed
 from websockets.trio.client import ClientConnection
 
@@ -142,6 +143,8 @@ class WebsocketsTransport:
 
     def __init__(self, websocket: ClientConnection) -> None:
         self._websocket = websocket
+        #: trio time the last message arrived (or the transport was made): a liveness clock
+        self.last_received = trio.current_time()
 
     async def send(self, message: bytes) -> None:
         try:
@@ -154,6 +157,7 @@ class WebsocketsTransport:
             message = await self._websocket.recv()
         except ConnectionClosed as exc:
             raise LinkClosed(str(exc)) from None
+        self.last_received = trio.current_time()
         if isinstance(message, str):
             await self._websocket.aclose(1003, "the link carries binary messages only")
             raise LinkClosed("protocol error: a text message on the link")

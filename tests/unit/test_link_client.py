@@ -51,6 +51,10 @@ class FakeManager:
     pongs: list[dict[str, Any]] = field(default_factory=list)
     sessions: list[LinkSession] = field(default_factory=list)
     refuse: dict[str, Any] | None = None
+    #: more keys for the welcome (e.g. pingInterval, pongTimeout)
+    welcome_extra: dict[str, Any] = field(default_factory=dict)
+    #: send a ping this often (seconds); None: never
+    ping_every: float | None = None
     ca_pem: bytes = b""
     port: int = 0
 
@@ -88,7 +92,7 @@ class FakeManager:
             await websocket.aclose(4403, "refused")
             return
         self.keys[hub_id] = key
-        welcome = {"type": "welcome", "hubId": hub_id, "space": hello["space"]}
+        welcome = {"type": "welcome", "hubId": hub_id, "space": hello["space"], **self.welcome_extra}
         await transport.send(connection.send_control(welcome))
 
         async def on_control(message: dict[str, Any]) -> None:
@@ -99,7 +103,16 @@ class FakeManager:
 
         session = LinkSession(connection, transport, on_control=on_control)
         self.sessions.append(session)
-        await session.run()
+        async with trio.open_nursery() as nursery:
+            if self.ping_every is not None:
+                nursery.start_soon(self._ping, session, self.ping_every)
+            await session.run()
+            nursery.cancel_scope.cancel()
+
+    async def _ping(self, session: LinkSession, every: float) -> None:
+        for nonce in itertools.count():
+            await trio.sleep(every)
+            await session.send_control({"type": "ping", "nonce": nonce})
 
 
 @asynccontextmanager
@@ -298,6 +311,35 @@ async def test_ping_is_answered(tmp_path: Path) -> None:
             await manager.sessions[0].send_control({"type": "ping", "nonce": 42})
             await until(lambda: bool(manager.pongs))
             assert manager.pongs == [{"type": "pong", "nonce": 42}]
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_silent_manager_is_dropped_after_its_ping_interval_and_pong_deadline(tmp_path: Path) -> None:
+    """The hub sends no websocket pings: silence from the manager is what tells a dead link."""
+    manager = FakeManager(welcome_extra={"pingInterval": 0.3, "pongTimeout": 0.3})
+    with trio.fail_after(10):
+        async with fake_manager(manager), trio.open_nursery() as nursery:
+            client = make_client(tmp_path, f"ws://127.0.0.1:{manager.port}")
+            await nursery.start(client.run)
+            await until(lambda: client.status()["connected"])
+            linked = trio.current_time()
+            await until(lambda: not client.status()["connected"])
+            assert 0.5 <= trio.current_time() - linked < 3.0  # 0.6 s of silence, and not much later
+            await until(lambda: client.connections >= 2)  # and it dials again
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_pinging_manager_keeps_the_link(tmp_path: Path) -> None:
+    manager = FakeManager(welcome_extra={"pingInterval": 0.3, "pongTimeout": 0.3}, ping_every=0.1)
+    with trio.fail_after(10):
+        async with fake_manager(manager), trio.open_nursery() as nursery:
+            client = make_client(tmp_path, f"ws://127.0.0.1:{manager.port}")
+            await nursery.start(client.run)
+            await until(lambda: client.status()["connected"])
+            await trio.sleep(1.5)  # five silence limits: only the pings keep it up
+            assert client.status()["connected"]
+            assert client.connections == 1
+            assert len(manager.pongs) >= 10
             nursery.cancel_scope.cancel()
 
 
