@@ -876,6 +876,13 @@ def settle(pid: int, seconds: float = 5.0) -> Footprint:
     return Footprint.of(pid)
 
 
+def _hub_tasks(client: httpx.Client, env: Linked) -> int:
+    """The hub's Trio task count (its /status), probed on a fresh connection that is closed at once."""
+    with httpx.Client(timeout=30) as probe:
+        tasks: int = probe.get(f"{env.direct}/status").json()["tasks"]
+    return tasks
+
+
 def _link_status(client: httpx.Client, env: Linked) -> dict[str, Any]:
     status: dict[str, Any] = client.get(f"{env.direct}/status").json()["cpm"]
     return status
@@ -907,6 +914,7 @@ def bench_soak() -> None:
             pump(space, f"{env.through}/topic/warm", space, f"{env.through}/topic/warm", 4 * MB)
             trio.run(hammer, f"{env.through}/version", 200, CONCURRENCY, env.mgr.verify(), env.auth)
             idle, cpm_idle = settle(hub, 12.0), Footprint.of(cpm)
+            tasks = {"idle": _hub_tasks(hub_client, env)}
 
             # 1. SOAK_MB through the link: half through instances (in and out), half through topics.
             began = time.perf_counter()
@@ -917,6 +925,7 @@ def bench_soak() -> None:
                 pump(space, f"{env.through}/topic/soak{n}", space, f"{env.through}/topic/soak{n}", chunk)
             stream_s = time.perf_counter() - began
             streamed = settle(hub, 12.0)
+            tasks["streamed"] = _hub_tasks(hub_client, env)
 
         # 2. DROPS link drops: cut every TCP connection between hub and manager, wait for the relink.
         began = time.perf_counter()
@@ -936,6 +945,7 @@ def bench_soak() -> None:
             relink.append((time.perf_counter() - cut_at) * 1000)
         drops_s = time.perf_counter() - began
         dropped = settle(hub, 12.0)
+        tasks["dropped"] = _hub_tasks(hub_client, env)
 
         # 3. SOAK_CALLS calls through the link (the Space may need a moment to see the last relink).
         wait_linked(env.mgr, env.token)
@@ -945,6 +955,7 @@ def bench_soak() -> None:
         )
         calls_s = time.perf_counter() - began
         final, cpm_final = settle(hub, 12.0), Footprint.of(cpm)
+        tasks["final"] = _hub_tasks(hub_client, env)
         links = proxy.accepted
 
     def grew(after: Footprint) -> str:
@@ -958,7 +969,12 @@ def bench_soak() -> None:
         (f"hub after {SOAK_CALLS} calls", final.text(), grew(final), "fds back to idle"),
         ("hub RSS growth, end - idle (MB)", round(final.rss_mb - idle.rss_mb, 1), "", "<= 10"),
         ("hub fd growth, end - idle", final.fds - idle.fds, f"child processes {final.children}", "0"),
-        ("hub task count", "not exposed by the hub", "threads shown instead", "back to start"),
+        (
+            "hub Trio tasks: idle, after streaming, drops, calls",
+            " / ".join(str(tasks[k]) for k in ("idle", "streamed", "dropped", "final")),
+            f"end - idle {tasks['final'] - tasks['idle']:+d}",
+            "back to start",
+        ),
         ("relink after a drop (ms)", summary(relink) if relink else "-", f"{links} TCP links in all", ""),
         ("cpm idle -> end", f"{cpm_idle.text()} -> {cpm_final.text()}", "", ""),
         ("failed calls", errors, f"{SOAK_CALLS} calls in {calls_s:.1f} s", "0"),

@@ -97,6 +97,8 @@ WATCHDOG_INTERVAL: Final = 2.0
 #: Seconds a refusal or a revocation notice gets to leave before the link is closed.
 NOTICE_TIMEOUT: Final = 2.0
 #: The parts of a heartbeat's summary the Space API shows.
+#: Ended links the ping heap may still pin before it is compacted (see _forget_schedule).
+MAX_STALE_DUE: Final = 64
 SUMMARY_KINDS: Final = ("sequences", "instances", "topics")
 #: Request headers never forwarded to a hub: hop-by-hop ones, and the caller's
 #: credentials for the manager (the hub trusts its link, not the caller).
@@ -245,6 +247,8 @@ class HubSessions:
         #: (due time, tie-breaker, session): when the scheduler next looks at a session's pings
         self._due: list[tuple[float, int, HubSession]] = []
         self._order = itertools.count()
+        #: links ended since the heap was last compacted (see _forget_schedule)
+        self._stale_due = 0
         self._wakeup = trio.Event()
         #: the registry's PRAGMA data_version when the watchdog last read the hubs
         self._seen_version: int | None = None
@@ -465,8 +469,19 @@ class HubSessions:
                             await self.db(self.registry.mark_disconnected, hub.id)
                         except (sqlite3.Error, ManagerError) as exc:
                             logger.error("cannot record that hub %s disconnected: %s", hub.id, exc)
+            self._forget_schedule()
 
     # -- pings --------------------------------------------------------------------------------
+
+    def _forget_schedule(self) -> None:
+        """A link ended: its entries in the ping heap pin its whole connection until they
+        come due (up to a ping interval), so under a reconnect storm the heap is compacted
+        once more than :data:`MAX_STALE_DUE` links have ended since the last time."""
+        self._stale_due += 1
+        if self._stale_due > MAX_STALE_DUE:
+            self._stale_due = 0
+            self._due = [entry for entry in self._due if self._live.get(entry[2].hub_id) is entry[2]]
+            heapq.heapify(self._due)
 
     def _schedule(self, session: HubSession, when: float) -> None:
         """Have the scheduler look at ``session`` at trio time ``when``."""

@@ -95,3 +95,38 @@ async def test_each_instance_has_its_own_working_directory(tmp_path: Path) -> No
             with trio.fail_after(15):
                 while any(Path(d).exists() for d in directories):  # removed with the instance
                     await trio.sleep(0.1)
+
+
+async def _task_count(url: str) -> int:
+    # A fresh connection, closed at once: the count includes this probe's own tasks.
+    async with httpx.AsyncClient(base_url=url, timeout=10) as probe:
+        count: int = (await probe.get("/status")).json()["tasks"]
+        return count
+
+
+#: hypercorn keeps a closed keep-alive connection's tasks for up to its 5 s keep_alive_timeout.
+QUIET = 6.0
+
+
+def test_status_counts_tasks_and_they_come_back_down(tmp_path: Path) -> None:
+    async def main(url: str) -> None:
+        with trio.fail_after(60):
+            await trio.sleep(QUIET)
+            before = await _task_count(url)
+            assert before > 0
+            async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+                with trio.move_on_after(0.3):  # a reader that leaves mid-stream
+                    headers = {"content-type": "application/octet-stream"}
+                    async with client.stream("GET", "/topic/task-count", headers=headers) as response:
+                        async for _ in response.aiter_raw():
+                            pass
+                async with trio.open_nursery() as nursery:
+                    for _ in range(16):
+                        nursery.start_soon(client.get, "/version")
+                assert await _task_count(url) > before  # their connections are still open
+            while (now := await _task_count(url)) > before:
+                await trio.sleep(QUIET)
+            assert now <= before
+
+    with run_sth(tmp_path) as hub:
+        trio.run(main, hub.url)

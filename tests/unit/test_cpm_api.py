@@ -8,6 +8,7 @@ hub speaking the protocol over a real websocket (``websockets``).
 from __future__ import annotations
 
 import base64
+import gc
 import json
 from collections.abc import AsyncIterator, MutableMapping
 from contextlib import asynccontextmanager
@@ -24,7 +25,7 @@ from websockets.trio.client import connect
 
 from cpm import __version__
 from cpm.config import ConfigError, ManagerConfig, load_config
-from cpm.link.sessions import HubReport
+from cpm.link.sessions import MAX_STALE_DUE, HubReport, HubSession
 from cpm.registry import Registry
 from cpm.service import run_manager
 from spacehub.link import LinkClosed, LinkSession, WebsocketsTransport, serve_asgi
@@ -479,3 +480,23 @@ async def test_a_hub_report_keeps_heartbeats_compact() -> None:
     assert a.items("instances") == [{"id": "i"}]
     assert a.items("topics") == []
     assert a.load == load  # a heartbeat without a load keeps the last one
+
+
+async def test_ended_links_are_not_pinned_by_the_ping_schedule(tmp_path: Path) -> None:
+    """A reconnect storm: each ended link's ping entry would pin its connection for a ping interval."""
+    key = Ed25519PrivateKey.generate()
+    async with manager(tmp_path) as m:
+        async with dial(m.url, join(key, m.registry.create_join_token("demo"))) as hello:
+            hub_id = hello.answer["hubId"]
+        for _ in range(MAX_STALE_DUE + 16):
+            async with dial(m.url, authenticate(key, hub_id)) as hello, hub_session(hello):
+                assert hello.answer["type"] == "welcome"
+        # Well inside the 10 s ping interval, after which the entries would run out anyway.
+        with trio.fail_after(3):
+            while True:  # the last link's end is seen a moment after the client leaves
+                gc.collect()
+                alive = sum(1 for o in gc.get_objects() if isinstance(o, HubSession))
+                if alive <= MAX_STALE_DUE:
+                    break
+                await trio.sleep(0.05)
+        assert alive <= MAX_STALE_DUE  # not all MAX_STALE_DUE + 17 until their pings come due
