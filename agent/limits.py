@@ -40,6 +40,10 @@ STREAM_CHUNK_BYTES: Final = 256 * KiB
 #: Each read costs a pass through h11 and the request's queue, so a larger read
 #: takes about a third off the hub's CPU per GB streamed in (see bench/README.md).
 SOCKET_READ_BYTES: Final = 256 * KiB
+#: Most of an unread request body the hub reads (and drops) before answering an error,
+#: and for how long (seconds): so that a client still sending it gets the answer.
+DRAIN_BODY_BYTES: Final = 1 * MiB
+DRAIN_SECONDS: Final = 1.0
 #: Request-body messages hypercorn may queue ahead of the app (each at most one
 #: socket read): with SOCKET_READ_BYTES, at most 1 MiB per streaming request.
 HTTP_APP_QUEUE_MESSAGES: Final = 4

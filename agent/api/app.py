@@ -67,6 +67,7 @@ class HubApp:
                 )
             else:
                 response = error_response(404, f"No such route: {scope['method']} {scope['path']}")
+            await request.drain()
             await send_response(send, response)
             return
         try:
@@ -88,6 +89,8 @@ class HubApp:
         if isinstance(response, StreamResponse):
             await send_stream(send, request, response)
         else:
+            if response.status >= 400:
+                await request.drain()
             await send_response(send, response)
 
 

@@ -104,6 +104,26 @@ class Request:
             raise InvalidJSON(f"request body is not valid JSON: {exc}") from None
         return default if value is None else value
 
+    async def drain(
+        self, limit: int = limits.DRAIN_BODY_BYTES, seconds: float = limits.DRAIN_SECONDS
+    ) -> None:
+        """Read and drop what is left of the body, up to ``limit`` bytes or ``seconds``.
+
+        Answering an error before the body is in makes the server close the connection
+        with data unread; a client still writing then gets a broken pipe or a reset
+        instead of our ``{"error"}``. A small body is read first so the answer arrives;
+        a large or stalled one is not waited for.
+        """
+        size = 0
+        with trio.move_on_after(seconds):
+            while not self._body_done and size <= limit:
+                message = await self._receive()
+                if message["type"] == "http.disconnect":
+                    self._body_done = True
+                    return
+                self._body_done = not message.get("more_body", False)
+                size += len(message.get("body", b""))
+
     async def wait_disconnect(self) -> None:
         """Returns when the client has gone (consumes what is left of the body)."""
         while True:
