@@ -55,7 +55,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cpm.errors import ManagerError
-from spacehub.tls import check_ca_fingerprint, client_ssl_context
+from spacehub.tls import MAX_PEM, certificate_fingerprint, check_ca_fingerprint, client_ssl_context, read_pem
 
 __all__ = [
     "TlsFiles",
@@ -75,8 +75,6 @@ BACKDATE: Final = timedelta(hours=1)
 #: Names and addresses every server certificate carries.
 DEFAULT_HOSTNAMES: Final = ("localhost",)
 DEFAULT_IPS: Final = ("127.0.0.1",)
-
-_MAX_PEM: Final = 64 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,7 +311,7 @@ def _wanted_names(
 
 
 def _load_cert(path: Path) -> x509.Certificate:
-    return x509.load_pem_x509_certificate(_read_small(path))
+    return x509.load_pem_x509_certificate(read_pem(path))
 
 
 def _load_ec_key(path: Path) -> ec.EllipticCurvePrivateKey:
@@ -325,16 +323,11 @@ def _load_ec_key(path: Path) -> ec.EllipticCurvePrivateKey:
                 f"refusing to use {path}: its mode is {mode:04o}, so group or others can access it; "
                 f"run `chmod 600 {path}`"
             )
-        data = file.read(_MAX_PEM)
+        data = file.read(MAX_PEM)
     key = serialization.load_pem_private_key(data, password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ManagerError(f"{path} holds a {type(key).__name__}, not an EC key")
     return key
-
-
-def _read_small(path: Path) -> bytes:
-    with path.open("rb") as file:
-        return file.read(_MAX_PEM)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -365,7 +358,7 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
 
 
 def _fingerprint(cert: x509.Certificate) -> str:
-    return ":".join(f"{byte:02X}" for byte in cert.fingerprint(hashes.SHA256()))
+    return certificate_fingerprint(cert.public_bytes(serialization.Encoding.DER))
 
 
 # cryptography 42 added the *_utc properties and deprecated the naive ones; 38 has only those.

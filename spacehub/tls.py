@@ -18,7 +18,7 @@ import ssl
 from pathlib import Path
 from typing import Final
 
-__all__ = ["MAX_PEM", "certificate_fingerprint", "check_ca_fingerprint", "client_ssl_context"]
+__all__ = ["MAX_PEM", "certificate_fingerprint", "check_ca_fingerprint", "client_ssl_context", "read_pem"]
 
 #: Longest PEM file read (a certificate or key is a few KB).
 MAX_PEM: Final = 64 * 1024
@@ -74,7 +74,7 @@ def client_ssl_context(
             )
         raise ValueError("give the manager's CA as exactly one of ca_file or ca_data")
     if fingerprint is not None:
-        pem = _read_small(Path(ca_file)) if ca_file is not None else ca_data
+        pem = read_pem(Path(ca_file)) if ca_file is not None else ca_data
         if pem is None or not check_ca_fingerprint(pem, fingerprint):
             raise ValueError("the manager's CA does not match the configured fingerprint")
     if ca_file is not None:
@@ -89,6 +89,7 @@ def client_ssl_context(
     return context
 
 
-def _read_small(path: Path) -> bytes:
+def read_pem(path: Path) -> bytes:
+    """A PEM file's first :data:`MAX_PEM` bytes (more would not be a certificate or key)."""
     with path.open("rb") as file:
         return file.read(MAX_PEM)

@@ -67,25 +67,23 @@ class HubApp:
                 )
             else:
                 response = error_response(404, f"No such route: {scope['method']} {scope['path']}")
-            await request.drain()
-            await send_response(send, response)
-            return
-        try:
-            if scope["method"] in ("GET", "HEAD"):
-                # Long polls (/event, /once, /health) end when their client goes.
-                answered = await _unless_disconnected(request, handler)
-                if answered is None:
-                    return
-                response = answered
-            else:
-                response = await handler(request)
-        except HubError as exc:
-            response = error_response(exc.status, exc.message)
-        except trio.BrokenResourceError:
-            return  # the client went away while sending its body; nobody to answer
-        except Exception:
-            logger.exception("internal error on %s %s", scope["method"], scope["path"])
-            response = error_response(500, "internal error; see the hub log")
+        else:
+            try:
+                if scope["method"] in ("GET", "HEAD"):
+                    # Long polls (/event, /once, /health) end when their client goes.
+                    answered = await _unless_disconnected(request, handler)
+                    if answered is None:
+                        return
+                    response = answered
+                else:
+                    response = await handler(request)
+            except HubError as exc:
+                response = error_response(exc.status, exc.message)
+            except trio.BrokenResourceError:
+                return  # the client went away while sending its body; nobody to answer
+            except Exception:
+                logger.exception("internal error on %s %s", scope["method"], scope["path"])
+                response = error_response(500, "internal error; see the hub log")
         if isinstance(response, StreamResponse):
             await send_stream(send, request, response)
         else:

@@ -9,10 +9,11 @@ while the client is slow, and reads the socket only as fast as we ``receive``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -68,7 +69,7 @@ class Request:
             return None
         return value.split(";", 1)[0].strip().lower() or None
 
-    async def stream(self) -> AsyncIterator[bytes]:
+    async def stream(self) -> AsyncGenerator[bytes, None]:
         """The request body, chunk by chunk, as fast as the consumer takes it."""
         while not self._body_done:
             message = await self._receive()
@@ -115,14 +116,12 @@ class Request:
         a large or stalled one is not waited for.
         """
         size = 0
-        with trio.move_on_after(seconds):
-            while not self._body_done and size <= limit:
-                message = await self._receive()
-                if message["type"] == "http.disconnect":
-                    self._body_done = True
-                    return
-                self._body_done = not message.get("more_body", False)
-                size += len(message.get("body", b""))
+        with trio.move_on_after(seconds), contextlib.suppress(trio.BrokenResourceError):
+            async with contextlib.aclosing(self.stream()) as chunks:
+                async for chunk in chunks:
+                    size += len(chunk)
+                    if size > limit:
+                        break
 
     async def wait_disconnect(self) -> None:
         """Returns when the client has gone (consumes what is left of the body)."""
