@@ -500,12 +500,13 @@ class FleetStats:
     errors: dict[str, int] = field(default_factory=dict)
 
 
-async def _serve_sim(connection: Any, transport: Any, interval: float) -> None:
-    """A simulated hub's session: pongs, heartbeats every ``interval`` +- 10 %, streams answered."""
+async def _serve_sim(connection: Any, transport: Any, interval: float, answer_pings: bool) -> None:
+    """A simulated hub's session: heartbeats every ``interval`` +- 10 %, streams answered, and
+    pongs unless the welcome said ``"answerPings": false`` (as LinkClient)."""
     from spacehub.link import LinkClosed, LinkSession, serve_asgi
 
     async def on_control(message: dict[str, Any]) -> None:
-        if message.get("type") == "ping":
+        if message.get("type") == "ping" and answer_pings:
             await session.send_control({"type": "pong", "nonce": message.get("nonce")})
 
     async def on_stream(stream: Any) -> None:
@@ -616,7 +617,7 @@ async def _sim_hub(
                 attempt = 0
                 stats.connected += 1
                 try:
-                    await _serve_sim(connection, transport, interval)
+                    await _serve_sim(connection, transport, interval, reply.get("answerPings") is not False)
                 finally:
                     stats.connected -= 1
                     stats.drops += 1

@@ -17,16 +17,17 @@ runs, following :mod:`agent.link.state`:
    bounds this step.
 3. ``connected``: a :class:`~spacehub.link.LinkSession` runs. Each stream the
    manager opens is served by the hub's own ASGI app in-process
-   (:func:`~spacehub.link.serve_asgi`, ``/api/v1/`` only); control pings are
-   answered; a heartbeat (load-check and summary) goes out at once and then every
-   :data:`HEARTBEAT_INTERVAL` ± :data:`HEARTBEAT_JITTER`. The manager pings every
-   link (its ``pingInterval``, in the welcome); a hub that hears nothing at all
-   from it for that interval plus its ``pongTimeout`` (by default
-   :data:`PING_INTERVAL` + :data:`PING_TIMEOUT`, 20 s) drops the link. The
-   websocket's own keepalive pings are off: they doubled the messages every idle
-   link costs the manager (a fleet of thousands pays for each one), and the
-   manager's pings already prove the link both ways. ``close_timeout`` is short so
-   closing it never holds the next attempt back.
+   (:func:`~spacehub.link.serve_asgi`, ``/api/v1/`` only); a heartbeat (load-check
+   and summary) goes out at once and then every :data:`HEARTBEAT_INTERVAL` ±
+   :data:`HEARTBEAT_JITTER`. The manager pings every link (its ``pingInterval``, in
+   the welcome); a hub that hears nothing at all from it for that interval plus its
+   ``pongTimeout`` (by default :data:`PING_INTERVAL` + :data:`PING_TIMEOUT`, 20 s)
+   drops the link. Pings are answered only if the welcome lacks
+   ``"answerPings": false``: a manager that says so takes the heartbeats as the
+   hub's sign of life, so an idle link costs it one message each way per interval.
+   The websocket's own keepalive pings are off for the same reason: a fleet of
+   thousands pays for every message. ``close_timeout`` is short so closing it never
+   holds the next attempt back.
 4. any failure: ``backoff`` for ``uniform(0, min(cap, base * 2**attempt))``
    seconds ("full jitter"), then ``connecting`` again, forever. The cap is
    :data:`BACKOFF_CAP`, or :data:`UNREACHABLE_CAP` when the manager could not be
@@ -504,7 +505,9 @@ class LinkClient:
                 self.heartbeat_interval = interval
             ping, pong = _seconds(welcome.get("pingInterval"), 0.1), _seconds(welcome.get("pongTimeout"), 0.1)
             silence = (ping or self.ping_interval) + (pong or self.ping_timeout)
-            await self._serve(transport, connection, websocket.stream, silence)
+            # A manager that says nothing expects pongs (older ones close a link without them).
+            answer_pings = welcome.get("answerPings") is not False
+            await self._serve(transport, connection, websocket.stream, silence, answer_pings)
 
     async def _receive_control(
         self, transport: WebsocketsTransport, connection: LinkConnection
@@ -581,6 +584,7 @@ class LinkClient:
         connection: LinkConnection,
         stream: trio.abc.Stream,
         silence: float,
+        answer_pings: bool,
     ) -> None:
         async def on_stream(stream: InboundStream) -> None:
             await serve_asgi(stream, self._app)
@@ -588,7 +592,8 @@ class LinkClient:
         async def on_control(message: dict[str, Any]) -> None:
             kind = message.get("type")
             if kind == "ping":
-                await session.send_control({"type": "pong", "nonce": message.get("nonce")})
+                if answer_pings:
+                    await session.send_control({"type": "pong", "nonce": message.get("nonce")})
             elif kind == "revoked":
                 raise LinkRefused("hub-revoked", str(message.get("reason", "")) or "revoked by the manager")
             else:

@@ -14,14 +14,21 @@ tasks live in the task hypercorn runs the websocket in, and end with it):
    :data:`HANDSHAKE_TIMEOUT`.
 2. **Session**: a :class:`~spacehub.link.session.LinkSession` runs the link; its
    control messages are handled in place by :meth:`HubSession.on_control`
-   (heartbeats keep the last load and summary in the hub's :class:`HubReport`;
-   pongs answer our pings), so a link costs no task beyond the one hypercorn
-   runs it in. A second link of the same hub replaces the first, which is closed.
-3. **Liveness**: the manager sends ``{"type": "ping"}`` every ``ping_interval`` and
-   closes a link whose pong is more than ``pong_timeout`` late (an ASGI websocket
-   gives the app no ping deadline of its own). One scheduler task does this for
-   every link, from a heap of due times; each ping is sent by a short task of its
-   own, so a hub that stopped reading delays nobody else. A hub is *healthy*
+   (heartbeats keep the last load and summary in the hub's :class:`HubReport`),
+   so a link costs no task beyond the one hypercorn runs it in. A second link of
+   the same hub replaces the first, which is closed.
+3. **Liveness**, one message each way per interval: the hub's heartbeats prove the
+   link to the manager, which closes a link on which nothing at all came for
+   ``heartbeat_interval + pong_timeout`` (an ASGI websocket gives the app no
+   deadline of its own); the manager's ``{"type": "ping"}`` every ``ping_interval``
+   proves it to the hub, which drops a link silent for ``pingInterval +
+   pongTimeout``. The welcome's ``"answerPings": false`` tells the hub not to answer
+   pings: a pong would only repeat what its heartbeats already say, and at 5,000
+   idle links it was a third of the manager's messages. (A hub that answers anyway,
+   as older ones do, is not wrong: every message counts as a sign of life.) One
+   scheduler task does this for every link, from a heap holding one due time per
+   link; each ping is sent by a short task of its own, so a hub that stopped
+   reading delays nobody else. A hub is *healthy*
    while its link is up and its last heartbeat (or the connection, before the
    first one) is at most ``missed_heartbeats * heartbeat_interval`` old.
 4. **Watchdog**: logs health changes and closes the links of hubs revoked in the
@@ -194,13 +201,12 @@ class HubSession:
     link: LinkSession = field(init=False)
     connected: bool = True
     was_healthy: bool = True
-    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    #: the nonce of the last ping sent
-    ping_nonce: int = 0
-    #: trio time the last ping's pong is due by; inf while that ping is being sent; None once answered
-    pong_due: float | None = None
+    #: pings sent (each carries the count as its nonce)
+    pings: int = 0
     #: trio time the next ping is due
     next_ping: float = 0.0
+    #: set once the link is being closed for silence
+    closing: bool = False
 
     def healthy(self, now: float, window: float) -> bool:
         if not self.connected:
@@ -214,10 +220,7 @@ class HubSession:
         kind = message.get("type")
         if kind == "heartbeat":
             self.report.heartbeat(message)
-        elif kind == "pong":
-            if message.get("nonce") == self.ping_nonce:
-                self.pong_due = None
-        else:
+        elif kind != "pong":  # from hubs that answer pings anyway: a sign of life like any message
             logger.debug("hub %s: control message %r ignored", self.hub_id, kind)
 
     async def close(
@@ -230,8 +233,7 @@ class HubSession:
                 with contextlib.suppress(LinkClosed, LinkError):
                     await self.link.send_control(notice)
         await self.transport.aclose(code, reason[:120])
-        self.link.close()
-        self.cancel_scope.cancel()
+        self.link.close()  # cancels the session's run(): the link's task ends
 
 
 class HubSessions:
@@ -256,6 +258,11 @@ class HubSessions:
     @property
     def health_window(self) -> float:
         return self.config.missed_heartbeats * self.config.heartbeat_interval
+
+    @property
+    def silence_limit(self) -> float:
+        """Seconds a link may carry nothing from its hub before it is closed."""
+        return self.config.heartbeat_interval + self.config.pong_timeout
 
     async def db(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a registry call in a worker thread: another process may hold the write lock."""
@@ -317,7 +324,7 @@ class HubSessions:
         connection = LinkConnection("manager")
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
-                hub, version = await self._handshake(connection, transport)
+                hub_id, space, version = await self._handshake(connection, transport)
         except _Refusal as refusal:
             logger.warning("refused a hub from %s: %s (%s)", peer, refusal.reason, refusal.code)
             notice = {"type": "refused", "code": refusal.code, "reason": refusal.reason, "retry": False}
@@ -339,11 +346,12 @@ class HubSessions:
             logger.error("cannot admit a hub from %s: %s", peer, exc)
             await transport.aclose(CLOSE_INTERNAL, "manager error")
             return
-        await self._run_session(hub, version, connection, transport)
+        await self._run_session(hub_id, space, version, connection, transport)
 
     async def _handshake(
         self, connection: LinkConnection, transport: AsgiWebSocketTransport
-    ) -> tuple[Hub, str]:
+    ) -> tuple[str, str, str]:
+        """The admitted hub's id, space and version (not its registry row: a link would keep it)."""
         nonce = make_challenge()
         challenge = {
             "type": "challenge",
@@ -384,9 +392,11 @@ class HubSessions:
             # The hub drops a link silent for pingInterval + pongTimeout (it sends no pings of its own).
             "pingInterval": self.config.ping_interval,
             "pongTimeout": self.config.pong_timeout,
+            # Its heartbeats prove the link to us; a pong per ping would add nothing (see Liveness).
+            "answerPings": False,
         }
         await transport.send(connection.send_control(welcome))
-        return hub, version if isinstance(version, str) else ""
+        return hub.id, hub.space, version if isinstance(version, str) else ""
 
     async def _join(self, message: dict[str, Any], space: str, nonce: bytes, signature: bytes) -> Hub:
         public_key = _b64(message.get("publicKey"), "publicKey")
@@ -441,34 +451,38 @@ class HubSessions:
         return hub
 
     async def _run_session(
-        self, hub: Hub, version: str, connection: LinkConnection, transport: AsgiWebSocketTransport
+        self,
+        hub_id: str,
+        space: str,
+        version: str,
+        connection: LinkConnection,
+        transport: AsgiWebSocketTransport,
     ) -> None:
         now = trio.current_time()
-        session = HubSession(hub.id, hub.space, transport, now, HubReport(hub.id, hub.space, version))
+        session = HubSession(hub_id, space, transport, now, HubReport(hub_id, space, version))
         link = session.link = LinkSession(connection, transport, on_control_nowait=session.on_control)
-        old = self._live.get(hub.id)
-        self._live[hub.id] = session
-        self._last[hub.id] = session.report
+        old = self._live.get(hub_id)
+        self._live[hub_id] = session
+        self._last[hub_id] = session.report
         self._schedule(session, now)  # the first ping goes out at once
-        logger.info("hub %s connected (space %s, sth %s)", hub.id, hub.space, version or "?")
+        logger.info("hub %s connected (space %s, sth %s)", hub_id, space, version or "?")
         try:
             if old is not None:
                 await old.close("replaced by a newer link of the same hub")
-            with session.cancel_scope:
-                await link.run()
+            await link.run()
         finally:
             session.connected = False
             with trio.CancelScope(shield=True):
                 link.close()
                 await transport.aclose()
-                if self._live.get(hub.id) is session:
-                    del self._live[hub.id]
-                    logger.info("hub %s disconnected: %s", hub.id, link.close_reason or "closed")
+                if self._live.get(hub_id) is session:
+                    del self._live[hub_id]
+                    logger.info("hub %s disconnected: %s", hub_id, link.close_reason or "closed")
                     with trio.move_on_after(NOTICE_TIMEOUT):
                         try:
-                            await self.db(self.registry.mark_disconnected, hub.id)
+                            await self.db(self.registry.mark_disconnected, hub_id)
                         except (sqlite3.Error, ManagerError) as exc:
-                            logger.error("cannot record that hub %s disconnected: %s", hub.id, exc)
+                            logger.error("cannot record that hub %s disconnected: %s", hub_id, exc)
             self._forget_schedule()
 
     # -- pings --------------------------------------------------------------------------------
@@ -491,26 +505,27 @@ class HubSessions:
             self._wakeup.set()
 
     async def _run_pings(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Ping every live link every ``ping_interval``; close those whose pong is late."""
+        """Ping every live link every ``ping_interval``; close those silent for :attr:`silence_limit`."""
         async with trio.open_nursery() as nursery:
             task_status.started()
             while True:
                 now = trio.current_time()
+                silence = self.silence_limit
                 while self._due and self._due[0][0] <= now:
                     _, _, session = heapq.heappop(self._due)
-                    if self._live.get(session.hub_id) is not session:
-                        continue  # that link has ended; its entries just run out
-                    if session.pong_due is not None:
-                        if now >= session.pong_due:
-                            session.pong_due = None  # closed once
-                            reason = f"no pong within {self.config.pong_timeout:g} s"
-                            nursery.start_soon(self._close_late, session, reason)
-                    elif now >= session.next_ping:
-                        session.ping_nonce += 1
-                        session.pong_due = math.inf  # the deadline starts once the ping has left
+                    if self._live.get(session.hub_id) is not session or session.closing:
+                        continue  # that link has ended or is ending; its entry just runs out
+                    heard = session.transport.last_received
+                    if now - heard >= silence:
+                        session.closing = True
+                        reason = f"nothing from the hub for {silence:g} s"
+                        nursery.start_soon(self._close_late, session, reason)
+                        continue
+                    if now >= session.next_ping:
+                        session.pings += 1
                         session.next_ping = now + self.config.ping_interval
-                        self._schedule(session, session.next_ping)
-                        nursery.start_soon(self._ping, session, session.ping_nonce)
+                        nursery.start_soon(self._ping, session, session.pings)
+                    self._schedule(session, min(session.next_ping, heard + silence))
                 self._wakeup = trio.Event()
                 with trio.move_on_at(self._due[0][0] if self._due else math.inf):
                     await self._wakeup.wait()
@@ -525,10 +540,6 @@ class HubSessions:
         except Exception:
             logger.exception("cannot ping hub %s; closing its link", session.hub_id)
             session.link.close()
-            return
-        if session.ping_nonce == nonce and session.pong_due is not None:  # not answered yet
-            session.pong_due = trio.current_time() + self.config.pong_timeout
-            self._schedule(session, session.pong_due)
 
     async def _close_late(self, session: HubSession, reason: str) -> None:
         try:
@@ -536,7 +547,6 @@ class HubSessions:
         except Exception:
             logger.exception("cannot close the link of hub %s cleanly", session.hub_id)
             session.link.close()
-            session.cancel_scope.cancel()
 
     # -- the watchdog -----------------------------------------------------------------------
 

@@ -45,6 +45,8 @@ class AsgiWebSocketTransport:
         self._closed = False
         # One websocket message at a time: a cancelled sender must never tear a frame.
         self._send_lock = trio.Lock()
+        #: trio time a message last came from the hub (the manager's liveness check reads it)
+        self.last_received = trio.current_time()
 
     @property
     def closed(self) -> bool:
@@ -79,6 +81,7 @@ class AsgiWebSocketTransport:
         if kind == "websocket.receive":
             data = message.get("bytes")
             if data is not None:
+                self.last_received = trio.current_time()
                 return bytes(data)
             # The link is binary only; a text message means the peer is not a hub.
             await self.aclose(CLOSE_UNSUPPORTED, "the link carries binary messages only")

@@ -9,8 +9,9 @@ short, silent cut), and restored.
 
 Timings used (and asserted against):
 
-* manager: ``--ping-interval 2 --pong-timeout 2`` (so a dead link is closed 2-4 s after
-  the cut) and ``--heartbeat-interval 1`` (default 3 missed ⇒ unhealthy after 3 s);
+* manager: ``--heartbeat-interval 1 --pong-timeout 2`` (a link silent for 1 + 2 s is
+  closed, so 3 s after the cut at most; default 3 missed ⇒ unhealthy after 3 s) and
+  ``--ping-interval 2``;
   the watchdog and the registry write add well under a second.
 * hub: its real, built-in timings (it drops a link silent for the manager's ping interval
   + pong deadline, given in the welcome: 4 s here; backoff from 1 s; ``UNREACHABLE_CAP``
@@ -41,7 +42,8 @@ T = TypeVar("T")
 PING_INTERVAL = 2.0
 PONG_TIMEOUT = 2.0
 HEARTBEAT = 1.0
-#: manager side: a dead link is closed at most ping interval + pong deadline after the cut;
+#: manager side: a dead link is closed at most heartbeat interval + pong deadline after the cut
+#: (bounded here by the larger ping interval + pong deadline);
 #: slack for the close, the registry write and our 0.2 s polling
 DISCONNECT_BOUND = PING_INTERVAL + PONG_TIMEOUT + 2.0
 #: the hub notices a dead link by its websocket pings (10 s + 10 s), or once a heartbeat has been

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 import gc
 import json
-from collections.abc import AsyncIterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -252,12 +252,19 @@ def authenticate(key: Ed25519PrivateKey, hub_id: str, space: str = "demo") -> An
 
 @asynccontextmanager
 async def hub_session(
-    hello: Hello, *, heartbeats: bool = True, pongs: bool = True
+    hello: Hello,
+    *,
+    heartbeats: bool = True,
+    pongs: bool = True,
+    on_control: Callable[[dict[str, Any]], Awaitable[None]] | None = None,
 ) -> AsyncIterator[LinkSession]:
-    """Run the hub's side after ``welcome``: serve streams with tiny_app, heartbeat, answer pings."""
+    """Run the hub's side after ``welcome``: serve streams with tiny_app, heartbeat, answer pings
+    (``pongs``), and hand every control message to ``on_control`` too."""
     session: LinkSession | None = None
 
-    async def on_control(message: dict[str, Any]) -> None:
+    async def handle(message: dict[str, Any]) -> None:
+        if on_control is not None:
+            await on_control(message)
         if message["type"] == "ping" and pongs and session is not None:
             await session.send_control({"type": "pong", "nonce": message["nonce"]})
 
@@ -265,7 +272,7 @@ async def hub_session(
         hello.connection,
         hello.transport,
         on_stream=partial(serve_asgi, app=tiny_app),
-        on_control=on_control,
+        on_control=handle,
     )
     async with trio.open_nursery() as nursery:
         await nursery.start(session.run)
@@ -421,12 +428,13 @@ async def test_revoked_hub_is_cut_off_and_refused(tmp_path: Path) -> None:
             assert hello.answer["code"] == "hub-revoked"
 
 
-async def test_missed_heartbeats_make_a_hub_unhealthy_and_late_pongs_close_it(tmp_path: Path) -> None:
+async def test_missed_heartbeats_make_a_hub_unhealthy_and_silence_closes_it(tmp_path: Path) -> None:
     key = Ed25519PrivateKey.generate()
     async with manager(tmp_path, **FAST) as m, httpx.AsyncClient(base_url=m.url, timeout=TIMEOUT) as client:
         async with dial(m.url, join(key, m.registry.create_join_token("demo", 60))) as hello:
             hub_id = hello.answer["hubId"]
             async with hub_session(hello, heartbeats=False):
+                # An older hub: no heartbeats, but it answers pings, so the link stays up.
 
                 async def unhealthy_but_connected() -> bool:
                     record = await hub_record(client, m.token, hub_id)
@@ -435,12 +443,35 @@ async def test_missed_heartbeats_make_a_hub_unhealthy_and_late_pongs_close_it(tm
                 await wait_for(unhealthy_but_connected)
         async with (
             dial(m.url, authenticate(key, hub_id)) as hello,
-            hub_session(hello, pongs=False) as session,
+            hub_session(hello, heartbeats=False, pongs=False) as session,
         ):
-            if True:
-                with trio.fail_after(TIMEOUT):
-                    while not session.closed:
-                        await trio.sleep(0.05)
+            with trio.fail_after(TIMEOUT):
+                while not session.closed:
+                    await trio.sleep(0.05)
+
+
+async def test_heartbeats_alone_keep_a_link_up(tmp_path: Path) -> None:
+    """The welcome asks for no pongs: a hub that heartbeats and never answers a ping stays linked."""
+    key = Ed25519PrivateKey.generate()
+    pings = 0
+
+    async def count(message: dict[str, Any]) -> None:
+        nonlocal pings
+        pings += message["type"] == "ping"
+
+    async with (
+        manager(tmp_path, **FAST) as m,
+        httpx.AsyncClient(base_url=m.url, timeout=TIMEOUT) as client,
+        dial(m.url, join(key, m.registry.create_join_token("demo", 60))) as hello,
+    ):
+        assert hello.answer["answerPings"] is False
+        async with hub_session(hello, pongs=False, on_control=count) as session:
+            limit = FAST["heartbeat_interval"] + FAST["pong_timeout"]
+            await trio.sleep(5 * limit)
+            assert not session.closed
+            assert pings >= 5 * limit / FAST["ping_interval"] - 2  # the manager kept pinging
+            record = await hub_record(client, m.token, hello.answer["hubId"])
+            assert record["isConnectionActive"] and record["healthy"]
 
 
 async def test_a_stalled_reader_holds_back_only_its_stream(tmp_path: Path) -> None:

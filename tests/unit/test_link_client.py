@@ -314,6 +314,20 @@ async def test_ping_is_answered(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()
 
 
+async def test_pings_go_unanswered_when_the_welcome_says_so(tmp_path: Path) -> None:
+    """A manager that takes heartbeats as the hub's sign of life asks for no pongs."""
+    manager = FakeManager(welcome_extra={"answerPings": False, "pingInterval": 0.3}, ping_every=0.1)
+    with trio.fail_after(10):
+        async with fake_manager(manager), trio.open_nursery() as nursery:
+            client = make_client(tmp_path, f"ws://127.0.0.1:{manager.port}")
+            await nursery.start(client.run)
+            await until(lambda: client.status()["connected"])
+            await trio.sleep(1.0)  # about ten pings
+            assert manager.pongs == []
+            assert client.status()["connected"] and client.connections == 1
+            nursery.cancel_scope.cancel()
+
+
 async def test_a_silent_manager_is_dropped_after_its_ping_interval_and_pong_deadline(tmp_path: Path) -> None:
     """The hub sends no websocket pings: silence from the manager is what tells a dead link."""
     manager = FakeManager(welcome_extra={"pingInterval": 0.3, "pongTimeout": 0.3})
