@@ -86,6 +86,7 @@ from spacehub.protocol.auth import (
     sign_challenge,
 )
 from spacehub.protocol.link import (
+    BATCH_FEATURE,
     FRAME_HEADER_SIZE,
     MAX_FRAME_PAYLOAD,
     MAX_HEAD_BYTES,
@@ -507,7 +508,9 @@ class LinkClient:
             silence = (ping or self.ping_interval) + (pong or self.ping_timeout)
             # A manager that says nothing expects pongs (older ones close a link without them).
             answer_pings = welcome.get("answerPings") is not False
-            await self._serve(transport, connection, websocket.stream, silence, answer_pings)
+            features = welcome.get("linkFeatures")
+            batching = isinstance(features, list) and BATCH_FEATURE in features
+            await self._serve(transport, connection, websocket.stream, silence, answer_pings, batching)
 
     async def _receive_control(
         self, transport: WebsocketsTransport, connection: LinkConnection
@@ -546,6 +549,7 @@ class LinkClient:
                 "description": self._config.description,
                 "tags": list(self._config.tags),
                 "version": __version__,
+                "linkFeatures": [BATCH_FEATURE],
             }
         else:
             answer = {
@@ -554,6 +558,7 @@ class LinkClient:
                 "hubId": self._hub_id,
                 "signature": signature,
                 "version": __version__,
+                "linkFeatures": [BATCH_FEATURE],
             }
         await transport.send(connection.send_control(answer))
         reply = await self._receive_control(transport, connection)
@@ -585,6 +590,7 @@ class LinkClient:
         stream: trio.abc.Stream,
         silence: float,
         answer_pings: bool,
+        batching: bool,
     ) -> None:
         async def on_stream(stream: InboundStream) -> None:
             await serve_asgi(stream, self._app)
@@ -600,6 +606,7 @@ class LinkClient:
                 logger.debug("link: ignoring control message %r", kind)
 
         session = LinkSession(connection, transport, on_stream=on_stream, on_control=on_control)
+        session.batching = batching
         self._session = session
         try:
             async with trio.open_nursery() as nursery:

@@ -74,7 +74,7 @@ import trio
 from agent.api.http import Request, Send
 from spacehub.link.session import LinkClosed, LinkSession, OutboundStream, StreamAborted
 from spacehub.protocol.auth import challenge_payload, make_challenge, verify_challenge
-from spacehub.protocol.link import ControlReceived, LinkConnection, LinkError
+from spacehub.protocol.link import BATCH_FEATURE, ControlReceived, LinkConnection, LinkError
 
 from .. import __version__
 from ..config import ManagerConfig
@@ -324,7 +324,7 @@ class HubSessions:
         connection = LinkConnection("manager")
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
-                hub_id, space, version = await self._handshake(connection, transport)
+                hub_id, space, version, batching = await self._handshake(connection, transport)
         except _Refusal as refusal:
             logger.warning("refused a hub from %s: %s (%s)", peer, refusal.reason, refusal.code)
             notice = {"type": "refused", "code": refusal.code, "reason": refusal.reason, "retry": False}
@@ -346,12 +346,13 @@ class HubSessions:
             logger.error("cannot admit a hub from %s: %s", peer, exc)
             await transport.aclose(CLOSE_INTERNAL, "manager error")
             return
-        await self._run_session(hub_id, space, version, connection, transport)
+        await self._run_session(hub_id, space, version, batching, connection, transport)
 
     async def _handshake(
         self, connection: LinkConnection, transport: AsgiWebSocketTransport
-    ) -> tuple[str, str, str]:
-        """The admitted hub's id, space and version (not its registry row: a link would keep it)."""
+    ) -> tuple[str, str, str, bool]:
+        """The admitted hub's id, space, version and whether it reads BATCH frames (not its
+        registry row: the link would keep it)."""
         nonce = make_challenge()
         challenge = {
             "type": "challenge",
@@ -394,9 +395,13 @@ class HubSessions:
             "pongTimeout": self.config.pong_timeout,
             # Its heartbeats prove the link to us; a pong per ping would add nothing (see Liveness).
             "answerPings": False,
+            # This manager reads BATCH frames (spacehub.protocol.link).
+            "linkFeatures": [BATCH_FEATURE],
         }
         await transport.send(connection.send_control(welcome))
-        return hub.id, hub.space, version if isinstance(version, str) else ""
+        features = message.get("linkFeatures")
+        batching = isinstance(features, list) and BATCH_FEATURE in features
+        return hub.id, hub.space, version if isinstance(version, str) else "", batching
 
     async def _join(self, message: dict[str, Any], space: str, nonce: bytes, signature: bytes) -> Hub:
         public_key = _b64(message.get("publicKey"), "publicKey")
@@ -455,12 +460,14 @@ class HubSessions:
         hub_id: str,
         space: str,
         version: str,
+        batching: bool,
         connection: LinkConnection,
         transport: AsgiWebSocketTransport,
     ) -> None:
         now = trio.current_time()
         session = HubSession(hub_id, space, transport, now, HubReport(hub_id, space, version))
         link = session.link = LinkSession(connection, transport, on_control_nowait=session.on_control)
+        link.batching = batching
         old = self._live.get(hub_id)
         self._live[hub_id] = session
         self._last[hub_id] = session.report
@@ -626,8 +633,13 @@ async def forward(session: HubSession, request: Request, send: Send, target: str
     Raises :class:`HubUnavailable` / :class:`HubLinkFailed` only before the response has
     started; after that, a broken link or a reset stream cuts the response short.
     """
+    # HTTP/1.1: a request has a body only with a length or a transfer coding. Without one,
+    # OPEN and END go together (one message to a hub that reads BATCH).
+    no_body = request.header("transfer-encoding") is None and request.header("content-length") in (None, "0")
     try:
-        stream = await session.link.open_stream(request.method, target, _request_headers(request))
+        stream = await session.link.open_stream(
+            request.method, target, _request_headers(request), end=no_body
+        )
     except LinkClosed:
         raise HubUnavailable(f"Hub {session.hub_id} is not connected") from None
     except LinkError as exc:
@@ -641,7 +653,8 @@ async def forward(session: HubSession, request: Request, send: Send, target: str
 
             async def upload() -> None:
                 try:
-                    await stream.send_body(request.stream())
+                    if not no_body:
+                        await stream.send_body(request.stream())
                 except trio.BrokenResourceError:
                     pass  # the client left mid-body
                 except (LinkClosed, StreamAborted, LinkError):

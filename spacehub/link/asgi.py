@@ -22,6 +22,8 @@ import trio
 from websockets.exceptions import ConnectionClosed
 from websockets.trio.client import ClientConnection
 
+from spacehub.protocol.link import MAX_BATCH_BYTES
+
 from .session import InboundStream, LinkClosed, StreamAborted
 
 __all__ = ["REFUSED_REASON", "ASGIApp", "WebsocketsTransport", "serve_asgi"]
@@ -35,6 +37,8 @@ ASGIApp = Callable[[MutableMapping[str, Any], ASGIReceive, ASGISend], Awaitable[
 
 #: The RESET reason for a stream whose target is outside the served prefix.
 REFUSED_REASON: Final = "target refused"
+#: Longest declared body sent together with its head (a BATCH holds it and the head).
+SHORT_BODY: Final = MAX_BATCH_BYTES // 2
 
 
 def _scope(stream: InboundStream) -> dict[str, Any]:
@@ -69,6 +73,8 @@ async def serve_asgi(stream: InboundStream, app: ASGIApp, *, path_prefix: str = 
     body_done = False
     started = False
     finished = False
+    #: a short response's head, held back to go with its body (see _short_length)
+    held: tuple[int, list[tuple[str, str]]] | None = None
 
     async def receive() -> ASGIMessage:
         nonlocal owed, body_done
@@ -90,7 +96,7 @@ async def serve_asgi(stream: InboundStream, app: ASGIApp, *, path_prefix: str = 
         return {"type": "http.disconnect"}
 
     async def send(message: ASGIMessage) -> None:
-        nonlocal started, finished
+        nonlocal started, finished, held
         if finished or stream._error is not None:
             return  # the exchange is over; the app hears it from receive()
         try:
@@ -101,15 +107,26 @@ async def serve_asgi(stream: InboundStream, app: ASGIApp, *, path_prefix: str = 
                     (bytes(name).decode("latin-1"), bytes(value).decode("latin-1"))
                     for name, value in message.get("headers", [])
                 ]
-                await stream.respond(int(message["status"]), headers)
+                if stream.batching and _short_length(headers):
+                    held = (int(message["status"]), headers)
+                else:
+                    await stream.respond(int(message["status"]), headers)
                 started = True
             elif message["type"] == "http.response.body":
                 if not started:
                     raise RuntimeError("http.response.body before http.response.start")
-                body = message.get("body", b"")
+                body = bytes(message.get("body", b""))
+                more = message.get("more_body", False)
+                if held is not None:
+                    (status, headers), held = held, None
+                    if not more:
+                        await stream.respond_whole(status, headers, body)
+                        finished = True
+                        return
+                    await stream.respond(status, headers)
                 if body:
-                    await stream.send(bytes(body))
-                if not message.get("more_body", False):
+                    await stream.send(body)
+                if not more:
                     await stream.end()
                     finished = True
         except (StreamAborted, LinkClosed):
@@ -136,6 +153,18 @@ async def serve_asgi(stream: InboundStream, app: ASGIApp, *, path_prefix: str = 
     elif not stream._remote_ended:
         # Answered before the request body was over (e.g. 413): nobody will read the rest.
         await stream.reset("response complete")
+
+
+def _short_length(headers: list[tuple[str, str]]) -> bool:
+    """Whether the app declared a body short enough to go with its head in one BATCH.
+
+    Only then is the head held back until the body comes: a streamed answer (no length)
+    must show its head at once, as hypercorn does, whenever its first bytes come.
+    """
+    for name, value in headers:
+        if name.lower() == "content-length":
+            return value.isdigit() and int(value) <= SHORT_BODY
+    return False
 
 
 class WebsocketsTransport:

@@ -195,6 +195,11 @@ class _Stream:
         while self._error is None:
             await self._wait()
 
+    @property
+    def batching(self) -> bool:
+        """Whether frames made together reach the peer together (it reads BATCH)."""
+        return self._session.batching
+
     def _check(self) -> None:
         if self._error is not None:
             raise self._error
@@ -219,12 +224,16 @@ class _Stream:
     async def _end(self) -> None:
         def make() -> list[bytes]:
             self._check()
-            frame = self._session._connection.end_stream(self.stream_id)
-            self._local_ended = True
-            self._session._forget_if_gone(self)
-            return [frame]
+            return [self._end_frame()]
 
         await self._session._send_made(make)
+
+    def _end_frame(self) -> bytes:
+        """Make this end's END (under the send lock, inside a ``make``)."""
+        frame = self._session._connection.end_stream(self.stream_id)
+        self._local_ended = True
+        self._session._forget_if_gone(self)
+        return frame
 
     async def reset(self, reason: str) -> None:
         """Abort both directions (no-op if the stream is over already)."""
@@ -303,6 +312,28 @@ class InboundStream(_Stream):
 
         await self._session._send_made(make)
 
+    async def respond_whole(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+        """Send the whole response: head, body and END, in one message to a peer that reads
+        BATCH when the body fits in the stream's window (else as :meth:`respond`, :meth:`send`
+        and :meth:`end` would)."""
+        connection = self._session._connection
+        if len(body) > connection.send_window(self.stream_id):
+            await self.respond(status, headers)
+            await self.send(body)
+            await self.end()
+            return
+
+        def make() -> list[bytes]:
+            self._check()
+            frames = [connection.respond(self.stream_id, status, headers)]
+            self._responded = True
+            if body:
+                frames += connection.send_data(self.stream_id, body)
+            frames.append(self._end_frame())
+            return frames
+
+        await self._session._send_made(make)
+
     async def send(self, data: bytes) -> None:
         """Send response body bytes, waiting for the peer's window (this is the back-pressure)."""
         await self._send_data(data)
@@ -351,6 +382,9 @@ class LinkSession:
         self._control_error: BaseException | None = None
         #: why the session ended (None while it runs)
         self.close_reason: str | None = None
+        #: whether the peer reads BATCH frames (it said so in the handshake): frames made
+        #: together are then sent together, in as few messages as fit
+        self.batching = False
 
     @property
     def closed(self) -> bool:
@@ -524,7 +558,10 @@ class LinkSession:
         async with self._send_lock:
             if self._closed:
                 raise LinkClosed(f"the link closed: {self.close_reason}")
-            for frame in make():
+            frames = list(make())
+            if self.batching and len(frames) > 1:
+                frames = self._connection.batch(frames)
+            for frame in frames:
                 with trio.CancelScope(shield=True):
                     try:
                         await self._transport.send(frame)
@@ -537,8 +574,12 @@ class LinkSession:
         """Send a control message (stream 0; never flow-controlled)."""
         await self._send_made(lambda: [self._connection.send_control(message)])
 
-    async def open_stream(self, method: str, path: str, headers: list[tuple[str, str]]) -> OutboundStream:
-        """Open a stream with this request head; send its body, then read its response."""
+    async def open_stream(
+        self, method: str, path: str, headers: list[tuple[str, str]], *, end: bool = False
+    ) -> OutboundStream:
+        """Open a stream with this request head; send its body, then read its response.
+        With ``end``, the request has no body: OPEN and END go together (one message to a
+        peer that reads BATCH)."""
         opened: list[OutboundStream] = []
 
         def make() -> list[bytes]:
@@ -546,7 +587,7 @@ class LinkSession:
             stream = OutboundStream(self, stream_id)
             self._streams[stream_id] = stream
             opened.append(stream)
-            return [frame]
+            return [frame, stream._end_frame()] if end else [frame]
 
         await self._send_made(make)
         return opened[0]

@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -30,7 +30,7 @@ from cpm.registry import Registry
 from cpm.service import run_manager
 from spacehub.link import LinkClosed, LinkSession, WebsocketsTransport, serve_asgi
 from spacehub.protocol.auth import challenge_payload, public_key_bytes, sign_challenge
-from spacehub.protocol.link import ControlReceived, LinkConnection
+from spacehub.protocol.link import ControlReceived, FrameType, LinkConnection
 
 TIMEOUT = 10.0
 
@@ -448,6 +448,48 @@ async def test_missed_heartbeats_make_a_hub_unhealthy_and_silence_closes_it(tmp_
             with trio.fail_after(TIMEOUT):
                 while not session.closed:
                     await trio.sleep(0.05)
+
+
+async def test_batches_are_agreed_in_the_handshake(tmp_path: Path) -> None:
+    """The welcome says the manager reads BATCH; a hub that says so too gets its calls batched."""
+
+    class Recording:
+        """The hub's transport, noting the type byte of every message that comes in."""
+
+        def __init__(self, inner: WebsocketsTransport) -> None:
+            self.inner = inner
+            self.types: list[int] = []
+
+        async def send(self, message: bytes) -> None:
+            await self.inner.send(message)
+
+        async def receive(self) -> bytes:
+            message = await self.inner.receive()
+            self.types.append(message[0])
+            return message
+
+        async def aclose(self) -> None:
+            await self.inner.aclose()
+
+    async with manager(tmp_path, **FAST) as m, httpx.AsyncClient(base_url=m.url, timeout=TIMEOUT) as client:
+        for says in (True, False):
+            key = Ed25519PrivateKey.generate()
+            make = join(key, m.registry.create_join_token("demo", 60))
+            hello_of = (lambda nonce, make=make: {**make(nonce), "linkFeatures": ["batch"]}) if says else make
+            async with dial(m.url, hello_of) as hello:
+                assert hello.answer["linkFeatures"] == ["batch"]
+                recording = Recording(hello.transport)
+                recorded = Hello(hello.answer, cast(WebsocketsTransport, recording), hello.connection)
+                async with hub_session(recorded) as session:
+                    session.batching = says
+                    hub_id = hello.answer["hubId"]
+                    response = await client.get(
+                        f"/api/v1/space/demo/api/v1/sth/{hub_id}/api/v1/version", headers=auth(m.token)
+                    )
+                    assert response.status_code == 200
+                    assert response.json()["path"] == "/api/v1/version"
+                    streams = [t for t in recording.types if t != FrameType.CONTROL]
+                    assert streams == ([FrameType.BATCH] if says else [FrameType.OPEN, FrameType.END])
 
 
 async def test_heartbeats_alone_keep_a_link_up(tmp_path: Path) -> None:

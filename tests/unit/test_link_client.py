@@ -314,6 +314,21 @@ async def test_ping_is_answered(tmp_path: Path) -> None:
             nursery.cancel_scope.cancel()
 
 
+async def test_the_hub_says_it_reads_batches_and_batches_only_when_the_manager_does(tmp_path: Path) -> None:
+    cases = (({"linkFeatures": ["batch"]}, True), ({}, False), ({"linkFeatures": "batch"}, False))
+    for n, (extra, expected) in enumerate(cases):
+        manager = FakeManager(welcome_extra=extra)
+        (tmp_path / str(n)).mkdir()
+        with trio.fail_after(10):
+            async with fake_manager(manager), trio.open_nursery() as nursery:
+                client = make_client(tmp_path / str(n), f"ws://127.0.0.1:{manager.port}")
+                await nursery.start(client.run)
+                await until(lambda c=client: bool(c.status()["connected"]))
+                assert all(hello["linkFeatures"] == ["batch"] for hello, _ in manager.hellos)
+                assert client._session is not None and client._session.batching is expected
+                nursery.cancel_scope.cancel()
+
+
 async def test_pings_go_unanswered_when_the_welcome_says_so(tmp_path: Path) -> None:
     """A manager that takes heartbeats as the hub's sign of life asks for no pongs."""
     manager = FakeManager(welcome_extra={"answerPings": False, "pingInterval": 0.3}, ping_every=0.1)

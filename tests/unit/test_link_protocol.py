@@ -18,6 +18,7 @@ import pytest
 
 from spacehub.protocol.link import (
     INITIAL_WINDOW,
+    MAX_BATCH_BYTES,
     MAX_CONCURRENT_STREAMS,
     MAX_FRAME_PAYLOAD,
     MAX_HEAD_BYTES,
@@ -40,7 +41,7 @@ from spacehub.protocol.link import (
     WindowUpdated,
 )
 
-OPEN, RESPONSE, DATA, END, RESET, WINDOW, CONTROL = 1, 2, 3, 4, 5, 6, 7
+OPEN, RESPONSE, DATA, END, RESET, WINDOW, CONTROL, BATCH = 1, 2, 3, 4, 5, 6, 7, 8
 HALF = INITIAL_WINDOW // 2
 
 
@@ -379,7 +380,7 @@ def test_a_long_reset_reason_is_cut_not_refused() -> None:
     assert 0 < len(event.reason) < MAX_HEAD_BYTES
 
 
-@pytest.mark.parametrize("type_byte", [0, 8, 9, 0x80, 255])
+@pytest.mark.parametrize("type_byte", [0, 9, 0x80, 255])
 def test_an_unknown_frame_type_is_a_violation(type_byte: int) -> None:
     with pytest.raises(LinkProtocolError, match="unknown frame type"):
         LinkConnection("hub").receive_message(raw(type_byte, 1))
@@ -709,7 +710,7 @@ SETUPS: dict[str, tuple[str, list[Step], StreamState]] = {
 }
 
 SENDS = ["respond", "data", "end", "reset", "consumed"]
-RECEIVES = ["OPEN", "RESPONSE", "DATA", "END", "RESET", "WINDOW", "CONTROL"]
+RECEIVES = ["OPEN", "RESPONSE", "DATA", "END", "RESET", "WINDOW", "CONTROL", "BATCH"]
 ACTIONS = SENDS + RECEIVES
 
 # ok:S  the send is allowed; the stream is then in state S (O open, HL half-closed-local,
@@ -719,21 +720,22 @@ ACTIONS = SENDS + RECEIVES
 # L     LocalProtocolError                         P    LinkProtocolError
 # fmt: off
 EXPECTED: dict[str, str] = {
+    # (CTRL: CONTROL; the last column: BATCH, always P on a stream's id)
     #                     respond data   end    reset consumed OPEN RESPONSE DATA   END    RESET  WINDOW CTRL
-    "o-open-unanswered": "L       ok:O   ok:HL  ok:R  none     P    ev:O     P      P      ev:R   ev:O   P",
-    "o-open":            "L       ok:O   ok:HL  ok:R  none     P    P        ev:O   ev:HR  ev:R   ev:O   P",
-    "o-hcl-unanswered":  "L       L      L      ok:R  none     P    ev:HL    P      P      ev:R   ign    P",
-    "o-hcl":             "L       L      L      ok:R  none     P    P        ev:HL  ev:C   ev:R   ign    P",
-    "o-hcr":             "L       ok:HR  ok:C   ok:R  none     P    P        P      P      ev:R   ev:HR  P",
-    "a-open-unanswered": "ok:O    L      L      ok:R  none     P    P        ev:O   ev:HR  ev:R   ev:O   P",
-    "a-open":            "L       ok:O   ok:HL  ok:R  none     P    P        ev:O   ev:HR  ev:R   ev:O   P",
-    "a-hcr-unanswered":  "ok:HR   L      L      ok:R  none     P    P        P      P      ev:R   ev:HR  P",
-    "a-hcr":             "L       ok:HR  ok:C   ok:R  none     P    P        P      P      ev:R   ev:HR  P",
-    "a-hcl":             "L       L      L      ok:R  none     P    P        ev:HL  ev:C   ev:R   ign    P",
-    "closed":            "L       L      L      none  none     P    P        P      P      ign    ign    P",
-    "reset-by-us":       "L       L      L      none  none     P    ign      ign    ign    ign    ign    P",
-    "reset-by-peer":     "L       L      L      none  none     P    P        P      P      ign    ign    P",
-    "idle":              "L       L      L      L     L        ev:O P        P      P      P      P      P",
+    "o-open-unanswered": "L       ok:O   ok:HL  ok:R  none     P    ev:O     P      P      ev:R   ev:O   P P",
+    "o-open":            "L       ok:O   ok:HL  ok:R  none     P    P        ev:O   ev:HR  ev:R   ev:O   P P",
+    "o-hcl-unanswered":  "L       L      L      ok:R  none     P    ev:HL    P      P      ev:R   ign    P P",
+    "o-hcl":             "L       L      L      ok:R  none     P    P        ev:HL  ev:C   ev:R   ign    P P",
+    "o-hcr":             "L       ok:HR  ok:C   ok:R  none     P    P        P      P      ev:R   ev:HR  P P",
+    "a-open-unanswered": "ok:O    L      L      ok:R  none     P    P        ev:O   ev:HR  ev:R   ev:O   P P",
+    "a-open":            "L       ok:O   ok:HL  ok:R  none     P    P        ev:O   ev:HR  ev:R   ev:O   P P",
+    "a-hcr-unanswered":  "ok:HR   L      L      ok:R  none     P    P        P      P      ev:R   ev:HR  P P",
+    "a-hcr":             "L       ok:HR  ok:C   ok:R  none     P    P        P      P      ev:R   ev:HR  P P",
+    "a-hcl":             "L       L      L      ok:R  none     P    P        ev:HL  ev:C   ev:R   ign    P P",
+    "closed":            "L       L      L      none  none     P    P        P      P      ign    ign    P P",
+    "reset-by-us":       "L       L      L      none  none     P    ign      ign    ign    ign    ign    P P",
+    "reset-by-peer":     "L       L      L      none  none     P    P        P      P      ign    ign    P P",
+    "idle":              "L       L      L      L     L        ev:O P        P      P      P      P      P P",
 }
 # fmt: on
 
@@ -793,6 +795,7 @@ def act(conn: LinkConnection, stream_id: int, action: str) -> object:
         "RESET": raw_json(RESET, stream_id, {"reason": "stop"}),
         "WINDOW": raw_window(stream_id, 1),
         "CONTROL": raw_json(CONTROL, stream_id, {}),
+        "BATCH": raw(BATCH, stream_id, struct.pack(">I", 7) + raw(CONTROL, 0, b"{}")),
     }
     return conn.receive_message(frames[action])
 
@@ -827,3 +830,83 @@ def test_every_state_and_event_pair(state: str, action: str) -> None:
         assert outcome == "none"
         assert result is None
     assert conn.stream_state(stream_id) is (SHORT[after] if after else before)
+
+
+# -- BATCH: several frames in one message ------------------------------------------------------
+
+
+def raw_batch(*frames: bytes, stream_id: int = 0) -> bytes:
+    return raw(BATCH, stream_id, b"".join(struct.pack(">I", len(frame)) + frame for frame in frames))
+
+
+def test_a_short_exchange_crosses_in_two_messages() -> None:
+    manager, hub = pair()
+    stream_id, opened = manager.open_stream("GET", "/api/v1/version", [("accept", "*/*")])
+    request = LinkConnection.batch([opened, manager.end_stream(stream_id)])
+    assert len(request) == 1 and request[0][0] == BATCH
+    assert deliver(hub, request) == [
+        StreamOpened(stream_id, "GET", "/api/v1/version", (("accept", "*/*"),)),
+        StreamEnded(stream_id),
+    ]
+    frames = [hub.respond(stream_id, 200, [("content-type", "application/json")])]
+    frames += hub.send_data(stream_id, b'{"ok":true}')
+    frames.append(hub.end_stream(stream_id))
+    response = LinkConnection.batch(frames)
+    assert len(response) == 1
+    assert deliver(manager, response) == [
+        ResponseStarted(stream_id, 200, (("content-type", "application/json"),)),
+        DataReceived(stream_id, b'{"ok":true}'),
+        StreamEnded(stream_id),
+    ]
+    assert manager.stream_state(stream_id) is hub.stream_state(stream_id) is StreamState.CLOSED
+
+
+def test_batch_is_the_same_as_its_frames_one_by_one() -> None:
+    """Frames in a BATCH get exactly the checks and state changes they get alone."""
+    manager, hub = pair()
+    stream_id, opened = manager.open_stream("POST", "/x", [])
+    deliver(hub, LinkConnection.batch([opened, *manager.send_data(stream_id, b"abc")]))
+    # The window was charged by the batched DATA: 3 bytes of INITIAL_WINDOW are in flight.
+    assert manager.send_window(stream_id) == INITIAL_WINDOW - 3
+    with pytest.raises(LinkProtocolError, match="reuses an id"):
+        hub.receive_message(raw_batch(raw_open(stream_id)))
+
+
+def test_batch_leaves_a_single_frame_alone_and_large_frames_apart() -> None:
+    manager, hub = pair()
+    stream_id, opened = manager.open_stream("POST", "/x", [])
+    assert LinkConnection.batch([opened]) == [opened]
+    big = manager.send_data(stream_id, b"x" * (MAX_BATCH_BYTES + 1))
+    end = manager.end_stream(stream_id)
+    messages = LinkConnection.batch([opened, *big, end])
+    assert messages == [opened, *big, end]  # nothing fits beside a frame over the limit
+    smalls = [manager.send_control({"n": n, "pad": "y" * 1000}) for n in range(100)]
+    packed = LinkConnection.batch(smalls)
+    assert 1 < len(packed) < 100 and all(len(m) <= 5 + MAX_BATCH_BYTES for m in packed)
+    events = deliver(hub, packed)
+    assert [event.message["n"] for event in events if isinstance(event, ControlReceived)] == list(range(100))
+
+
+@pytest.mark.parametrize(
+    ("message", "match"),
+    [
+        (raw(BATCH, 0), "empty BATCH"),
+        (raw_batch(raw(CONTROL, 0, b"{}"), stream_id=1), "belong on stream 0"),
+        (raw(BATCH, 0, b"\x00\x00"), "inside a frame's length"),
+        (raw(BATCH, 0, struct.pack(">I", 10) + b"\x07\x00"), "inside a frame of 10 bytes"),
+        (raw_batch(raw_batch(raw(CONTROL, 0, b"{}"))), "BATCH inside a BATCH"),
+        (raw_batch(raw(42, 0)), "unknown frame type 42"),
+        (raw_batch(b"\x07"), "shorter than its header"),
+        (raw(BATCH, 0, b"\x00" * (MAX_BATCH_BYTES + 1)), "over"),
+    ],
+)
+def test_malformed_batches_are_violations(message: bytes, match: str) -> None:
+    with pytest.raises(LinkProtocolError, match=match):
+        LinkConnection("hub").receive_message(message)
+
+
+def test_only_made_frames_are_batched() -> None:
+    with pytest.raises(LocalProtocolError):
+        LinkConnection.batch([b"\x07"])
+    with pytest.raises(LocalProtocolError):
+        LinkConnection.batch([raw_batch(raw(CONTROL, 0, b"{}"))])

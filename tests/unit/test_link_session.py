@@ -20,6 +20,7 @@ from spacehub.link import (
     InboundStream,
     LinkClosed,
     LinkSession,
+    MessageTransport,
     StreamAborted,
     memory_transport_pair,
     serve_asgi,
@@ -335,12 +336,24 @@ async def tiny_app(
         info["headers"] = scope["headers"]
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": repr(info).encode()})
+    elif scope["path"] == "/api/v1/short":
+        body = b'{"short": true}'
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+    elif scope["path"] == "/api/v1/slow":
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await SLOW_GO.wait()
+        await send({"type": "http.response.body", "body": b"late"})
     elif scope["path"] == "/api/v1/disconnect":
         await send({"type": "http.response.start", "status": 200, "headers": []})
         DISCONNECTS.append((await receive())["type"])
         DISCONNECTS.append((await receive())["type"])
     else:
         raise RuntimeError("boom")
+
+
+SLOW_GO = trio.Event()
 
 
 async def serve_tiny(stream: InboundStream) -> None:
@@ -436,3 +449,72 @@ def test_on_control_and_on_control_nowait_exclude_each_other() -> None:
 
     with pytest.raises(ValueError):
         LinkSession(LinkConnection("manager"), a, on_control=on_control, on_control_nowait=print)
+
+
+class CountingTransport:
+    """A transport that keeps every message it sends."""
+
+    def __init__(self, inner: MessageTransport) -> None:
+        self.inner = inner
+        self.sent: list[bytes] = []
+
+    async def send(self, message: bytes) -> None:
+        self.sent.append(message)
+        await self.inner.send(message)
+
+    async def receive(self) -> bytes:
+        return await self.inner.receive()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@asynccontextmanager
+async def counted_pair(
+    batching: bool,
+) -> AsyncIterator[tuple[LinkSession, CountingTransport, CountingTransport]]:
+    a, b = memory_transport_pair()
+    to_hub, to_manager = CountingTransport(a), CountingTransport(b)
+    manager = LinkSession(LinkConnection("manager"), to_hub)
+    hub = LinkSession(LinkConnection("hub"), to_manager, on_stream=serve_tiny)
+    manager.batching = hub.batching = batching
+    async with trio.open_nursery() as nursery:
+        await nursery.start(manager.run)
+        await nursery.start(hub.run)
+        yield manager, to_hub, to_manager
+        manager.close()
+        hub.close()
+
+
+async def test_a_short_call_is_one_message_each_way_to_a_peer_that_batches() -> None:
+    with trio.fail_after(5):
+        async with counted_pair(batching=True) as (manager, to_hub, to_manager):
+            stream = await manager.open_stream("GET", "/api/v1/short", [], end=True)
+            assert await stream.response() == (
+                200,
+                [("content-type", "application/json"), ("content-length", "15")],
+            )
+            assert await collect(stream.body()) == b'{"short": true}'
+            assert [m[0] for m in to_hub.sent] == [FrameType.BATCH]  # OPEN + END
+            assert [m[0] for m in to_manager.sent] == [FrameType.BATCH]  # RESPONSE + DATA + END
+            assert manager._connection.open_streams() == 0
+
+
+async def test_a_streamed_head_is_not_held_for_its_body() -> None:
+    """Without a short declared length the head goes at once, as hypercorn sends it."""
+    with trio.fail_after(5):
+        async with counted_pair(batching=True) as (manager, _, to_manager):
+            stream = await manager.open_stream("GET", "/api/v1/slow", [], end=True)
+            assert await stream.response() == (200, [])  # while the app still waits
+            assert [m[0] for m in to_manager.sent] == [FrameType.RESPONSE]
+            SLOW_GO.set()
+            assert await collect(stream.body()) == b"late"
+
+
+async def test_no_batches_to_a_peer_that_did_not_ask_for_them() -> None:
+    with trio.fail_after(5):
+        async with counted_pair(batching=False) as (manager, to_hub, to_manager):
+            stream = await manager.open_stream("GET", "/api/v1/short", [], end=True)
+            assert await collect(stream.body()) == b'{"short": true}'
+            assert [m[0] for m in to_hub.sent] == [FrameType.OPEN, FrameType.END]
+            assert [m[0] for m in to_manager.sent] == [FrameType.RESPONSE, FrameType.DATA, FrameType.END]
