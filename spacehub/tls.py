@@ -18,14 +18,7 @@ import ssl
 from pathlib import Path
 from typing import Final
 
-__all__ = [
-    "MAX_PEM",
-    "certificate_fingerprint",
-    "check_ca_fingerprint",
-    "client_ssl_context",
-    "loaded_library",
-    "read_pem",
-]
+__all__ = ["MAX_PEM", "certificate_fingerprint", "check_ca_fingerprint", "client_ssl_context", "read_pem"]
 
 #: Longest PEM file read (a certificate or key is a few KB).
 MAX_PEM: Final = 64 * 1024
@@ -94,20 +87,6 @@ def client_ssl_context(
     # Python 3.13 sets this by default; set it everywhere so 3.11 refuses what 3.13 would.
     context.verify_flags |= ssl.VERIFY_X509_STRICT
     return context
-
-
-def loaded_library(prefix: str) -> str | None:
-    """The path of a shared library whose file name starts with ``prefix`` (``libssl.so``),
-    if it is mapped into this process (Linux; ``None`` elsewhere or when not mapped)."""
-    try:
-        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
-            for line in maps:
-                fields = line.split(maxsplit=5)
-                if len(fields) == 6 and os.path.basename(fields[5].strip()).startswith(prefix):
-                    return fields[5].strip()
-    except OSError:
-        pass
-    return None
 
 
 def read_pem(path: Path) -> bytes:

@@ -42,8 +42,6 @@ import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Protocol
 
-from spacehub.tls import loaded_library
-
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -374,7 +372,15 @@ def loaded_libcrypto() -> str | None:
     """The path of the ``libcrypto`` mapped into this process by ``ssl``/``hashlib``, if any."""
     import ssl  # noqa: F401  (maps libcrypto, if Python was built against a shared one)
 
-    return loaded_library("libcrypto.so")
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) == 6 and os.path.basename(fields[5].strip()).startswith("libcrypto.so"):
+                    return fields[5].strip()
+    except OSError:
+        pass
+    return None
 
 
 def passes_known_answer(backend: Ed25519Backend) -> bool:
