@@ -93,6 +93,7 @@ from spacehub.protocol.link import (
     ControlReceived,
     LinkConnection,
     LinkError,
+    reads_batches,
 )
 from spacehub.tls import check_ca_fingerprint, client_ssl_context
 
@@ -508,8 +509,7 @@ class LinkClient:
             silence = (ping or self.ping_interval) + (pong or self.ping_timeout)
             # A manager that says nothing expects pongs (older ones close a link without them).
             answer_pings = welcome.get("answerPings") is not False
-            features = welcome.get("linkFeatures")
-            batching = isinstance(features, list) and BATCH_FEATURE in features
+            batching = reads_batches(welcome)
             await self._serve(transport, connection, websocket.stream, silence, answer_pings, batching)
 
     async def _receive_control(

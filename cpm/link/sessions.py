@@ -74,7 +74,7 @@ import trio
 from agent.api.http import Request, Send
 from spacehub.link.session import LinkClosed, LinkSession, OutboundStream, StreamAborted
 from spacehub.protocol.auth import challenge_payload, make_challenge, verify_challenge
-from spacehub.protocol.link import BATCH_FEATURE, ControlReceived, LinkConnection, LinkError
+from spacehub.protocol.link import BATCH_FEATURE, ControlReceived, LinkConnection, LinkError, reads_batches
 
 from .. import __version__
 from ..config import ManagerConfig
@@ -399,9 +399,7 @@ class HubSessions:
             "linkFeatures": [BATCH_FEATURE],
         }
         await transport.send(connection.send_control(welcome))
-        features = message.get("linkFeatures")
-        batching = isinstance(features, list) and BATCH_FEATURE in features
-        return hub.id, hub.space, version if isinstance(version, str) else "", batching
+        return hub.id, hub.space, version if isinstance(version, str) else "", reads_batches(message)
 
     async def _join(self, message: dict[str, Any], space: str, nonce: bytes, signature: bytes) -> Hub:
         public_key = _b64(message.get("publicKey"), "publicKey")

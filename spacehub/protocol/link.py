@@ -423,6 +423,12 @@ def _frame(frame_type: FrameType, stream_id: int, payload: bytes | memoryview = 
     return b"".join((_HEADER.pack(frame_type, stream_id), payload))
 
 
+def reads_batches(handshake: dict[str, Any]) -> bool:
+    """Whether a peer's handshake message (join, auth or welcome) says it reads BATCH."""
+    features = handshake.get("linkFeatures")
+    return isinstance(features, list) and BATCH_FEATURE in features
+
+
 def _pack_batch(frames: Sequence[bytes]) -> bytes:
     items = [part for frame in frames for part in (_LENGTH.pack(len(frame)), frame)]
     return b"".join((_HEADER.pack(FrameType.BATCH, CONTROL_STREAM), *items))
