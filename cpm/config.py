@@ -70,7 +70,8 @@ class ManagerConfig:
     missed_heartbeats: int = 3
     #: seconds between the manager's control pings
     ping_interval: float = 10.0
-    #: seconds a pong may be late before the link is closed
+    #: grace for a late message: a link silent for heartbeat_interval + this is closed by the
+    #: manager, one silent for ping_interval + this by the hub
     pong_timeout: float = 10.0
 
     @property

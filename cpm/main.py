@@ -85,7 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--heartbeat-interval", type=float, metavar="SECONDS", help="(default 10)")
     serve.add_argument("--missed-heartbeats", type=int, metavar="N", help="before unhealthy (default 3)")
     serve.add_argument("--ping-interval", type=float, metavar="SECONDS", help="(default 10)")
-    serve.add_argument("--pong-timeout", type=float, metavar="SECONDS", help="(default 10)")
+    serve.add_argument(
+        "--pong-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="grace for a late message: links silent for heartbeat interval + this are closed (default 10)",
+    )
 
     space = commands.add_parser("space", help="spaces").add_subparsers(dest="action", required=True)
     create = space.add_parser("create", help="make a space")
