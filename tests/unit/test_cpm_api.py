@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import gc
 import json
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -20,12 +21,14 @@ from typing import Any, cast
 import httpx
 import pytest
 import trio
+import trio.testing
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from websockets.trio.client import connect
 
 from cpm import __version__
 from cpm.config import ConfigError, ManagerConfig, load_config
-from cpm.link.sessions import MAX_STALE_DUE, HubReport, HubSession
+from cpm.link.sessions import MAX_STALE_DUE, PING_BATCH_FRACTION, HubReport, HubSession, HubSessions
+from cpm.link.transport import AsgiWebSocketTransport
 from cpm.registry import Registry
 from cpm.service import run_manager
 from spacehub.link import LinkClosed, LinkSession, WebsocketsTransport, serve_asgi
@@ -574,3 +577,42 @@ async def test_ended_links_are_not_pinned_by_the_ping_schedule(tmp_path: Path) -
                     break
                 await trio.sleep(0.05)
         assert alive <= MAX_STALE_DUE  # not all MAX_STALE_DUE + 17 until their pings come due
+
+
+async def test_pings_coming_due_together_go_out_in_one_wakeup(autojump_clock: trio.testing.MockClock) -> None:
+    """Links whose pings fall due within PING_BATCH_FRACTION of an interval share one pass of
+    the scheduler (a few wakeups a second at 5,000 links); none goes out later than that."""
+    config = ManagerConfig(ping_interval=10.0, heartbeat_interval=10.0, pong_timeout=10.0)
+    sessions = HubSessions(cast(Registry, None), config, "manager-1")  # the pinger never reads the registry
+    slack = config.ping_interval * PING_BATCH_FRACTION
+    sent: list[tuple[float, str]] = []
+
+    def fake_hub(hub_id: str) -> HubSession:
+        async def receive() -> dict[str, Any]:
+            await trio.sleep_forever()
+            raise AssertionError
+
+        async def send(message: dict[str, Any], hub_id: str = hub_id) -> None:
+            sent.append((trio.current_time(), hub_id))
+
+        transport = AsgiWebSocketTransport(receive, send)
+        session = HubSession(hub_id, "demo", transport, trio.current_time(), HubReport(hub_id, "demo"))
+        session.link = LinkSession(LinkConnection("manager"), transport)
+        sessions._live[hub_id] = session
+        return session
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sessions._run_pings)
+        start = trio.current_time()
+        offsets = {"a": 0.0, "b": slack / 3, "c": slack * 2 / 3, "d": slack * 3}
+        for hub_id, offset in offsets.items():
+            fake_hub(hub_id).transport.last_received = math.inf  # heard from "just now", always
+            sessions._schedule(sessions._live[hub_id], start + 1 + offset)
+        await trio.sleep(config.ping_interval / 2)
+        nursery.cancel_scope.cancel()
+    times = {hub_id: when - start for when, hub_id in sent}
+    assert sorted(times) == ["a", "b", "c", "d"]  # one ping each so far
+    assert times["a"] == times["b"] == times["c"]  # one wakeup for the three
+    for hub_id, offset in offsets.items():
+        assert 1 + offset <= times[hub_id] <= 1 + offset + slack
+    assert times["d"] > times["a"]  # beyond the window: a wakeup of its own
