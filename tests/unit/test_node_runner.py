@@ -143,6 +143,16 @@ class NodeInstance:
     def log_records(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.log.data.splitlines() if line.strip()]
 
+    def wait_log(self, text: str, timeout: float = WAIT) -> list[dict[str, Any]]:
+        """The log records, once one says ``text``: the log is a pipe of its own, so a record
+        may come after messages the runner sent later on its other channels."""
+
+        def said(data: bytes) -> bool:
+            return any(text in json.loads(line)["msg"] for line in data.splitlines() if line.strip())
+
+        self.log.wait_for(said, f"a log record saying {text!r}", timeout)
+        return self.log_records()
+
     def close(self) -> None:
         if self.proc.poll() is None:
             os.killpg(self.proc.pid, signal.SIGKILL)
@@ -309,7 +319,7 @@ def test_ndjson_input_is_parsed_values(spawn: Callable[..., NodeInstance]) -> No
     instance.close_writer("input")
     lines = [json.loads(line) for line in completed(instance).splitlines()]
     assert lines == [["object", {"a": 1}], ["string", "s"], ["number", 12], ["object", [1]]]
-    assert any("Invalid NDJSON" in r["msg"] for r in instance.log_records())
+    assert any("Invalid NDJSON" in r["msg"] for r in instance.wait_log("Invalid NDJSON"))
 
 
 def test_octet_stream_input_is_buffers_and_passes_through(spawn: Callable[..., NodeInstance]) -> None:
@@ -489,7 +499,7 @@ def test_events_both_ways(spawn: Callable[..., NodeInstance]) -> None:
         instance.send(Code.EVENT, {"eventName": "test-event", "message": word, "source": "api"})
         reply = instance.wait_message(Code.EVENT, _with_message(f"reply to {word}"))
         assert reply.data == {"eventName": "test-response", "message": f"reply to {word}"}
-    assert any("handler broke" in r["msg"] for r in instance.log_records())
+    assert any("handler broke" in r["msg"] for r in instance.wait_log("handler broke"))
     # handlers and no output: it lives until told otherwise, with its output ended
     assert instance.output.wait_eof() == b""
     assert instance.proc.poll() is None
