@@ -33,6 +33,8 @@ class DrainingTLSStream:
     TLS, as it does for ``SSLStream`` itself.
     """
 
+    __slots__ = ("_tls", "transport_stream")  # one per connection: 5,000 at a time on a fleet
+
     def __init__(self, tls: trio.SSLStream[Any]) -> None:
         self._tls = tls
         self.transport_stream = tls.transport_stream
