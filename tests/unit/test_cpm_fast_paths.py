@@ -122,14 +122,24 @@ async def test_one_read_returns_every_record_received(tls_files: TlsFiles) -> No
         client, server, _ = _tls_pair(tls_files)
         await _handshake(client, server)
         reader = tls_reads.DrainingTLSStream(server)
+        await reader.do_handshake()  # done already; the wrapper drains only once it knows
         sent = os.urandom(4 * RECORD + 100)
         await client.send_all(sent)  # five records, all in the server's socket buffer now
-        first = await reader.receive_some(1 << 20)
-        assert len(first) > RECORD  # trio's own SSLStream returns one record here
-        got = bytes(first)
-        while len(got) < len(sent):
-            got += await reader.receive_some(1 << 20)
-        assert got == sent
+        first = await reader.receive_some(1 << 20)  # trio's read: the socket, then one record
+        assert len(first) == RECORD
+        second = await reader.receive_some(1 << 20)  # the other four at once, no socket read
+        assert bytes(first + second) == sent
+
+
+async def test_no_draining_before_the_handshake(tls_files: TlsFiles) -> None:
+    """The handshake stays trio's: the wrapper reads nothing itself until it has seen it end."""
+    with trio.fail_after(10):
+        client, server, _ = _tls_pair(tls_files)
+        await _handshake(client, server)
+        reader = tls_reads.DrainingTLSStream(server)
+        await client.send_all(os.urandom(2 * RECORD))
+        assert len(await reader.receive_some(1 << 20)) == RECORD
+        assert len(await reader.receive_some(1 << 20)) == RECORD  # trio's, one record per read
 
 
 async def test_max_bytes_is_honoured_and_nothing_is_lost(tls_files: TlsFiles) -> None:
@@ -137,6 +147,7 @@ async def test_max_bytes_is_honoured_and_nothing_is_lost(tls_files: TlsFiles) ->
         client, server, _ = _tls_pair(tls_files)
         await _handshake(client, server)
         reader = tls_reads.DrainingTLSStream(server)
+        await reader.do_handshake()
         sent = os.urandom(300_000)
         rng = random.Random(2)
 
@@ -168,6 +179,7 @@ async def test_a_bad_record_after_good_ones_surfaces_through_trio(tls_files: Tls
         client, server, client_raw = _tls_pair(tls_files)
         await _handshake(client, server)
         reader = tls_reads.DrainingTLSStream(server)
+        await reader.do_handshake()
         good = os.urandom(2 * RECORD)
         await client.send_all(good)
         # A record of garbage behind them, as if the wire were corrupted.
