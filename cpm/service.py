@@ -140,7 +140,8 @@ async def run_manager(
             await nursery.start(manager.sessions.run_watchdog)
             # hypercorn types the app as a union of ASGI/WSGI callables; ours is ASGI 3.
             app = cast(Any, ManagerApp(manager))
-            binds: list[str] = await nursery.start(partial(serve, app, _hypercorn_config(config)))
+            hypercorn_config = _hypercorn_config(config)
+            binds: list[str] = await nursery.start(partial(serve, app, hypercorn_config, mode="asgi"))
             addresses = [b.split("://", 1)[-1] for b in binds]
             logger.info("API on %s (%s)", ", ".join(addresses), "TLS" if config.tls else "plain HTTP")
             # systemd (Type=notify): READY=1 now, the watchdog, STOPPING=1 when cancelled.

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote
 
@@ -37,7 +38,6 @@ from agent.api.http import (
     send_stream,
 )
 from agent.errors import HubError
-from spacehub.link.session import LinkClosed
 
 from ..errors import Forbidden, ManagerError
 from ..link.transport import AsgiWebSocketTransport
@@ -113,28 +113,26 @@ class ManagerApp:
         version = DatabaseVersion(registry.path) if registry.path != ":memory:" else (lambda: None)
         self._tokens = TokenCache(check, version, trio.current_time)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
-        elif scope["type"] == "websocket":
-            await self._websocket(scope, receive, send)
-        elif scope["type"] == "http":
-            await self._http(scope, receive, send)
+    # Not a coroutine function: it hands back the handler's coroutine, so a link (5,000 of
+    # them idle on a fleet) does not keep one more suspended frame for its whole life.
+    # hypercorn is told it is an ASGI app (it would guess WSGI from a plain __call__).
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        kind = scope["type"]
+        if kind == "websocket":
+            return self._websocket(scope, receive, send)
+        if kind == "http":
+            return self._http(scope, receive, send)
+        if kind == "lifespan":
+            return _lifespan(receive, send)
+        return _ignore()
 
-    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def _websocket(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Hands back the link's coroutine too (see __call__): its chain is all a link keeps.
         if scope["path"] != LINK_PATH:
-            await receive()  # websocket.connect
-            await send({"type": "websocket.close", "code": 1008})  # before accept: hypercorn answers 403
-            return
-        transport = AsgiWebSocketTransport(receive, send)
-        try:
-            await transport.accept()
-        except LinkClosed as exc:  # a peer that leaves at once is no error of ours
-            logger.debug("link websocket not accepted: %r", exc)
-            return
+            return _refuse_websocket(receive, send)
         client = scope.get("client")
         peer = f"{client[0]}:{client[1]}" if client else "?"
-        await self._manager.sessions.serve(transport, peer)
+        return self._manager.sessions.serve(AsgiWebSocketTransport(receive, send), peer)
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive, {})
@@ -183,6 +181,15 @@ class ManagerApp:
             return error_response(404, f"No such route: {scope['method']} {path}")
         request.params = params
         return await handler(request)
+
+
+async def _refuse_websocket(receive: Receive, send: Send) -> None:
+    await receive()  # websocket.connect
+    await send({"type": "websocket.close", "code": 1008})  # before accept: hypercorn answers 403
+
+
+async def _ignore() -> None:
+    """An ASGI scope type this app does not serve."""
 
 
 async def _lifespan(receive: Receive, send: Send) -> None:

@@ -325,11 +325,55 @@ class HubSessions:
     # -- one link ---------------------------------------------------------------------------
 
     async def serve(self, transport: AsgiWebSocketTransport, peer: str = "?") -> None:
-        """Own one accepted websocket until it ends: handshake, then the hub's session."""
+        """Own one websocket until it ends: accept it, admit the hub, then run its session.
+        The session runs in this frame, not a callee's: an idle link keeps every suspended
+        frame of its chain for as long as it lives, and a manager holds thousands."""
         connection = LinkConnection("manager")
+        admitted = await self._admit(connection, transport, peer)
+        if admitted is None:
+            return
+        hub_id, space, version, batching = admitted
+        now = trio.current_time()
+        session = HubSession(hub_id, space, transport, now, HubReport(hub_id, space, version))
+        link = session.link = LinkSession(connection, transport, on_control_nowait=session.on_control)
+        link.batching = batching
+        old = self._live.get(hub_id)
+        self._live[hub_id] = session
+        self._last[hub_id] = session.report
+        self._schedule(session, now)  # the first ping goes out at once
+        logger.info("hub %s connected (space %s, sth %s)", hub_id, space, version or "?")
+        try:
+            if old is not None:
+                await old.close("replaced by a newer link of the same hub")
+            await link.run()
+        finally:
+            session.connected = False
+            with trio.CancelScope(shield=True):
+                link.close()
+                await transport.aclose()
+                if self._live.get(hub_id) is session:
+                    del self._live[hub_id]
+                    logger.info("hub %s disconnected: %s", hub_id, link.close_reason or "closed")
+                    with trio.move_on_after(NOTICE_TIMEOUT):
+                        try:
+                            await self.db(self.registry.mark_disconnected, hub_id)
+                        except (sqlite3.Error, ManagerError) as exc:
+                            logger.error("cannot record that hub %s disconnected: %s", hub_id, exc)
+            self._forget_schedule()
+
+    async def _admit(
+        self, connection: LinkConnection, transport: AsgiWebSocketTransport, peer: str
+    ) -> tuple[str, str, str, bool] | None:
+        """Accept the websocket and run the handshake: the hub's id, space, version and
+        whether it reads BATCH; None (the websocket closed, the reason logged) otherwise."""
+        try:
+            await transport.accept()
+        except LinkClosed as exc:  # a peer that leaves at once is no error of ours
+            logger.debug("link websocket from %s not accepted: %r", peer, exc)
+            return None
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
-                hub_id, space, version, batching = await self._handshake(connection, transport)
+                return await self._handshake(connection, transport)
         except _Refusal as refusal:
             logger.warning("refused a hub from %s: %s (%s)", peer, refusal.reason, refusal.code)
             notice = {"type": "refused", "code": refusal.code, "reason": refusal.reason, "retry": False}
@@ -337,21 +381,17 @@ class HubSessions:
                 with contextlib.suppress(LinkClosed, LinkError):
                     await transport.send(connection.send_control(notice))
             await transport.aclose(CLOSE_POLICY, refusal.code)
-            return
         except trio.TooSlowError:
             logger.warning("a hub from %s did not finish the handshake in %g s", peer, HANDSHAKE_TIMEOUT)
             await transport.aclose(CLOSE_PROTOCOL, "handshake timeout")
-            return
         except (LinkClosed, LinkError) as exc:
             logger.info("a link from %s failed during the handshake: %s", peer, exc)
             await transport.aclose(CLOSE_PROTOCOL, "handshake failed")
-            return
         except (sqlite3.Error, ManagerError) as exc:
             # The registry is busy or broken: not the hub's fault, so no refusal; it dials again.
             logger.error("cannot admit a hub from %s: %s", peer, exc)
             await transport.aclose(CLOSE_INTERNAL, "manager error")
-            return
-        await self._run_session(hub_id, space, version, batching, connection, transport)
+        return None
 
     async def _handshake(
         self, connection: LinkConnection, transport: AsgiWebSocketTransport
@@ -457,43 +497,6 @@ class HubSessions:
         if not verify_challenge(hub.public_key, challenge_payload(nonce, hub_id, space), signature):
             raise _Refusal("bad-signature", "The signature does not match the key this hub joined with")
         return hub
-
-    async def _run_session(
-        self,
-        hub_id: str,
-        space: str,
-        version: str,
-        batching: bool,
-        connection: LinkConnection,
-        transport: AsgiWebSocketTransport,
-    ) -> None:
-        now = trio.current_time()
-        session = HubSession(hub_id, space, transport, now, HubReport(hub_id, space, version))
-        link = session.link = LinkSession(connection, transport, on_control_nowait=session.on_control)
-        link.batching = batching
-        old = self._live.get(hub_id)
-        self._live[hub_id] = session
-        self._last[hub_id] = session.report
-        self._schedule(session, now)  # the first ping goes out at once
-        logger.info("hub %s connected (space %s, sth %s)", hub_id, space, version or "?")
-        try:
-            if old is not None:
-                await old.close("replaced by a newer link of the same hub")
-            await link.run()
-        finally:
-            session.connected = False
-            with trio.CancelScope(shield=True):
-                link.close()
-                await transport.aclose()
-                if self._live.get(hub_id) is session:
-                    del self._live[hub_id]
-                    logger.info("hub %s disconnected: %s", hub_id, link.close_reason or "closed")
-                    with trio.move_on_after(NOTICE_TIMEOUT):
-                        try:
-                            await self.db(self.registry.mark_disconnected, hub_id)
-                        except (sqlite3.Error, ManagerError) as exc:
-                            logger.error("cannot record that hub %s disconnected: %s", hub_id, exc)
-            self._forget_schedule()
 
     # -- pings --------------------------------------------------------------------------------
 

@@ -371,7 +371,8 @@ class LinkSession:
         self._on_control_nowait = on_control_nowait
         self._send_lock = trio.Lock()
         self._streams: dict[int, _Stream] = {}
-        self._scope = trio.CancelScope()
+        #: run()'s nursery: cancelling its scope ends run()
+        self._nursery: trio.Nursery | None = None
         self._closed = False
         self._running = False
         self._control_send: trio.MemorySendChannel[dict[str, Any]] | None = None
@@ -392,9 +393,14 @@ class LinkSession:
         return self._closed
 
     def close(self) -> None:
-        """End :meth:`run` soon (cancels its scope)."""
+        """End :meth:`run` soon (cancels its nursery)."""
         self._end("closed by this end")
-        self._scope.cancel()
+        self._cancel()
+
+    def _cancel(self) -> None:
+        # run() checks _closed before it reads, so a session closed before it runs ends at once.
+        if self._nursery is not None:
+            self._nursery.cancel_scope.cancel()
 
     # --- running ----------------------------------------------------------------
 
@@ -403,20 +409,30 @@ class LinkSession:
         if self._running:
             raise RuntimeError("a LinkSession runs once")
         self._running = True
-        with self._scope:
-            async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                if self._control_receive is not None:
-                    nursery.start_soon(self._control_loop, self._control_receive)
-                task_status.started()
-                try:
-                    if not self._closed:
-                        await self._read_loop(nursery)
-                finally:
-                    self._end(self.close_reason or "closed by this end")
-                    nursery.cancel_scope.cancel()
-                    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
-                        await self._close_transport()
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if self._control_receive is not None:
+                nursery.start_soon(self._control_loop, self._control_receive)
+            task_status.started()
+            try:
+                # The read loop, inline: an idle link waits here, and each frame of its own
+                # would be kept as long as the link lives (thousands of them on a manager).
+                while not self._closed:
+                    try:
+                        message = await self._transport.receive()
+                    except LinkClosed as exc:
+                        self._end(f"transport closed: {exc}" if str(exc) else "transport closed")
+                        break
+                    if not await self._handle_message(message, nursery):
+                        break
+                    # Nothing of it stays referenced while the next message is awaited: an idle
+                    # link would otherwise keep its last heartbeat, parsed (~2 KB), for as long.
+                    del message
+            finally:
+                self._end(self.close_reason or "closed by this end")
+                nursery.cancel_scope.cancel()
+                with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                    await self._close_transport()
         if self._control_error is not None:
             raise self._control_error
 
@@ -434,19 +450,6 @@ class LinkSession:
             stream._fail(LinkClosed(f"the link closed: {self.close_reason}"))
         if self._control_send is not None:
             self._control_send.close()
-
-    async def _read_loop(self, nursery: trio.Nursery) -> None:
-        while True:
-            try:
-                message = await self._transport.receive()
-            except LinkClosed as exc:
-                self._end(f"transport closed: {exc}" if str(exc) else "transport closed")
-                return
-            if not await self._handle_message(message, nursery):
-                return
-            # Nothing of it stays referenced while the next message is awaited: an idle link
-            # would otherwise keep its last heartbeat, parsed (~2 KB), for as long as it idles.
-            del message
 
     async def _handle_message(self, message: bytes, nursery: trio.Nursery) -> bool:
         """Feed one message to the connection and dispatch its events; False once the link ends."""
@@ -523,7 +526,7 @@ class LinkSession:
                 except Exception as exc:  # noqa: BLE001 - re-raised by run()
                     self._control_error = exc
                     self._end(f"control handler failed: {exc!r}")
-                    self._scope.cancel()
+                    self._cancel()
                     return
 
     async def _serve_stream(self, stream: InboundStream) -> None:
@@ -567,7 +570,7 @@ class LinkSession:
                         await self._transport.send(frame)
                     except LinkClosed as exc:
                         self._end(f"transport closed: {exc}")
-                        self._scope.cancel()
+                        self._cancel()
                         raise
 
     async def send_control(self, message: dict[str, Any]) -> None:
