@@ -2,9 +2,12 @@
 
 Theory of operation
 -------------------
-A hub dials ``/api/v1/link``; the ASGI app accepts the websocket and hands it to
-:meth:`HubSessions.serve`, which owns that link for its whole life (so the link's
-tasks live in the task hypercorn runs the websocket in, and end with it):
+A hub dials ``/api/v1/link``; the ASGI app hands the websocket to
+:meth:`HubSessions.serve`, which accepts it and owns that link for its whole life
+(so the link's tasks live in the task hypercorn runs the websocket in, and end
+with it). An idle link is mostly its chain of suspended frames, so that chain is
+kept short: the app returns ``serve``'s coroutine rather than awaiting it, and
+``serve`` runs the session in its own frame.
 
 1. **Handshake** (docs/link.md), by hand on the sans-I/O connection before any
    stream may exist: send ``challenge``; read one control message, ``join`` (a
@@ -27,8 +30,10 @@ tasks live in the task hypercorn runs the websocket in, and end with it):
    idle links it was a third of the manager's messages. (A hub that answers anyway,
    as older ones do, is not wrong: every message counts as a sign of life.) One
    scheduler task does this for every link, from a heap holding one due time per
-   link; each ping is sent by a short task of its own, so a hub that stopped
-   reading delays nobody else. A hub is *healthy*
+   link, waking a little after the earliest due time so that links coming due
+   together share one wakeup (:data:`PING_BATCH_FRACTION`); each ping is sent by a
+   short task of its own, so a hub that stopped reading delays nobody else. A hub
+   is *healthy*
    while its link is up and its last heartbeat (or the connection, before the
    first one) is at most ``missed_heartbeats * heartbeat_interval`` old.
 4. **Watchdog**: logs health changes and closes the links of hubs revoked in the
