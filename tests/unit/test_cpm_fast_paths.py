@@ -111,18 +111,24 @@ def _tls_pair(files: TlsFiles) -> tuple[trio.SSLStream[Any], trio.SSLStream[Any]
     return client, server, client_raw
 
 
-async def _handshake(client: trio.SSLStream[Any], server: trio.SSLStream[Any]) -> None:
+async def _connected(
+    files: TlsFiles, *, tell_handshake: bool = True
+) -> tuple[trio.SSLStream[Any], tls_reads.DrainingTLSStream, trio.abc.Stream]:
+    """A handshaken TLS client, the server's side wrapped, and the client's raw stream.
+    With ``tell_handshake``, the wrapper has seen the handshake end (as under hypercorn)."""
+    client, server, client_raw = _tls_pair(files)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client.do_handshake)
         nursery.start_soon(server.do_handshake)
+    reader = tls_reads.DrainingTLSStream(server)
+    if tell_handshake:
+        await reader.do_handshake()  # done already: this only tells the wrapper
+    return client, reader, client_raw
 
 
 async def test_one_read_returns_every_record_received(tls_files: TlsFiles) -> None:
     with trio.fail_after(10):
-        client, server, _ = _tls_pair(tls_files)
-        await _handshake(client, server)
-        reader = tls_reads.DrainingTLSStream(server)
-        await reader.do_handshake()  # done already; the wrapper drains only once it knows
+        client, reader, _ = await _connected(tls_files)
         sent = os.urandom(4 * RECORD + 100)
         await client.send_all(sent)  # five records, all in the server's socket buffer now
         first = await reader.receive_some(1 << 20)  # trio's read: the socket, then one record
@@ -134,9 +140,7 @@ async def test_one_read_returns_every_record_received(tls_files: TlsFiles) -> No
 async def test_no_draining_before_the_handshake(tls_files: TlsFiles) -> None:
     """The handshake stays trio's: the wrapper reads nothing itself until it has seen it end."""
     with trio.fail_after(10):
-        client, server, _ = _tls_pair(tls_files)
-        await _handshake(client, server)
-        reader = tls_reads.DrainingTLSStream(server)
+        client, reader, _ = await _connected(tls_files, tell_handshake=False)
         await client.send_all(os.urandom(2 * RECORD))
         assert len(await reader.receive_some(1 << 20)) == RECORD
         assert len(await reader.receive_some(1 << 20)) == RECORD  # trio's, one record per read
@@ -144,10 +148,7 @@ async def test_no_draining_before_the_handshake(tls_files: TlsFiles) -> None:
 
 async def test_max_bytes_is_honoured_and_nothing_is_lost(tls_files: TlsFiles) -> None:
     with trio.fail_after(10):
-        client, server, _ = _tls_pair(tls_files)
-        await _handshake(client, server)
-        reader = tls_reads.DrainingTLSStream(server)
-        await reader.do_handshake()
+        client, reader, _ = await _connected(tls_files)
         sent = os.urandom(300_000)
         rng = random.Random(2)
 
@@ -176,10 +177,7 @@ async def test_max_bytes_is_honoured_and_nothing_is_lost(tls_files: TlsFiles) ->
 async def test_a_bad_record_after_good_ones_surfaces_through_trio(tls_files: TlsFiles) -> None:
     """The good records come out; the corrupt one is trio's BrokenResourceError next read."""
     with trio.fail_after(10):
-        client, server, client_raw = _tls_pair(tls_files)
-        await _handshake(client, server)
-        reader = tls_reads.DrainingTLSStream(server)
-        await reader.do_handshake()
+        client, reader, client_raw = await _connected(tls_files)
         good = os.urandom(2 * RECORD)
         await client.send_all(good)
         # A record of garbage behind them, as if the wire were corrupted.
