@@ -22,7 +22,7 @@ from cpm.link import unmask
 from cpm.tls import TlsFiles, ensure_ca_and_server_cert, server_ssl_context
 from spacehub.tls import client_ssl_context
 
-pytestmark = pytest.mark.skipif(unmask.APPLY_MASK is None, reason="websockets without its C speedups")
+needs_speedups = pytest.mark.skipif(unmask.APPLY_MASK is None, reason="websockets without its C speedups")
 
 RECORD = 16 * 1024  # TLS's largest plaintext record
 
@@ -30,6 +30,7 @@ RECORD = 16 * 1024  # TLS's largest plaintext record
 # -- unmasking --------------------------------------------------------------------------------
 
 
+@needs_speedups
 @pytest.mark.parametrize("seed", range(20))
 def test_c_masker_matches_wsprotos_piece_by_piece(seed: int) -> None:
     """The same key rotation across a frame's pieces, any sizes (1-byte pieces included)."""
@@ -74,6 +75,7 @@ def _masked_round_trip(payloads: list[bytes]) -> list[bytes]:
     return received
 
 
+@needs_speedups
 def test_install_unmasks_whole_messages(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(wsproto_frames, "XorMaskerSimple", unmask.PYTHON_MASKER)
     payloads = [os.urandom(n) for n in (0, 1, 3, 125, 126, 65_535, 65_536, 300_001)]
