@@ -45,6 +45,8 @@ TLS = os.environ.get("BENCH_TLS", "1") != "0"
 #: latency: requests per run and per path (direct, through the Space), and concurrent clients
 CALLS = int(os.environ.get("BENCH_CALLS", "2000"))
 CONCURRENCY = int(os.environ.get("BENCH_CONCURRENCY", "16"))
+#: latency: the open-loop runs' rate, calls per second from all clients together
+PACED_RATE = float(os.environ.get("BENCH_PACED_RATE", "250"))
 #: fleet: hub counts, worker processes, CPU window (s), heartbeat interval the manager tells hubs
 HUBS = [int(n) for n in os.environ.get("BENCH_HUBS", "100,1000,5000").split(",") if n.strip()]
 WORKERS = int(os.environ.get("BENCH_WORKERS", "2"))
@@ -294,6 +296,26 @@ def cpu_seconds(pid: int) -> float:
     return float(times.user + times.system)
 
 
+def own_cpu_seconds() -> float:
+    """This process's CPU: the benchmark's own clients (all its threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@contextlib.contextmanager
+def floor_server(mgr: Manager, tls: bool = TLS) -> Iterator[Daemon]:
+    """``bench.floor``: hypercorn serving nothing of ours; with ``tls``, the manager's certificate."""
+    command = [sys.executable, "-m", "bench.floor"]
+    if tls:
+        command.append(str(mgr.data))
+    with daemon(command, mgr.data.parent / f"floor-{'tls' if tls else 'plain'}.log") as d:
+        yield d
+
+
+def floor_base(server: Daemon, tls: bool = TLS) -> str:
+    return f"{'https' if tls else 'http'}://{server.address}"
+
+
 def rss_mb(pid: int) -> float:
     return float(psutil.Process(pid).memory_info().rss / MB)
 
@@ -355,20 +377,41 @@ def pump(writer: httpx.Client, post_url: str, reader: httpx.Client, get_url: str
     return total / MB / elapsed
 
 
+def read_all(client: httpx.Client, url: str) -> int:
+    received = 0
+    with client.stream("GET", url) as response:
+        response.raise_for_status()
+        for chunk in response.iter_bytes(256 * 1024):
+            received += len(chunk)
+    return received
+
+
 def bench_throughput() -> None:
     total = TOTAL_MB * MB
+    gb = total / 1024 / MB
     direct: list[float] = []
     link: list[float] = []
     cpm_cpu: list[float] = []
     hub_cpu: list[float] = []
-    with linked() as (env, _), httpx.Client(timeout=60) as hub_client, env.space_client() as space_client:
+    chain_direct: list[float] = []
+    chain_link: list[float] = []
+    floors: dict[bool, tuple[list[float], list[float]]] = {True: ([], []), False: ([], [])}
+    with (
+        linked() as (env, _),
+        floor_server(env.mgr, tls=True) as tls_floor,
+        floor_server(env.mgr, tls=False) as plain_floor,
+        httpx.Client(timeout=60) as hub_client,
+        env.space_client() as space_client,
+    ):
         for run in range(RUNS):
+            hub0, own0 = cpu_seconds(env.hub.pid), own_cpu_seconds()
             direct.append(
                 pump(
                     hub_client, f"{env.direct}/topic/d{run}", hub_client, f"{env.direct}/topic/d{run}", total
                 )
             )
-            cpm0, hub0 = cpu_seconds(env.mgr.daemon.pid), cpu_seconds(env.hub.pid)
+            chain_direct.append((cpu_seconds(env.hub.pid) - hub0 + own_cpu_seconds() - own0) / gb)
+            cpm0, hub0, own0 = cpu_seconds(env.mgr.daemon.pid), cpu_seconds(env.hub.pid), own_cpu_seconds()
             link.append(
                 pump(
                     hub_client,
@@ -378,19 +421,49 @@ def bench_throughput() -> None:
                     total,
                 )
             )
-            gb = total / 1024 / MB
             cpm_cpu.append((cpu_seconds(env.mgr.daemon.pid) - cpm0) / gb)
             hub_cpu.append((cpu_seconds(env.hub.pid) - hub0) / gb)
+            chain_link.append(cpm_cpu[-1] + hub_cpu[-1] + (own_cpu_seconds() - own0) / gb)
+            for tls, floor in ((True, tls_floor), (False, plain_floor)):
+                with httpx.Client(verify=env.mgr.verify() if tls else False, timeout=60) as client:
+                    floor0, own0 = cpu_seconds(floor.pid), own_cpu_seconds()
+                    if read_all(client, f"{floor_base(floor, tls)}/stream?{total}") != total:
+                        raise SystemExit("the floor server sent short")
+                    floors[tls][0].append((cpu_seconds(floor.pid) - floor0) / gb)
+                    floors[tls][1].append((own_cpu_seconds() - own0) / gb)
     ratio = [100 * a / b for a, b in zip(link, direct, strict=True)]
     base = f"direct {summary(direct)['median']} MB/s"
+    twice = f"50 % needs <= {2 * summary(chain_direct)['median']:.2f}"
+    scheme = "TLS" if TLS else "plain"
+    # A relay that cost nothing itself would still add what this chain adds: the hub sends over
+    # the manager's scheme instead of plain HTTP, the reader reads the manager's scheme, and the
+    # manager reads one stream and sends one (floor servers and clients stand in for each).
+    send = {tls: summary(floors[tls][0])["median"] for tls in (True, False)}
+    read = {tls: summary(floors[tls][1])["median"] for tls in (True, False)}
+    floor_chain = [
+        chain + (send[TLS] - send[False]) + (read[TLS] - read[False]) + send[TLS] + read[TLS]
+        for chain in chain_direct
+    ]
     report(
-        f"link throughput ({TOTAL_MB} MB topic read, {'TLS' if TLS else 'plain'} manager)",
+        f"link throughput ({TOTAL_MB} MB topic read, {scheme} manager)",
         [
             ("topic GET through the Space (MB/s)", summary(link), base, ">= 100"),
             ("through the Space / direct (%)", summary(ratio), base, ">= 50 %"),
             ("topic GET direct from the hub (MB/s)", summary(direct), "", ""),
             ("cpm CPU per GB through the link (s)", summary(cpm_cpu), "", ""),
             ("hub CPU per GB through the link (s)", summary(hub_cpu), "direct run not counted", ""),
+            ("all CPU per GB, direct: hub, clients (s)", summary(chain_direct), "", ""),
+            ("all CPU per GB, Space: cpm, hub, clients (s)", summary(chain_link), twice, ""),
+            (
+                "all CPU per GB, a relay costing nothing (s)",
+                summary(floor_chain),
+                "estimate from the floors",
+                "",
+            ),
+            ("floor: hypercorn TLS sending, per GB (s)", summary(floors[True][0]), "nothing of ours", ""),
+            ("floor: httpx TLS reading it, per GB (s)", summary(floors[True][1]), "", ""),
+            ("floor: hypercorn plain sending, per GB (s)", summary(floors[False][0]), "nothing of ours", ""),
+            ("floor: httpx plain reading it, per GB (s)", summary(floors[False][1]), "", ""),
         ],
     )
 
@@ -399,19 +472,34 @@ def bench_throughput() -> None:
 
 
 async def hammer(
-    url: str, n: int, concurrency: int, verify: ssl.SSLContext | bool, headers: dict[str, str]
+    url: str,
+    n: int,
+    concurrency: int,
+    verify: ssl.SSLContext | bool,
+    headers: dict[str, str],
+    rate: float | None = None,
 ) -> tuple[list[float], int]:
-    """``n`` GETs of ``url`` from ``concurrency`` keep-alive clients; latencies (ms) and failures."""
+    """``n`` GETs of ``url`` from ``concurrency`` keep-alive clients; latencies (ms) and failures.
+
+    Closed loop by default: each client sends its next call as soon as the last one is answered.
+    With ``rate`` (calls per second, all clients together), call ``i`` is due at ``start + i / rate``
+    and its latency counts from then, so a call held back because every client was busy still
+    shows its wait (open loop, no coordinated omission).
+    """
     times: list[float] = []
     errors = 0
     todo = iter(range(n))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(verify=verify, headers=headers, timeout=30, limits=limits) as client:
+        start = time.perf_counter()
 
         async def one() -> None:
             nonlocal errors
-            for _ in todo:
+            for i in todo:
                 began = time.perf_counter()
+                if rate is not None:
+                    began = start + i / rate
+                    await trio.sleep(max(0.0, began - time.perf_counter()))
                 try:
                     response = await client.get(url)
                     ok = response.status_code == 200
@@ -432,22 +520,57 @@ def p99(values: list[float]) -> float:
     return statistics.quantiles(values, n=100)[98] if len(values) > 1 else values[0]
 
 
+def timed_hammer(
+    url: str, verify: ssl.SSLContext | bool, headers: dict[str, str], pids: list[int]
+) -> tuple[list[float], int, float]:
+    """A closed-loop :func:`hammer` run; latencies, failures, and CPU ms per call of ``pids`` and
+    this process together."""
+    before = sum(cpu_seconds(pid) for pid in pids) + own_cpu_seconds()
+    times, errors = trio.run(hammer, url, CALLS, CONCURRENCY, verify, headers)
+    spent = sum(cpu_seconds(pid) for pid in pids) + own_cpu_seconds() - before
+    return times, errors, 1000 * spent / CALLS
+
+
 def bench_latency() -> None:
-    rows: dict[str, list[float]] = {k: [] for k in ("d50", "d99", "s50", "s99", "a50", "a99")}
+    keys = ("d50", "d99", "s50", "s99", "a50", "a99", "pa50", "pa99", "pd50")
+    rows: dict[str, list[float]] = {k: [] for k in keys}
+    cpu: dict[str, list[float]] = {k: [] for k in ("direct", "space", "cpm", "floor", "floor_client")}
     errors = 0
-    with linked() as (env, _):
+    with linked() as (env, _), floor_server(env.mgr) as floor:
         verify = env.mgr.verify()
         direct_url, space_url = f"{env.direct}/version", f"{env.through}/version"
+        floor_url = f"{floor_base(floor)}/version"
         trio.run(hammer, direct_url, CONCURRENCY * 4, CONCURRENCY, False, {})  # warm-up
         trio.run(hammer, space_url, CONCURRENCY * 4, CONCURRENCY, verify, env.auth)
+        trio.run(hammer, floor_url, CONCURRENCY * 4, CONCURRENCY, verify, env.auth)
         for _ in range(RUNS):
-            direct, e1 = trio.run(hammer, direct_url, CALLS, CONCURRENCY, False, {})
-            space, e2 = trio.run(hammer, space_url, CALLS, CONCURRENCY, verify, env.auth)
-            errors += e1 + e2
+            direct, e1, direct_cpu = timed_hammer(direct_url, False, {}, [env.hub.pid])
+            cpm0 = cpu_seconds(env.mgr.daemon.pid)
+            space, e2, space_cpu = timed_hammer(
+                space_url, verify, env.auth, [env.mgr.daemon.pid, env.hub.pid]
+            )
+            cpu["cpm"].append(1000 * (cpu_seconds(env.mgr.daemon.pid) - cpm0) / CALLS)
+            floor0 = cpu_seconds(floor.pid)
+            _, e3, floor_cpu = timed_hammer(floor_url, verify, env.auth, [floor.pid])
+            cpu["floor"].append(1000 * (cpu_seconds(floor.pid) - floor0) / CALLS)
+            cpu["floor_client"].append(floor_cpu - cpu["floor"][-1])
+            cpu["direct"].append(direct_cpu)
+            cpu["space"].append(space_cpu)
+            paced_direct, e4 = trio.run(hammer, direct_url, CALLS, CONCURRENCY, False, {}, PACED_RATE)
+            paced_space, e5 = trio.run(hammer, space_url, CALLS, CONCURRENCY, verify, env.auth, PACED_RATE)
+            errors += e1 + e2 + e3 + e4 + e5
             d50, d99, s50, s99 = statistics.median(direct), p99(direct), statistics.median(space), p99(space)
-            for key, value in zip(rows, (d50, d99, s50, s99, s50 - d50, s99 - d99), strict=True):
+            pd50, ps50 = statistics.median(paced_direct), statistics.median(paced_space)
+            pa99 = p99(paced_space) - p99(paced_direct)
+            values = (d50, d99, s50, s99, s50 - d50, s99 - d99, ps50 - pd50, pa99, pd50)
+            for key, value in zip(keys, values, strict=True):
                 rows[key].append(value)
     base = f"direct p50 {summary(rows['d50'])['median']}, p99 {summary(rows['d99'])['median']}"
+    # Closed loop on saturated cores, p50 grows in step with the CPU each call costs; the direct
+    # run gives the ratio, and so roughly the CPU per call at which the Space would add 5 ms.
+    d50, direct_cpu = summary(rows["d50"])["median"], summary(cpu["direct"])["median"]
+    budget = direct_cpu * (d50 + 5) / d50
+    scheme = "TLS" if TLS else "plain"
     report(
         f"link latency (GET /version, {CONCURRENCY} concurrent clients, {CALLS} calls per run)",
         [
@@ -455,6 +578,23 @@ def bench_latency() -> None:
             ("added p99 through the Space (ms)", summary(rows["a99"]), base, "<= 25"),
             ("p50 through the Space (ms)", summary(rows["s50"]), "", ""),
             ("p99 through the Space (ms)", summary(rows["s99"]), "", ""),
+            (
+                f"added p50, paced {PACED_RATE:g} calls/s (ms)",
+                summary(rows["pa50"]),
+                f"direct paced p50 {summary(rows['pd50'])['median']}",
+                "",
+            ),
+            (f"added p99, paced {PACED_RATE:g} calls/s (ms)", summary(rows["pa99"]), "", ""),
+            ("CPU per call, direct: hub, client (ms)", summary(cpu["direct"]), "", ""),
+            (
+                "CPU per call, Space: cpm, hub, client (ms)",
+                summary(cpu["space"]),
+                f"+5 ms p50 ~ {budget:.2f}",
+                "",
+            ),
+            ("cpm CPU per call (ms)", summary(cpu["cpm"]), "", ""),
+            (f"floor: hypercorn {scheme}, CPU per call (ms)", summary(cpu["floor"]), "nothing of ours", ""),
+            (f"floor: httpx {scheme} client per call (ms)", summary(cpu["floor_client"]), "", ""),
             ("failed calls (all runs)", errors, "", "0"),
         ],
     )
