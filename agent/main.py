@@ -10,6 +10,8 @@ from typing import Any
 
 import trio
 
+from spacehub.allocator import tune_malloc
+
 from . import __version__
 from .config import LOG_LEVELS, PODMAN_NETWORKS, RUNTIMES, ConfigError, load_config
 from .service import run_hub
@@ -143,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"sth: {exc.message}", file=sys.stderr)
         return 2
+    tune_malloc()
     try:
         trio.run(_serve_until_signal, config)
     except KeyboardInterrupt:

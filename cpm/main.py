@@ -20,6 +20,8 @@ from typing import Any, Final
 
 import trio
 
+from spacehub.allocator import tune_malloc
+
 from . import __version__
 from .config import LOG_LEVELS, ConfigError, ManagerConfig, load_config
 from .errors import ManagerError
@@ -201,6 +203,7 @@ GC_THRESHOLDS: Final = (20_000, 20, 100)
 def _serve(config: ManagerConfig) -> int:
     _setup_logging(config.log_level)
     gc.set_threshold(*GC_THRESHOLDS)
+    tune_malloc()
     # Make the files first (and fail before printing anything if we cannot).
     registry, fingerprint = prepare(config)
     registry.close()
