@@ -10,7 +10,8 @@ answers on 127.0.0.1:
 
 bench.link measures this process's CPU per call and per GB beside the manager's. Whatever
 the Space path costs beyond it is ours; what it costs itself, no relay built on hypercorn
-with TLS can avoid.
+with TLS can avoid. It sets glibc's malloc thresholds as ``sth`` and ``cpm`` do
+(spacehub.allocator).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from typing import Any
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
+
+from spacehub.allocator import tune_malloc
 
 PIECE = 256 * 1024
 _ZEROS = bytes(PIECE)
@@ -73,4 +76,5 @@ async def main(cert_dir: Path | None) -> None:
 
 
 if __name__ == "__main__":
+    tune_malloc()  # as sth and cpm do: the floor is the stack at its best, not glibc's page faults
     trio.run(main, Path(sys.argv[1]) if len(sys.argv) > 1 else None)
