@@ -1017,11 +1017,19 @@ def settle(pid: int, seconds: float = 5.0) -> Footprint:
     return Footprint.of(pid)
 
 
-def _hub_tasks(client: httpx.Client, env: Linked) -> int:
-    """The hub's Trio task count (its /status), probed on a fresh connection that is closed at once."""
-    with httpx.Client(timeout=30) as probe:
-        tasks: int = probe.get(f"{env.direct}/status").json()["tasks"]
-    return tasks
+def _hub_tasks(client: httpx.Client, env: Linked, probes: int = 3) -> int:
+    """The hub's Trio task count (its /status), each probe on a fresh connection closed at once.
+
+    The least of a few probes half a second apart: a task that lives for a moment (a heartbeat
+    going out, the last probe's connection closing) is not one left behind, which every probe sees.
+    """
+    counts = []
+    for probe_number in range(probes):
+        if probe_number:
+            time.sleep(0.5)
+        with httpx.Client(timeout=30) as probe:
+            counts.append(int(probe.get(f"{env.direct}/status").json()["tasks"]))
+    return min(counts)
 
 
 def _link_status(client: httpx.Client, env: Linked) -> dict[str, Any]:
