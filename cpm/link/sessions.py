@@ -54,7 +54,10 @@ killed.
 The proxy (:func:`forward`) carries one HTTP request into the hub over a new
 stream: the request body goes up while the response comes down, each direction
 flow-controlled on its own, and the response body is read from the link only as
-fast as the HTTP client takes it.
+fast as the HTTP client takes it. A call without a body first waits a moment
+(:data:`QUICK_ANSWER_SECONDS`) for a whole short answer, which then goes out with no
+task watching the client: most calls are that, and the watcher was a tenth of the
+manager's CPU per call.
 """
 
 from __future__ import annotations
@@ -115,6 +118,11 @@ MAX_STALE_DUE: Final = 64
 #: few wakeups a second instead of one per link (each an epoll round and a pass of trio's
 #: run loop: together ~6 % of a core). Pings and silence checks run up to this late.
 PING_BATCH_FRACTION: Final = 1 / 40
+#: The proxy's quick path (see :func:`forward`): seconds a bodiless request waits for the
+#: whole answer before the proxy watches its client too, and the most body it takes whole.
+#: Measured on GET /version through the Space: 0.08 ms of the manager's ~0.95 ms per call.
+QUICK_ANSWER_SECONDS: Final = 0.25
+QUICK_ANSWER_BYTES: Final = 64 * 1024
 #: The parts of a heartbeat's summary the Space API shows.
 SUMMARY_KINDS: Final = ("sequences", "instances", "topics")
 #: Request headers never forwarded to a hub: hop-by-hop ones, and the caller's
@@ -660,6 +668,9 @@ async def forward(session: HubSession, request: Request, send: Send, target: str
     done = False  # the exchange finished both ways: nothing to reset
     failure: str | None = None
     try:
+        if no_body and await _answer_quickly(stream, send):
+            done = True
+            return
         async with trio.open_nursery() as nursery:
             uploaded = trio.Event()
 
@@ -695,15 +706,42 @@ async def forward(session: HubSession, request: Request, send: Send, target: str
         raise HubLinkFailed(f"Hub {session.hub_id} did not answer: {failure}")
 
 
-async def _stream_response(
-    stream: OutboundStream, send: Send, status: int, headers: list[tuple[str, str]]
-) -> None:
+async def _answer_quickly(stream: OutboundStream, send: Send) -> bool:
+    """Answer the client at once if the whole (short) answer comes within
+    :data:`QUICK_ANSWER_SECONDS`; False, with nothing of the stream taken, if not.
+
+    Most proxied calls are short: the head and the whole body arrive together. Those need
+    no task watching for the client leaving (a client that leaves now is noticed at the
+    latest when the answer is sent), and their body goes to hypercorn in one piece.
+    """
+    body: bytes | None = None
+    with trio.move_on_after(QUICK_ANSWER_SECONDS):
+        try:
+            status, headers = await stream.response()
+            body = await stream.whole_body(QUICK_ANSWER_BYTES)
+        except (LinkClosed, StreamAborted):
+            return False  # the full path reports it, as it would have without this one
+    if body is None:
+        return False
+    # Outside the deadline: a slow client is not cut off half way through.
+    await send(_response_start(status, headers))
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+    return True
+
+
+def _response_start(status: int, headers: list[tuple[str, str]]) -> dict[str, Any]:
     raw_headers = [
         (name.lower().encode("latin-1"), value.encode("latin-1"))
         for name, value in headers
         if name.lower() not in DROP_RESPONSE_HEADERS
     ]
-    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    return {"type": "http.response.start", "status": status, "headers": raw_headers}
+
+
+async def _stream_response(
+    stream: OutboundStream, send: Send, status: int, headers: list[tuple[str, str]]
+) -> None:
+    await send(_response_start(status, headers))
     try:
         # hypercorn waits in send() while the client is slow; until then no credit goes back.
         async for chunk in stream.body():

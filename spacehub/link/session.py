@@ -284,6 +284,27 @@ class OutboundStream(_Stream):
         """The response body until END; credit goes back as the caller takes chunks."""
         return self._body()
 
+    async def whole_body(self, limit: int) -> bytes | None:
+        """The whole response body, once the peer has ENDed it, if it is at most ``limit`` bytes.
+
+        None as soon as more than ``limit`` bytes are buffered, and then nothing is taken:
+        :meth:`body` still yields all of it. Keep ``limit`` under the stream's window, or the
+        peer waits for credit that this does not give. Raises :class:`LinkClosed` or
+        :class:`StreamAborted` as :meth:`body` does, also with nothing taken.
+        """
+        while not self._remote_ended:
+            if self._buffered > limit:
+                return None
+            self._check()
+            await self._wait()
+        if self._buffered > limit:
+            return None
+        # No credit: the peer sends nothing more on this stream.
+        whole = b"".join(self._buffer)
+        self._buffer.clear()
+        self._buffered = 0
+        return whole
+
 
 class InboundStream(_Stream):
     """The answerer's side of one HTTP exchange (the hub serving a call)."""

@@ -27,13 +27,20 @@ from websockets.trio.client import connect
 
 from cpm import __version__
 from cpm.config import ConfigError, ManagerConfig, load_config
-from cpm.link.sessions import MAX_STALE_DUE, PING_BATCH_FRACTION, HubReport, HubSession, HubSessions
+from cpm.link.sessions import (
+    MAX_STALE_DUE,
+    PING_BATCH_FRACTION,
+    QUICK_ANSWER_BYTES,
+    HubReport,
+    HubSession,
+    HubSessions,
+)
 from cpm.link.transport import AsgiWebSocketTransport
 from cpm.registry import Registry
 from cpm.service import run_manager
 from spacehub.link import LinkClosed, LinkSession, WebsocketsTransport, serve_asgi
 from spacehub.protocol.auth import challenge_payload, public_key_bytes, sign_challenge
-from spacehub.protocol.link import ControlReceived, FrameType, LinkConnection
+from spacehub.protocol.link import INITIAL_WINDOW, ControlReceived, FrameType, LinkConnection
 
 TIMEOUT = 10.0
 
@@ -160,9 +167,29 @@ def test_plain_http_only_on_loopback(tmp_path: Path) -> None:
 FAST = {"heartbeat_interval": 0.2, "missed_heartbeats": 3, "ping_interval": 0.2, "pong_timeout": 0.5}
 
 
+#: /api/v1/hold calls that saw their client leave (the manager reset their stream)
+HELD_CALLS_LEFT: list[str] = []
+#: bytes /api/v1/big answers with (over the manager's quick-answer size)
+BIG_ANSWER = bytes(range(256)) * 800
+
+
 async def tiny_app(scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
-    """/api/v1/version, /api/v1/echo (POST body back), /api/v1/output (endless bytes)."""
+    """/api/v1/version, /api/v1/echo (POST body back), /api/v1/output (endless bytes),
+    /api/v1/hold?tag (never answers; records the client leaving), /api/v1/late (answers
+    after 0.6 s), /api/v1/big (BIG_ANSWER)."""
     path = scope["path"]
+    if path == "/api/v1/hold":
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        HELD_CALLS_LEFT.append(scope["query_string"].decode())
+        return
+    if path == "/api/v1/late":
+        await trio.sleep(0.6)
+    if path == "/api/v1/big":
+        headers = [(b"content-length", str(len(BIG_ANSWER)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": BIG_ANSWER, "more_body": False})
+        return
     if path == "/api/v1/output":
         await send(
             {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]}
@@ -541,6 +568,51 @@ async def test_a_stalled_reader_holds_back_only_its_stream(tmp_path: Path) -> No
                 record = await hub_record(client, m.token, hub_id)
                 assert record["healthy"] is True
                 assert record["isConnectionActive"] is True
+
+
+async def test_answers_short_late_and_large_come_through_whole(tmp_path: Path) -> None:
+    key = Ed25519PrivateKey.generate()
+    async with manager(tmp_path, **FAST) as m, httpx.AsyncClient(base_url=m.url, timeout=TIMEOUT) as client:
+        base = "/api/v1/space/demo/api/v1"
+        async with dial(m.url, join(key, m.registry.create_join_token("demo", 60))) as hello:
+            hub = f"{base}/sth/{hello.answer['hubId']}/api/v1"
+            async with hub_session(hello):
+                short = await client.get(f"{hub}/version?a=1", headers=auth(m.token))
+                assert short.status_code == 200 and short.json()["query"] == "a=1"
+                assert short.headers["content-length"] == str(len(short.content))
+                # Past the quick path's wait (QUICK_ANSWER_SECONDS): the watched path answers it.
+                late = await client.get(f"{hub}/late", headers=auth(m.token))
+                assert late.status_code == 200 and late.json()["path"] == "/api/v1/late"
+                # Over QUICK_ANSWER_BYTES: streamed, not taken whole.
+                big = await client.get(f"{hub}/big", headers=auth(m.token))
+                assert big.status_code == 200 and big.content == BIG_ANSWER
+
+
+def test_a_quick_answer_never_waits_for_credit() -> None:
+    # whole_body takes no credit back: over a window, the hub would wait for it until the deadline.
+    assert QUICK_ANSWER_BYTES < INITIAL_WINDOW
+
+
+@pytest.mark.parametrize("leave_after", [0.05, 0.6])
+async def test_a_client_leaving_a_call_the_hub_holds_resets_its_stream(
+    tmp_path: Path, leave_after: float
+) -> None:
+    # 0.05 s: inside the proxy's quick path, which watches no client; 0.6 s: after it.
+    key = Ed25519PrivateKey.generate()
+    tag = f"left-{leave_after}"
+    async with manager(tmp_path, **FAST) as m, httpx.AsyncClient(base_url=m.url, timeout=TIMEOUT) as client:
+        base = "/api/v1/space/demo/api/v1"
+        async with dial(m.url, join(key, m.registry.create_join_token("demo", 60))) as hello:
+            hub = f"{base}/sth/{hello.answer['hubId']}/api/v1"
+            async with hub_session(hello):
+                with trio.move_on_after(leave_after) as waited:
+                    await client.get(f"{hub}/hold?{tag}", headers=auth(m.token))
+                assert waited.cancelled_caught  # the hub never answers
+
+                async def seen() -> bool:
+                    return tag in HELD_CALLS_LEFT
+
+                await wait_for(seen, timeout=5)
 
 
 async def test_a_hub_report_keeps_heartbeats_compact() -> None:

@@ -518,3 +518,84 @@ async def test_no_batches_to_a_peer_that_did_not_ask_for_them() -> None:
             assert await collect(stream.body()) == b'{"short": true}'
             assert [m[0] for m in to_hub.sent] == [FrameType.OPEN, FrameType.END]
             assert [m[0] for m in to_manager.sent] == [FrameType.RESPONSE, FrameType.DATA, FrameType.END]
+
+
+# -- whole_body: the manager's quick path for short answers ---------------------------------------
+
+
+async def answer_in_pieces(stream: InboundStream) -> None:
+    """Answers ``/n/<size>`` with that many bytes in 1,000-byte DATA frames, one scheduler turn
+    apart, so the reader sees the body arrive in pieces before END."""
+    size = int(stream.path.rsplit("/", 1)[1])
+    await stream.respond(200, [("x-size", str(size))])
+    for start in range(0, size, 1000):
+        await stream.send(bytes([start // 1000 % 256]) * min(1000, size - start))
+        await trio.sleep(0)
+    await stream.end()
+
+
+def expected_body(size: int) -> bytes:
+    return b"".join(bytes([start // 1000 % 256]) * min(1000, size - start) for start in range(0, size, 1000))
+
+
+async def test_whole_body_waits_for_end_and_takes_it_all() -> None:
+    with trio.fail_after(5):
+        async with pair(answer_in_pieces) as (manager, _):
+            stream = await manager.open_stream("GET", "/api/v1/n/9500", [], end=True)
+            assert (await stream.response())[0] == 200
+            assert await stream.whole_body(10_000) == expected_body(9500)
+            assert stream.buffered == 0
+            assert await collect(stream.body()) == b""  # taken: body() is at its end
+
+
+async def test_whole_body_over_the_limit_takes_nothing() -> None:
+    with trio.fail_after(5):
+        async with pair(answer_in_pieces) as (manager, _):
+            stream = await manager.open_stream("GET", "/api/v1/n/50000", [], end=True)
+            assert await stream.whole_body(10_000) is None
+            assert 10_000 < stream.buffered < 50_000  # gave up as soon as it was over, not at END
+            assert await collect(stream.body()) == expected_body(50_000)
+
+
+async def test_whole_body_of_a_stream_longer_than_its_window_does_not_wait_for_credit() -> None:
+    with trio.fail_after(5):
+        async with pair(answer_in_pieces) as (manager, _):
+            size = 2 * INITIAL_WINDOW
+            stream = await manager.open_stream("GET", f"/api/v1/n/{size}", [], end=True)
+            assert await stream.whole_body(INITIAL_WINDOW // 4) is None
+            assert await collect(stream.body()) == expected_body(size)
+
+
+async def test_whole_body_of_a_reset_stream_raises_with_nothing_taken() -> None:
+    async def half_then_reset(stream: InboundStream) -> None:
+        await stream.respond(200, [])
+        await stream.send(b"partial")
+        await trio.sleep(0)
+        await stream.reset("hub gave up")
+
+    with trio.fail_after(5):
+        async with pair(half_then_reset) as (manager, _):
+            stream = await manager.open_stream("GET", "/api/v1/x", [], end=True)
+            with pytest.raises(StreamAborted, match="hub gave up"):
+                await stream.whole_body(10_000)
+            with pytest.raises(StreamAborted):
+                await collect(stream.body())
+
+
+async def test_whole_body_can_be_cancelled_and_the_body_read_after() -> None:
+    release = trio.Event()
+
+    async def slow(stream: InboundStream) -> None:
+        await stream.respond(200, [])
+        await stream.send(b"first ")
+        await release.wait()
+        await stream.send(b"second")
+        await stream.end()
+
+    with trio.fail_after(5):
+        async with pair(slow) as (manager, _):
+            stream = await manager.open_stream("GET", "/api/v1/x", [], end=True)
+            with trio.move_on_after(0.05):
+                await stream.whole_body(10_000)
+            release.set()
+            assert await collect(stream.body()) == b"first second"
