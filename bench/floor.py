@@ -25,6 +25,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
+from agent.api.http import answer_lifespan
 from spacehub.allocator import tune_malloc
 
 PIECE = 256 * 1024
@@ -36,13 +37,8 @@ _VERSION = json.dumps(
 
 async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
     if scope["type"] == "lifespan":
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        await answer_lifespan(receive, send)
+        return
     if scope["type"] != "http":
         return
     if scope["path"] == "/stream":

@@ -18,6 +18,7 @@ from .http import (
     Scope,
     Send,
     StreamResponse,
+    answer_lifespan,
     error_response,
     send_response,
     send_stream,
@@ -51,7 +52,7 @@ class HubApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await answer_lifespan(receive, send)
             return
         if scope["type"] != "http":
             return  # websockets are not served by the hub's API
@@ -106,14 +107,3 @@ async def _unless_disconnected(request: Request, handler: Handler) -> Response |
         result = await outcome.acapture(handler, request)
         nursery.cancel_scope.cancel()
     return None if result is None else result.unwrap()
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    # hypercorn's Trio worker needs the startup to be acknowledged, not ignored.
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return

@@ -28,6 +28,19 @@ Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
+
+async def answer_lifespan(receive: Receive, send: Send) -> None:
+    """Acknowledge an ASGI lifespan scope's startup and shutdown (hypercorn's Trio worker
+    needs the startup acknowledged, not ignored)."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
 logger = logging.getLogger("agent.api")
 
 JSON_TYPES: Final = frozenset({"application/json", "text/json"})

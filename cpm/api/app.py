@@ -32,6 +32,7 @@ from agent.api.http import (
     Scope,
     Send,
     StreamResponse,
+    answer_lifespan,
     error_response,
     json_response,
     send_response,
@@ -123,7 +124,7 @@ class ManagerApp:
         if kind == "http":
             return self._http(scope, receive, send)
         if kind == "lifespan":
-            return _lifespan(receive, send)
+            return answer_lifespan(receive, send)
         return _ignore()
 
     def _websocket(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
@@ -190,14 +191,3 @@ async def _refuse_websocket(receive: Receive, send: Send) -> None:
 
 async def _ignore() -> None:
     """An ASGI scope type this app does not serve."""
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    # hypercorn's Trio worker needs the startup to be acknowledged, not ignored.
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
