@@ -5,7 +5,7 @@ bodies). glibc serves such sizes from mmap at first, then from the heap once its
 threshold has risen, but it gives the top of the heap back to the kernel as soon as more than
 twice that threshold lies free there. Freeing a few pieces at once does that, and the next
 pieces touch fresh pages again: a hub relaying 1 GB through the link took about 290,000 page
-faults (more than one per 4 KiB relayed) and 10-15 % of its CPU on them (bench/README.md).
+faults (more than one per 4 KiB relayed) and about a tenth of its CPU on them (bench/README.md).
 
 :func:`tune_malloc` fixes the thresholds instead: pieces up to :data:`MMAP_THRESHOLD` come from
 the heap, and up to :data:`TRIM_THRESHOLD` of free heap top stays mapped. So a daemon keeps at
