@@ -542,8 +542,8 @@ def bench_latency() -> None:
         floor_url = f"{floor_base(floor)}/version"
         trio.run(hammer, direct_url, CONCURRENCY * 4, CONCURRENCY, False, {})  # warm-up
         trio.run(hammer, space_url, CONCURRENCY * 4, CONCURRENCY, verify, env.auth)
-        # The target's closed-loop runs first and alone, alternating as in every earlier session:
-        # their p99 moved by tens of ms when the other runs came in between.
+        # The target's closed-loop runs first and alone, alternating as in every earlier session,
+        # so that nothing else run in between can move their (noisy) p99.
         for _ in range(RUNS):
             direct, e1, direct_cpu = timed_hammer(direct_url, False, {}, [env.hub.pid])
             cpm0 = cpu_seconds(env.mgr.daemon.pid)
