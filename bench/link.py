@@ -522,13 +522,13 @@ def p99(values: list[float]) -> float:
 
 def timed_hammer(
     url: str, verify: ssl.SSLContext | bool, headers: dict[str, str], pids: list[int]
-) -> tuple[list[float], int, float]:
-    """A closed-loop :func:`hammer` run; latencies, failures, and CPU ms per call of ``pids`` and
-    this process together."""
-    before = sum(cpu_seconds(pid) for pid in pids) + own_cpu_seconds()
+) -> tuple[list[float], int, list[float]]:
+    """A closed-loop :func:`hammer` run: latencies, failures, and the CPU ms per call of each of
+    ``pids`` and then of this process (the clients)."""
+    before = [cpu_seconds(pid) for pid in pids] + [own_cpu_seconds()]
     times, errors = trio.run(hammer, url, CALLS, CONCURRENCY, verify, headers)
-    spent = sum(cpu_seconds(pid) for pid in pids) + own_cpu_seconds() - before
-    return times, errors, 1000 * spent / CALLS
+    after = [cpu_seconds(pid) for pid in pids] + [own_cpu_seconds()]
+    return times, errors, [1000 * (b - a) / CALLS for a, b in zip(before, after, strict=True)]
 
 
 def bench_latency() -> None:
@@ -546,23 +546,21 @@ def bench_latency() -> None:
         # so that nothing else run in between can move their (noisy) p99.
         for _ in range(RUNS):
             direct, e1, direct_cpu = timed_hammer(direct_url, False, {}, [env.hub.pid])
-            cpm0 = cpu_seconds(env.mgr.daemon.pid)
             space, e2, space_cpu = timed_hammer(
                 space_url, verify, env.auth, [env.mgr.daemon.pid, env.hub.pid]
             )
-            cpu["cpm"].append(1000 * (cpu_seconds(env.mgr.daemon.pid) - cpm0) / CALLS)
-            cpu["direct"].append(direct_cpu)
-            cpu["space"].append(space_cpu)
+            cpu["cpm"].append(space_cpu[0])
+            cpu["direct"].append(sum(direct_cpu))
+            cpu["space"].append(sum(space_cpu))
             errors += e1 + e2
             d50, d99, s50, s99 = statistics.median(direct), p99(direct), statistics.median(space), p99(space)
             for key, value in zip(keys[:6], (d50, d99, s50, s99, s50 - d50, s99 - d99), strict=True):
                 rows[key].append(value)
         trio.run(hammer, floor_url, CONCURRENCY * 4, CONCURRENCY, verify, env.auth)
         for _ in range(RUNS):
-            floor0 = cpu_seconds(floor.pid)
-            _, e3, floor_cpu = timed_hammer(floor_url, verify, env.auth, [floor.pid])
-            cpu["floor"].append(1000 * (cpu_seconds(floor.pid) - floor0) / CALLS)
-            cpu["floor_client"].append(floor_cpu - cpu["floor"][-1])
+            _, e3, (floor_cpu, floor_client_cpu) = timed_hammer(floor_url, verify, env.auth, [floor.pid])
+            cpu["floor"].append(floor_cpu)
+            cpu["floor_client"].append(floor_client_cpu)
             errors += e3
         for _ in range(RUNS):
             paced_direct, e4 = trio.run(hammer, direct_url, CALLS, CONCURRENCY, False, {}, PACED_RATE)
