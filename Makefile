@@ -7,14 +7,17 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 .PHONY: run hub test lint unit e2e bench clean deb
 
 $(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
-	rm -f $(VENV)/.installed-* && touch $(STAMP)
+	@echo "Installing Spacehub and its test tools into $(VENV) (about 20 s the first time, then only when pyproject.toml changes)"
+	@test -x $(BIN)/python || { echo "  python -m venv $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	@echo "  pip install -e '.[test]'"
+	@$(BIN)/pip install --quiet --disable-pip-version-check -e '.[test]'
+	@rm -f $(VENV)/.installed-* && touch $(STAMP)
+	@echo "Installed $(BIN)/sth, $(BIN)/cpm and $(BIN)/si (source $(BIN)/activate to have them on PATH)"
 
 ## run: install into .venv and start a local Space: a cpm on 127.0.0.1:9000 and
 ## one sth on 127.0.0.1:8000 joined to it (state in .local-space/)
 run: $(STAMP)
-	$(BIN)/python -m spacehub.localspace $(ARGS)
+	$(BIN)/python -m spacehub.localspace --exit-with-parent $(ARGS)
 
 ## hub: just a hub on 127.0.0.1:8000
 hub: $(STAMP)

@@ -15,6 +15,7 @@ import json
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -22,9 +23,9 @@ import trio
 
 from spacehub.allocator import tune_malloc
 
-from . import __version__
+from . import __version__, admin
 from .config import LOG_LEVELS, ConfigError, ManagerConfig, load_config
-from .errors import ManagerError
+from .errors import ManagerError, SpaceNotFound
 from .registry import iso_utc
 from .service import open_registry, prepare, run_manager
 from .tls import ca_fingerprint
@@ -237,6 +238,28 @@ def _admin(args: argparse.Namespace, config: ManagerConfig) -> int:
             return 1
         print(ca_fingerprint(path))
         return 0
+    if args.command == "space" and args.action == "list" and not config.registry_path.exists():
+        print(f"cpm: no registry in {config.data_dir} yet: no spaces", file=sys.stderr)
+        return 0
+    if not (args.command == "space" and args.action == "create") and not config.registry_path.exists():
+        # Opening would make an empty registry here, and the command would then fail on a
+        # Space that lives in another data dir: say where we looked instead.
+        print(
+            f"cpm: no registry in {config.data_dir} (no Space was made there); give the manager's "
+            "--data-dir (make run's is .local-space/cpm), or make a Space: cpm space create <name>",
+            file=sys.stderr,
+        )
+        return 1
+    try:
+        return _admin_on_registry(args, config)
+    except SpaceNotFound as exc:
+        print(f"cpm: {exc.message} in {config.data_dir}", file=sys.stderr)
+        return 1
+
+
+def _admin_on_registry(args: argparse.Namespace, config: ManagerConfig) -> int:
+    if (args.command, args.action) == ("hub", "list"):
+        return _hub_list(args, config)
     with open_registry(config) as registry:
         match (args.command, args.action):
             case ("space", "create"):
@@ -260,23 +283,52 @@ def _admin(args: argparse.Namespace, config: ManagerConfig) -> int:
                     print(f"{token.id}\t{iso_utc(token.created)}\t{state}\t{token.description}")
             case ("join-token", "create"):
                 print(registry.create_join_token(args.space, args.ttl))
-            case ("hub", "list"):
-                hubs = registry.list_hubs(args.space)
-                if args.json:
-                    records = []
-                    for hub in hubs:
-                        record = hub.record()
-                        record["revoked"] = iso_utc(hub.revoked_at) if hub.revoked_at else None
-                        records.append(record)
-                    print(json.dumps(records, indent=2))
-                else:
-                    for hub in hubs:
-                        state = f"revoked ({hub.revoked_reason})" if hub.revoked else "active"
-                        last = iso_utc(hub.last_connected) if hub.last_connected else "never connected"
-                        print(f"{hub.id}\t{state}\t{last}\t{hub.description}")
             case ("hub", "revoke"):
                 hub = registry.revoke_hub(args.id, args.reason)
                 print(f"revoked {hub.id}; its link is closed within seconds if the manager runs")
+    return 0
+
+
+#: Columns of ``cpm hub list``: header and how to read it from a hub record.
+_HUB_COLUMNS: Final[tuple[tuple[str, Callable[[dict[str, Any]], Any]], ...]] = (
+    ("ID", lambda r: r["id"]),
+    ("STATE", lambda r: r["state"]),
+    ("LAST SEEN", lambda r: r.get("lastSeen") or "never"),
+    ("TAGS", lambda r: ",".join(r.get("tags") or []) or "-"),
+    ("DESCRIPTION", lambda r: r.get("description") or "-"),
+)
+
+
+def _hub_list(args: argparse.Namespace, config: ManagerConfig) -> int:
+    """The Space's hubs with their state: live from the manager serving this data dir, else from
+    the registry (then every hub is disconnected, and the command says so)."""
+    try:
+        answer = admin.ask(config.data_dir, {"op": "hubs", "space": args.space})
+        if "error" in answer:
+            print(f"cpm: {answer['error']}", file=sys.stderr)
+            return 1
+        records: list[dict[str, Any]] = answer["hubs"]
+    except admin.ManagerNotRunning:
+        print(f"cpm: no manager serves {config.data_dir} now: every hub is disconnected", file=sys.stderr)
+        with open_registry(config) as registry:
+            records = []
+            for hub in registry.list_hubs(args.space):
+                record = hub.record()
+                seen = [t for t in (hub.last_connected, hub.last_disconnected) if t is not None]
+                record.update(state="disconnected", lastSeen=iso_utc(max(seen)) if seen else None)
+                if hub.revoked_at is not None:
+                    record["revoked"] = iso_utc(hub.revoked_at)
+                records.append(record)
+    for record in records:
+        if record.get("revoked"):
+            record["state"] = "revoked"
+    if args.json:
+        print(json.dumps(records, indent=2))
+        return 0
+    rows = [[h for h, _ in _HUB_COLUMNS], *([str(get(r)) for _, get in _HUB_COLUMNS] for r in records)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(_HUB_COLUMNS))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     return 0
 
 

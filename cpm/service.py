@@ -23,6 +23,7 @@ from agent.api.http import tune_hypercorn
 from spacehub.ids import persistent_id
 
 from . import __version__, tls_reads
+from .admin import serve_admin, socket_path
 from .api.app import ManagerApp
 from .config import ManagerConfig
 from .errors import Conflict
@@ -138,6 +139,7 @@ async def run_manager(
         manager = Manager(config, registry)
         async with trio.open_nursery() as nursery:
             await nursery.start(manager.sessions.run_watchdog)
+            await nursery.start(serve_admin, manager, socket_path(config.data_dir))
             # hypercorn types the app as a union of ASGI/WSGI callables; ours is ASGI 3.
             app = cast(Any, ManagerApp(manager))
             hypercorn_config = _hypercorn_config(config)

@@ -139,6 +139,8 @@ PING_TIMEOUT: Final = 10.0
 OPEN_TIMEOUT: Final = 10.0
 #: Seconds the closing handshake may take before the connection is dropped.
 CLOSE_TIMEOUT: Final = 1.0
+#: The websocket close code of a hub that stops on purpose (RFC 6455: normal closure).
+CLOSE_NORMAL: Final = 1000
 #: Seconds from the websocket opening to ``welcome``.
 AUTH_TIMEOUT: Final = 10.0
 #: The largest websocket message the link carries.
@@ -510,7 +512,15 @@ class LinkClient:
             # A manager that says nothing expects pongs (older ones close a link without them).
             answer_pings = welcome.get("answerPings") is not False
             batching = reads_batches(welcome)
-            await self._serve(transport, connection, websocket.stream, silence, answer_pings, batching)
+            try:
+                await self._serve(transport, connection, websocket.stream, silence, answer_pings, batching)
+            except trio.Cancelled:
+                # The hub is stopping: say so with a normal close (1000), so that the manager
+                # records a hub that left, not a link that broke (1006). Bounded and shielded:
+                # the cancellation goes on right after.
+                with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                    await websocket.aclose(CLOSE_NORMAL, "the hub is shutting down")
+                raise
 
     async def _receive_control(
         self, transport: WebsocketsTransport, connection: LinkConnection

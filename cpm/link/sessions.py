@@ -98,7 +98,14 @@ from ..errors import (
     SpaceNotFound,
 )
 from ..registry import Hub, Registry, iso_utc
-from .transport import CLOSE_INTERNAL, CLOSE_NORMAL, CLOSE_POLICY, CLOSE_PROTOCOL, AsgiWebSocketTransport
+from .transport import (
+    CLOSE_INTERNAL,
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    CLOSE_PROTOCOL,
+    HUB_LEFT,
+    AsgiWebSocketTransport,
+)
 
 __all__ = ["HANDSHAKE_TIMEOUT", "HubReport", "HubSession", "HubSessions", "forward"]
 
@@ -296,8 +303,15 @@ class HubSessions:
         record = hub.record()
         live = self._live.get(hub.id)
         last = self._last.get(hub.id)
-        record["healthy"] = live is not None and live.healthy(trio.current_time(), self.health_window)
+        healthy = live is not None and live.healthy(trio.current_time(), self.health_window)
+        record["healthy"] = healthy
         record["isConnectionActive"] = live is not None
+        # connected: linked and heartbeating; unhealthy: linked, heartbeats late; disconnected: no link.
+        record["state"] = "connected" if healthy else "unhealthy" if live is not None else "disconnected"
+        seen = [t for t in (hub.last_connected, hub.last_disconnected) if t is not None]
+        if last is not None and last.last_heartbeat_wall is not None:
+            seen.append(last.last_heartbeat_wall)
+        record["lastSeen"] = iso_utc(max(seen)) if seen else None
         record["selfHosted"] = True
         if hub.revoked_at is not None:
             record["revoked"] = iso_utc(hub.revoked_at)
@@ -366,7 +380,10 @@ class HubSessions:
                 await transport.aclose()
                 if self._live.get(hub_id) is session:
                     del self._live[hub_id]
-                    logger.info("hub %s disconnected: %s", hub_id, link.close_reason or "closed")
+                    if link.close_reason == HUB_LEFT:
+                        logger.info("hub %s left: it closed its link normally", hub_id)
+                    else:
+                        logger.info("hub %s disconnected: %s", hub_id, link.close_reason or "closed")
                     with trio.move_on_after(NOTICE_TIMEOUT):
                         try:
                             await self.db(self.registry.mark_disconnected, hub_id)

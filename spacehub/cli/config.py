@@ -90,6 +90,20 @@ def _write(path: Path, value: dict[str, Any]) -> None:
         raise
 
 
+#: Settings that name a file: stored absolute, so `si` works from any folder; what each is for.
+PATH_SETTINGS: Final = {"caFile": "the CA certificate to trust for the manager"}
+
+
+def _path_setting(key: str, value: str) -> str:
+    """``value`` as an absolute path to an existing file (empty clears the setting)."""
+    if not value:
+        return ""
+    path = Path(value).expanduser().resolve()
+    if not path.is_file():
+        raise ConfigError(f"{key} {path}: no such file ({PATH_SETTINGS[key]})")
+    return str(path)
+
+
 def _check_name(name: str) -> str:
     if not _PROFILE_NAME.match(name):
         raise ConfigError(f"bad profile name {name!r} (letters, digits, '_', '.', '-')")
@@ -124,7 +138,7 @@ class SiConfig:
         if key == "log":
             self.profile["log"] = {**self.get("log"), "format": value}
         else:
-            self.profile[key] = value
+            self.profile[key] = _path_setting(key, value) if key in PATH_SETTINGS else value
         self.save_profile()
 
     def set_json(self, text: str) -> None:
@@ -137,6 +151,8 @@ class SiConfig:
         for key in value:
             if key not in SETTABLE and key != "configVersion":
                 raise ConfigError(f"unknown setting {key!r}")
+            if key in PATH_SETTINGS and isinstance(value[key], str) and value[key]:
+                value[key] = _path_setting(key, value[key])
         self.profile.update(value)
         self.save_profile()
 

@@ -64,7 +64,13 @@ class Context:
 
     def _verify(self) -> str | bool:
         ca = self.config.get("caFile")
-        return str(ca) if ca else True
+        if not ca:
+            return True
+        if not Path(ca).is_file():
+            raise UsageError(
+                f"caFile {ca}: no such file ({cfg.PATH_SETTINGS['caFile']}; si config set caFile <path>)"
+            )
+        return str(ca)
 
     def manager(self) -> ManagerClient:
         url = self.config.get("middlewareApiUrl")
@@ -188,7 +194,8 @@ def _start_options(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
 def _start(ctx: Context, sequence_id: str, args: argparse.Namespace) -> None:
     instance = ctx.hub().sequence(sequence_id).start(**_start_options(ctx, args))
     ctx.config.remember(lastInstanceId=instance.id)
-    ctx.out({"id": instance.id, "sequenceId": sequence_id})
+    # People and scripts alike want the new id: `INST=$(si seq deploy ...)` works.
+    ctx.out({"id": instance.id, "sequenceId": sequence_id} if ctx.format == "json" else instance.id)
 
 
 def _send(ctx: Context, source: str, progress_label: str = "Uploading") -> str:
@@ -219,7 +226,8 @@ def seq_pack(ctx: Context, args: argparse.Namespace) -> None:
 
 
 def seq_send(ctx: Context, args: argparse.Namespace) -> None:
-    ctx.out({"id": _send(ctx, args.path)})
+    sequence_id = _send(ctx, args.path)
+    ctx.out({"id": sequence_id} if ctx.format == "json" else sequence_id)
 
 
 def seq_update(ctx: Context, args: argparse.Namespace) -> None:
@@ -506,17 +514,22 @@ def _need_production(ctx: Context, what: str) -> None:
         raise UsageError(f"{what} works through a Space: si config set env production")
 
 
+def _hub_state(hub: dict[str, Any]) -> str:
+    """connected, unhealthy or disconnected (derived from the older fields for older managers)."""
+    state = hub.get("state")
+    if isinstance(state, str):
+        return state
+    if not hub.get("isConnectionActive"):
+        return "disconnected"
+    return "connected" if hub.get("healthy") else "unhealthy"
+
+
 _HUB_COLUMNS: Final = [
     ("ID", lambda h: h.get("id")),
-    ("STATUS", lambda h: h.get("status") or ("connected" if h.get("healthy") else None)),
-    (
-        "DESCRIPTION",
-        lambda h: (
-            h.get("description") or h.get("info", {}).get("name")
-            if isinstance(h.get("info"), dict)
-            else h.get("description")
-        ),
-    ),
+    ("STATE", _hub_state),
+    ("LAST SEEN", lambda h: h.get("lastSeen") or h.get("lastHeartbeat") or "never"),
+    ("TAGS", lambda h: ",".join(h.get("tags") or []) or None),
+    ("DESCRIPTION", lambda h: h.get("description") or None),
 ]
 
 
@@ -579,10 +592,21 @@ def config_session(ctx: Context, args: argparse.Namespace) -> None:
 
 
 def config_set(ctx: Context, args: argparse.Namespace) -> None:
+    where = ctx.config.profile_path(ctx.config.profile_name)
     if args.key == "json":
         ctx.config.set_json(args.value)
+        shown: dict[str, Any] = {k: ctx.config.get(k) for k in json.loads(args.value)}
     else:
         ctx.config.set(args.key, args.value)
+        shown = {args.key: ctx.config.get(args.key)}
+    if shown.get("token"):
+        shown["token"] = "***"
+    if ctx.format == "json":
+        print_json(shown)
+    else:
+        for key, value in shown.items():
+            text = value if isinstance(value, str) else json.dumps(value)
+            print(f"{key} set to {text} (profile {ctx.config.profile_name}, {where})")
 
 
 def config_reset(ctx: Context, args: argparse.Namespace) -> None:
@@ -816,7 +840,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ClientError, UsageError, cfg.ConfigError) as error:
         return _error(str(error))
     except FileNotFoundError as error:
-        return _error(f"{error.filename}: no such file")
+        return _error(f"{error.filename}: no such file" if error.filename else str(error))
     except BrokenPipeError:
         # The reader went away (si inst output | head): not an error.
         with contextlib.suppress(OSError):

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final, TextIO
 
-__all__ = ["Progress", "format_log", "print_json", "print_table", "print_value"]
+__all__ = ["Progress", "format_log", "format_object", "print_json", "print_table", "print_value"]
 
 #: A bar appears only for transfers longer than this (seconds), and redraws at most this often.
 PROGRESS_DELAY: Final = 1.0
@@ -24,11 +24,65 @@ def print_json(value: Any, *, indent: int | None = None, file: TextIO | None = N
 
 
 def print_value(value: Any, fmt: str) -> None:
-    """An object: one line of JSON for scripts, indented JSON for people; text as it is."""
-    if isinstance(value, str) and fmt != "json":
+    """An object: one line of JSON for scripts (``--format json``); for people, ``key: value``
+    lines (nested objects indented under their key); text as it is."""
+    if fmt == "json":
+        print_json(value)
+    elif isinstance(value, str):
         print(value, flush=True)
     else:
-        print_json(value, indent=None if fmt == "json" else 2)
+        print("\n".join(format_object(value)), flush=True)
+
+
+def _scalar(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _is_flat(value: Any) -> bool:
+    """Short enough to stay on its key's line: a scalar, or an empty or all-scalar list."""
+    if isinstance(value, dict):
+        return not value
+    if isinstance(value, list):
+        return all(not isinstance(item, dict | list) for item in value)
+    return True
+
+
+def format_object(value: Any, indent: str = "") -> list[str]:
+    """``value`` as readable lines: ``key: value`` for objects, ``- item`` for lists of objects."""
+    if isinstance(value, dict):
+        if not value:
+            return [f"{indent}(none)"]
+        lines: list[str] = []
+        for key, item in value.items():
+            if _is_flat(item):
+                shown = (
+                    "{}"
+                    if item == {}
+                    else _scalar(item)
+                    if not isinstance(item, list)
+                    else (", ".join(_scalar(i) for i in item) or "[]")
+                )
+                lines.append(f"{indent}{key}: {shown}")
+            else:
+                lines.append(f"{indent}{key}:")
+                lines.extend(format_object(item, indent + "  "))
+        return lines
+    if isinstance(value, list):
+        if not value:
+            return [f"{indent}(none)"]
+        lines = []
+        for item in value:
+            inner = format_object(item, indent + "  ")
+            lines.append(f"{indent}- {inner[0].lstrip()}")
+            lines.extend(inner[1:])
+        return lines
+    return [f"{indent}{_scalar(value)}"]
 
 
 def _cell(value: Any) -> str:

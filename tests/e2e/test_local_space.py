@@ -1,74 +1,224 @@
-"""End-to-end: the README's first command brings up a local Space (cpm + joined sth)."""
+"""End-to-end: the README's first command brings up a local Space (cpm + joined sth), its
+banner's commands work as printed, and stopping it (any signal, even SIGKILL) leaves no
+daemon, no runner and no port behind.
+
+The launcher is started as a script starts a background job (`make run &`): stdin from
+/dev/null and SIGINT ignored, which is how it used to be left running.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shlex
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 
 from tests.helpers import ROOT, _read_until
 
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+BANNER_END = b"stops the instances, the hub and the manager"
 
 
-def test_local_space_comes_up_and_stops_on_ctrl_c(tmp_path: Path) -> None:
-    cpm_port, hub_port = _free_port(), _free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "spacehub.localspace",
-        "--dir",
-        str(tmp_path / "space"),
-        "--cpm-port",
-        str(cpm_port),
-        "--hub-port",
-        str(hub_port),
-    ]
+def _free_ports(count: int) -> list[int]:
+    """``count`` consecutive free ports (the banner's second hub takes the hub's port + 1)."""
+    for _ in range(50):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            first = int(probe.getsockname()[1])
+        if first + count > 65535:
+            continue
+        if all(_port_free(first + i) for i in range(count)):
+            return [first + i for i in range(count)]
+    raise RuntimeError("no run of free ports")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _as_background_job() -> None:
+    """What a non-interactive shell does to `cmd &`: SIGINT ignored."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@dataclass
+class LocalSpace:
+    process: subprocess.Popen[bytes]
+    banner: str
+    state: Path
+    cpm_port: int
+    hub_port: int
+
+    @property
+    def token(self) -> str:
+        found = re.search(r"Token\s+(\S+)", self.banner)
+        assert found is not None, self.banner
+        return found.group(1)
+
+    @property
+    def hub_api(self) -> str:
+        return f"http://127.0.0.1:{self.hub_port}/api/v1"
+
+    def descendants(self) -> list[psutil.Process]:
+        return psutil.Process(self.process.pid).children(recursive=True)
+
+    def commands(self, section: str) -> list[str]:
+        """The indented command lines under a banner heading (``Try it:``, ``Another hub``)."""
+        lines = self.banner.splitlines()
+        start = next(i for i, line in enumerate(lines) if line.startswith(section))
+        found = []
+        for line in lines[start + 1 :]:
+            if not line.startswith("  "):
+                break
+            if not line.startswith("  si is "):
+                found.append(line.strip())
+        return found
+
+
+@contextmanager
+def local_space(tmp_path: Path, *, via_make: bool) -> Iterator[LocalSpace]:
+    cpm_port, hub_port, _spare = _free_ports(3)
+    state = tmp_path / "space"
+    options = ["--dir", str(state), "--cpm-port", str(cpm_port), "--hub-port", str(hub_port)]
+    if via_make:
+        command = ["make", "--no-print-directory", "run", f"ARGS={shlex.join(options)}"]
+    else:
+        command = [sys.executable, "-m", "spacehub.localspace", *options]
     process = subprocess.Popen(
         command,
         stdout=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
+        preexec_fn=_as_background_job,
     )
     try:
-        lines = _read_until(process, b"Ctrl-C stops both", time.monotonic() + 60)
-        text = b"\n".join(lines).decode()
-        token = re.search(r"Token\s+(\S+)", text)
-        assert token is not None, text
-        ca = tmp_path / "space" / "cpm" / "ca.pem"
-        space = f"https://127.0.0.1:{cpm_port}/api/v1/space/local/api/v1"
-        with httpx.Client(
-            verify=ssl.create_default_context(cafile=str(ca)),
-            headers={"authorization": f"Bearer {token.group(1)}"},
-            timeout=10,
-        ) as client:
-            hubs = client.get(f"{space}/list").json()
-            assert len(hubs) == 1 and hubs[0]["isConnectionActive"] is True
-            version = client.get(f"{space}/sth/{hubs[0]['id']}/api/v1/version").json()
-            assert version["apiVersion"] == "v1"
-        children = psutil.Process(process.pid).children(recursive=True)
-        assert len(children) >= 2
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=30) == 0
-        _gone, alive = psutil.wait_procs(children, timeout=15)
-        assert not alive
+        lines = _read_until(process, BANNER_END, time.monotonic() + 90)
+        yield LocalSpace(process, b"\n".join(lines).decode(), state, cpm_port, hub_port)
     finally:
         if process.poll() is None:
+            for child in psutil.Process(process.pid).children(recursive=True):
+                child.kill()
             process.kill()
             process.wait()
         if process.stdout is not None:
             process.stdout.close()
+
+
+def _assert_all_gone(processes: list[psutil.Process], ports: list[int]) -> None:
+    _gone, alive = psutil.wait_procs(processes, timeout=20)
+    assert not alive, [p.cmdline() for p in alive if p.is_running()]
+    deadline = time.monotonic() + 10
+    while not all(_port_free(port) for port in ports):
+        assert time.monotonic() < deadline, f"ports still taken: {[p for p in ports if not _port_free(p)]}"
+        time.sleep(0.1)
+
+
+def _start_instance(space: LocalSpace) -> None:
+    """An instance that runs until killed (a runner process under the hub)."""
+    env = {**os.environ, "SI_CONFIG_PATH": str(space.state / "si")}
+    si = [sys.executable, "-m", "spacehub.cli.main"]
+    subprocess.run([*si, "config", "set", "apiUrl", space.hub_api], check=True, env=env, capture_output=True)
+    done = subprocess.run(
+        [*si, "seq", "deploy", "examples/hello-py"], cwd=ROOT, env=env, capture_output=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    instances = httpx.get(f"{space.hub_api}/instances", timeout=10).json()
+    assert [i["status"] for i in instances] == ["running"]
+
+
+def test_make_run_in_the_background_banner_commands_then_sigterm(tmp_path: Path) -> None:
+    """`make run &`, every command the banner prints run literally, then `kill -TERM` of make."""
+    with local_space(tmp_path, via_make=True) as space:
+        env = {**os.environ, "SI_CONFIG_PATH": str(tmp_path / "si-config")}
+        # The one-time join token never shows in `ps` (it went in a private file, now removed).
+        for process in space.descendants():
+            assert not any("shj_" in part for part in process.cmdline()), process.cmdline()
+        assert not (space.state / "hub" / "join.toml").exists()
+
+        def sh(line: str) -> str:
+            done = subprocess.run(
+                ["bash", "-c", line], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+            )
+            assert done.returncode == 0, f"{line}\n{done.stdout}\n{done.stderr}"
+            return done.stdout
+
+        tried = space.commands("Try it:")
+        assert len(tried) == 4, space.banner
+        hubs = json.loads(sh(tried[0]))
+        assert len(hubs) == 1 and hubs[0]["state"] == "connected"
+        assert json.loads(sh(tried[1]))["apiVersion"] == "v1"
+        assert "apiUrl set to" in sh(tried[2])
+        instance_id = sh(tried[3]).strip()  # `si seq deploy` prints the new instance's id
+        info = httpx.get(f"{space.hub_api}/instance/{instance_id}", timeout=10).json()
+        assert info["status"] == "running"
+
+        join_line, hub_list_line = space.commands("Another hub")
+        second = subprocess.Popen(
+            ["bash", "-c", f"exec {join_line}"], cwd=ROOT, env=env, stdout=subprocess.DEVNULL
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while True:
+                table = sh(hub_list_line)
+                rows = [line.split() for line in table.splitlines()[1:]]
+                if len(rows) == 2 and all(row[1] == "connected" for row in rows):
+                    break
+                assert time.monotonic() < deadline, table
+                time.sleep(0.5)
+            assert table.split()[:5] == ["ID", "STATE", "LAST", "SEEN", "TAGS"]
+        finally:
+            second.terminate()
+            second.wait(timeout=20)
+
+        started = space.descendants()
+        assert any("runner" in " ".join(p.cmdline()) for p in started), "the instance has a runner"
+        space.process.send_signal(signal.SIGTERM)  # make passes SIGTERM on to the launcher
+        space.process.wait(timeout=60)
+        _assert_all_gone(started, [space.cpm_port, space.hub_port, space.hub_port + 1])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP])
+def test_launcher_stops_everything_on_sigint_and_sighup(tmp_path: Path, signum: int) -> None:
+    with local_space(tmp_path, via_make=False) as space:
+        _start_instance(space)
+        started = space.descendants()
+        space.process.send_signal(signum)
+        assert space.process.wait(timeout=60) == 0
+        _assert_all_gone(started, [space.cpm_port, space.hub_port])
+
+
+def test_daemons_do_not_outlive_a_killed_launcher(tmp_path: Path) -> None:
+    with local_space(tmp_path, via_make=False) as space:
+        _start_instance(space)
+        started = space.descendants()
+        assert len(started) >= 3  # cpm, sth and the instance's runner
+        space.process.kill()
+        space.process.wait()
+        _assert_all_gone(started, [space.cpm_port, space.hub_port])
+
+
+def test_launcher_does_not_outlive_a_killed_make(tmp_path: Path) -> None:
+    with local_space(tmp_path, via_make=True) as space:
+        started = space.descendants()
+        space.process.kill()  # make, killed: the launcher is told (--exit-with-parent)
+        space.process.wait()
+        _assert_all_gone(started, [space.cpm_port, space.hub_port])
