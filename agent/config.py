@@ -16,7 +16,7 @@ import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 from .errors import BadRequest
@@ -30,8 +30,16 @@ class ConfigError(BadRequest):
     """A configuration file or option is wrong (the hub refuses to start)."""
 
 
+#: How the hub picks its data dir when neither --data-dir nor the config file says: the one
+#: statement of it (``sth --help`` prints it, and a test holds README.md to it).
+DATA_DIR_RULE: Final = (
+    "$STATE_DIRECTORY under systemd; else, run as root, /var/lib/spacehub if it exists"
+    " (the .deb makes it); else $XDG_DATA_HOME/spacehub, or ~/.local/share/spacehub"
+)
+
+
 def default_data_dir() -> Path:
-    """Where the hub keeps its state when no option says otherwise."""
+    """Where the hub keeps its state when no option says otherwise (:data:`DATA_DIR_RULE`)."""
     state = os.environ.get("STATE_DIRECTORY")  # set by systemd's StateDirectory=
     if state:
         return Path(state.split(":")[0])

@@ -13,7 +13,7 @@ import trio
 from spacehub.allocator import tune_malloc
 
 from . import __version__
-from .config import LOG_LEVELS, PODMAN_NETWORKS, RUNTIMES, ConfigError, load_config
+from .config import DATA_DIR_RULE, LOG_LEVELS, PODMAN_NETWORKS, RUNTIMES, ConfigError, load_config
 from .service import run_hub
 
 
@@ -80,8 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data-dir",
         type=Path,
-        help="the hub's state: link key, link.json and (unless -D) the sequences"
-        " (default: $STATE_DIRECTORY under systemd, else ~/.local/share/spacehub)",
+        help=f"the hub's state: link key, link.json and (unless -D) the sequences (default: {DATA_DIR_RULE})",
     )
     link = parser.add_argument_group("link to a manager (cpm)")
     link.add_argument("--cpm-url", metavar="URL", help="the manager to link to: wss://HOST:PORT")

@@ -8,7 +8,6 @@ down is cancelling its scope (the supervisor then ends every instance).
 from __future__ import annotations
 
 import logging
-import os
 import time
 from functools import partial
 from pathlib import Path
@@ -18,6 +17,7 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
+from spacehub import build
 from spacehub.ids import persistent_id
 
 from . import __version__, limits, notify
@@ -85,7 +85,7 @@ class Hub:
             "product": "spacehub",
             "apiVersion": "v1",
             "version": __version__,
-            "build": os.environ.get("SPACEHUB_BUILD", "source"),
+            "build": build(),
         }
 
     def uptime(self) -> float:

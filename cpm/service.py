@@ -9,7 +9,6 @@ runs that websocket in (see :mod:`cpm.link.sessions`), so it ends with the serve
 from __future__ import annotations
 
 import logging
-import os
 from functools import partial
 from pathlib import Path
 from typing import Any, Final, cast
@@ -20,6 +19,7 @@ from hypercorn.trio import serve
 
 from agent import notify
 from agent.api.http import tune_hypercorn
+from spacehub import build
 from spacehub.ids import persistent_id
 
 from . import __version__, tls_reads
@@ -70,7 +70,7 @@ class Manager:
             "product": "spacehub",
             "apiVersion": "v1",
             "version": __version__,
-            "build": os.environ.get("SPACEHUB_BUILD", "source"),
+            "build": build(),
             "id": self.id,
         }
 

@@ -75,6 +75,12 @@ echo "== spacehub $VERSION: app wheel"
 tar -C "$ROOT" --exclude=./.venv --exclude=./.git --exclude=./build --exclude=./dist \
     --exclude='*.egg-info' --exclude=__pycache__ --exclude=.mypy_cache --exclude=.ruff_cache \
     --exclude=.pytest_cache -cf - . | tar -C "$WORK/src" -xf -
+# Stamp the build into the wheel: `sth`'s and `cpm`'s /version say which source they run.
+COMMIT=$(git -C "$ROOT" rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+git -C "$ROOT" diff --quiet HEAD 2>/dev/null || COMMIT="$COMMIT+changes"
+BUILT=$(date -u -d "@${SOURCE_DATE_EPOCH:-$(git -C "$ROOT" log -1 --format=%ct 2>/dev/null || date +%s)}" +%Y-%m-%dT%H:%M:%SZ)
+printf '"""Written by packaging/build-deb.sh: which source this build is."""\n\nBUILD = "%s"\n' \
+    "$VERSION+git.$COMMIT ($BUILT, deb)" > "$WORK/src/spacehub/_build.py"
 quiet_pip wheel --quiet --no-deps -w "$LIB/wheels" "$WORK/src"
 APP_WHEEL=$(ls "$LIB"/wheels/spacehub-"$VERSION"-*.whl)
 
@@ -103,33 +109,11 @@ install -d "$STAGE/usr/share/man/man1"
 while read -r cmd target; do
   [ -n "$cmd" ] || continue
   ln -s "../lib/spacehub/venv/bin/$cmd" "$STAGE/usr/bin/$cmd"
-  # A man page from the command's own --help (run from the source tree).
-  (cd "$WORK/src" && "$PY" - "$cmd" "$target" "$VERSION") <<'PYEOF' | gzip -9n > "$STAGE/usr/share/man/man1/$cmd.1.gz"
-import contextlib, importlib, io, sys
-cmd, target, version = sys.argv[1:]
-module, func = target.split(":")
-out = io.StringIO()
-with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
-    sys.argv = [cmd]
-    getattr(importlib.import_module(module), func)(["--help"])
-lines = out.getvalue().rstrip().splitlines()
-def roff(line: str) -> str:
-    line = line.replace("\\", "\\e").replace("-", "\\-")
-    return "\\&" + line if line.startswith((".", "'")) else line
-blank = next((i for i, l in enumerate(lines) if not l.strip()), len(lines))
-summary = next((l for l in lines[blank:] if l.strip()), cmd).strip().split(":")[0].rstrip(".")
-print(f'.TH {cmd.upper()} 1 "" "spacehub {version}" "Spacehub"')
-print(".SH NAME")
-print(f"{cmd} \\- {roff(summary[:70])}")
-print(".SH DESCRIPTION")
-print(".nf")
-print("\n".join(roff(l) for l in lines))
-print(".fi")
-print(".SH SEE ALSO")
-print("/usr/share/doc/spacehub, /etc/spacehub/sth.toml, systemctl status sth")
-PYEOF
+  # A man page from the command's own parser, every subcommand included (packaging/manpage.py).
+  (cd "$WORK/src" && "$PY" packaging/manpage.py "$cmd" "$VERSION") | gzip -9n > "$STAGE/usr/share/man/man1/$cmd.1.gz"
 done < "$WORK/commands"
 gzip -9n < packaging/debian/changelog > "$STAGE/usr/share/doc/spacehub/changelog.gz"
+gzip -9n < README.md > "$STAGE/usr/share/doc/spacehub/README.md.gz"
 install -m 0644 packaging/debian/lintian-overrides "$STAGE/usr/share/lintian/overrides/spacehub"
 
 # copyright: ours, then one line per bundled wheel with the licence its metadata declares.

@@ -24,6 +24,7 @@ command -v lintian >/dev/null || need+=(lintian)
 command -v dpkg-parsechangelog >/dev/null || need+=(dpkg-dev)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v curl >/dev/null || need+=(curl)
+command -v groff >/dev/null || need+=(groff-base)
 apt-get update -qq
 if [ ${#need[@]} -gt 0 ]; then apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; fi
 ok "lintian $(lintian --version | awk '{print $2}'), $(systemd-analyze --version | head -1)"
@@ -62,11 +63,19 @@ step "commands"
 [ "$(sth --version)" = "sth $VERSION" ] || fail "sth --version: $(sth --version)"
 ok "$(sth --version) ($(readlink -f /usr/bin/sth))"
 cpm --help >/dev/null && ok "cpm --help"
-if [ -x /usr/bin/si ] && /usr/lib/spacehub/venv/bin/python -c 'import spacehub.cli' 2>/dev/null; then
-  si --help >/dev/null && ok "si --help"
-else
-  ok "si: skipped (no si command or spacehub.cli yet)"
-fi
+si --help >/dev/null && ok "si --help"
+for cmd in sth cpm si; do
+  page=/usr/share/man/man1/$cmd.1.gz
+  [ -f "$page" ] || fail "no man page for $cmd"
+  # man's own warnings (bad requests, unknown escapes) fail the page.
+  warnings=$(zcat "$page" | groff -man -Tutf8 -ww -z 2>&1 || true)
+  [ -z "$warnings" ] || fail "man page $cmd: $warnings"
+  zgrep -q '^\.SH OPTIONS' "$page" || fail "man page $cmd has no OPTIONS"
+done
+zgrep -q '^\.SS si seq deploy' /usr/share/man/man1/si.1.gz || fail "man si lacks si seq deploy"
+ok "man pages sth(1), cpm(1), si(1): every subcommand, no groff warnings"
+zcat /usr/share/doc/spacehub/README.md.gz | grep -q '^# Spacehub' || fail "no README in /usr/share/doc/spacehub"
+ok "/usr/share/doc/spacehub/README.md.gz"
 /usr/lib/spacehub/venv/bin/python - <<'PY' || fail "the venv's dependencies"
 import importlib.metadata as md, sys
 import cryptography, psutil
@@ -131,6 +140,7 @@ for _ in $(seq 100); do
   sleep 0.2
 done
 grep -q "\"version\": *\"$VERSION\"" "$TMP/version.json" || { cat "$TMP/sth.log"; fail "/api/v1/version: $(cat "$TMP/version.json")"; }
+grep -q "\"build\": *\"$VERSION+git\." "$TMP/version.json" || fail "/api/v1/version has no build stamp: $(cat "$TMP/version.json")"
 ok "GET /api/v1/version: $(cat "$TMP/version.json")"
 wait "$NOTIFY_PID" || true; NOTIFY_PID=""
 grep -q '^READY=1' "$TMP/notify.out" || fail "no READY=1: $(cat "$TMP/notify.out")"

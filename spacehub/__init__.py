@@ -11,6 +11,22 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+
+def build() -> str:
+    """Which build this is: ``$SPACEHUB_BUILD``, else the stamp a package build wrote
+    (``spacehub/_build.py``: version, commit, date), else ``source`` (a checkout)."""
+    import os
+
+    override = os.environ.get("SPACEHUB_BUILD")
+    if override:
+        return override
+    try:
+        from ._build import BUILD  # type: ignore[import-not-found]
+    except ImportError:
+        return "source"
+    return str(BUILD)
+
+
 #: Names re-exported from ``spacehub.client``, imported only when first asked for.
 _CLIENT_NAMES = frozenset(
     {

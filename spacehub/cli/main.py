@@ -550,9 +550,17 @@ def hub_info(ctx: Context, args: argparse.Namespace) -> None:
 
 def hub_use(ctx: Context, args: argparse.Namespace) -> None:
     _need_production(ctx, "hub use")
-    info = ctx.space().hub_info(args.id)
-    ctx.config.set("hub", str(info.get("id", args.id)))
-    ctx.out({"hub": args.id} if ctx.format == "json" else f"Using hub {args.id}")
+    space = ctx.space()
+    if args.id is None:
+        hubs = space.hubs()
+        if len(hubs) != 1:
+            listed = ", ".join(str(h.get("id")) for h in hubs) or "none"
+            raise UsageError(f"which hub? the Space has {len(hubs)} ({listed}): si hub use <id>")
+        hub_id = str(hubs[0].get("id"))
+    else:
+        hub_id = str(space.hub_info(args.id).get("id", args.id))
+    ctx.config.set("hub", hub_id)
+    ctx.out({"hub": hub_id} if ctx.format == "json" else f"Using hub {hub_id}")
 
 
 # ====================================================================== space
@@ -787,7 +795,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(hub, "info", hub_info, "a hub of the Space (or the hub's status)")
     p.add_argument("id", nargs="?")
     p = _command(hub, "use", hub_use, "talk to this hub of the Space from now on", ["select"])
-    p.add_argument("id")
+    p.add_argument("id", nargs="?", help="the hub's id (default: the Space's only hub)")
 
     # space
     space = _group(top, "space", "Spaces of the manager")
