@@ -64,7 +64,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import trio
 from websockets.exceptions import InvalidStatus
-from websockets.trio.client import connect
+from websockets.trio.client import ClientConnection, connect
 
 from spacehub import __version__
 from spacehub.link import (
@@ -141,6 +141,8 @@ OPEN_TIMEOUT: Final = 10.0
 CLOSE_TIMEOUT: Final = 1.0
 #: The websocket close code of a hub that stops on purpose (RFC 6455: normal closure).
 CLOSE_NORMAL: Final = 1000
+#: What a stopping hub tells its manager (control message ``leaving``) before it closes the link.
+LEAVING_REASON: Final = "the hub is shutting down"
 #: Seconds from the websocket opening to ``welcome``.
 AUTH_TIMEOUT: Final = 10.0
 #: The largest websocket message the link carries.
@@ -299,6 +301,8 @@ class LinkClient:
         self._last_connected: float | None = None
         self._last_disconnected: float | None = None
         self._session: LinkSession | None = None
+        #: the websocket of the link in use, closed normally when the hub stops
+        self._websocket: ClientConnection | None = None
         #: trio time the heartbeat being sent started, None between heartbeats
         self._heartbeat_since: float | None = None
         #: connections made so far (for tests and the log)
@@ -340,8 +344,33 @@ class LinkClient:
         if not self._config.cpm_url:
             return
         self._move(LinkTrigger.START)
+        # The link lives in a shielded scope of its own, so that when the hub stops, the
+        # websocket (whose reader task would die with a plain cancellation, cutting the TCP
+        # connection) can still close normally, 1000: the manager then records a hub that
+        # left, not a link that broke. The guard turns the hub's cancellation into that.
+        link_scope = trio.CancelScope(shield=True)
+
+        async def leave_when_cancelled() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+                    session, websocket = self._session, self._websocket
+                    if session is not None:
+                        # The manager's server cannot tell a closing handshake from a cut
+                        # connection (it reports 1006 for both): say it first.
+                        with contextlib.suppress(LinkClosed, LinkError):
+                            await session.send_control({"type": "leaving", "reason": LEAVING_REASON})
+                    if websocket is not None:
+                        await websocket.aclose(CLOSE_NORMAL, LEAVING_REASON)
+                link_scope.cancel()
+
         try:
-            await self._run()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(leave_when_cancelled)
+                with link_scope:
+                    await self._run()
+                nursery.cancel_scope.cancel()
         finally:
             if self.state is not LinkState.REFUSED:  # a refusal stays visible in /status
                 self._move(LinkTrigger.STOP)
@@ -512,15 +541,11 @@ class LinkClient:
             # A manager that says nothing expects pongs (older ones close a link without them).
             answer_pings = welcome.get("answerPings") is not False
             batching = reads_batches(welcome)
+            self._websocket = websocket
             try:
                 await self._serve(transport, connection, websocket.stream, silence, answer_pings, batching)
-            except trio.Cancelled:
-                # The hub is stopping: say so with a normal close (1000), so that the manager
-                # records a hub that left, not a link that broke (1006). Bounded and shielded:
-                # the cancellation goes on right after.
-                with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
-                    await websocket.aclose(CLOSE_NORMAL, "the hub is shutting down")
-                raise
+            finally:
+                self._websocket = None
 
     async def _receive_control(
         self, transport: WebsocketsTransport, connection: LinkConnection

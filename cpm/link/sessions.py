@@ -103,7 +103,6 @@ from .transport import (
     CLOSE_NORMAL,
     CLOSE_POLICY,
     CLOSE_PROTOCOL,
-    HUB_LEFT,
     AsgiWebSocketTransport,
 )
 
@@ -232,6 +231,8 @@ class HubSession:
     next_ping: float = 0.0
     #: set once the link is being closed for silence
     closing: bool = False
+    #: why the hub said it is leaving (control message ``leaving``), if it did
+    leaving: str | None = None
 
     def healthy(self, now: float, window: float) -> bool:
         if not self.connected:
@@ -245,6 +246,9 @@ class HubSession:
         kind = message.get("type")
         if kind == "heartbeat":
             self.report.heartbeat(message)
+        elif kind == "leaving":  # the hub stops on purpose; its link closes next
+            reason = message.get("reason")
+            self.leaving = reason[:200] if isinstance(reason, str) and reason else "it is stopping"
         elif kind != "pong":  # from hubs that answer pings anyway: a sign of life like any message
             logger.debug("hub %s: control message %r ignored", self.hub_id, kind)
 
@@ -380,8 +384,8 @@ class HubSessions:
                 await transport.aclose()
                 if self._live.get(hub_id) is session:
                     del self._live[hub_id]
-                    if link.close_reason == HUB_LEFT:
-                        logger.info("hub %s left: it closed its link normally", hub_id)
+                    if session.leaving is not None:
+                        logger.info("hub %s left: %s", hub_id, session.leaving)
                     else:
                         logger.info("hub %s disconnected: %s", hub_id, link.close_reason or "closed")
                     with trio.move_on_after(NOTICE_TIMEOUT):

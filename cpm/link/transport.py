@@ -20,9 +20,6 @@ __all__ = ["CLOSE_NORMAL", "CLOSE_POLICY", "CLOSE_PROTOCOL", "AsgiWebSocketTrans
 
 Message = dict[str, Any]
 
-#: The close reason of a hub that closed its link normally (it stopped, or was told to).
-HUB_LEFT: Final = "the hub left (it closed the link normally)"
-
 #: Websocket close codes the manager uses.
 CLOSE_NORMAL: Final = 1000
 CLOSE_PROTOCOL: Final = 1002
@@ -91,12 +88,7 @@ class AsgiWebSocketTransport:
             raise LinkClosed("the hub sent a text message")
         self._closed = True
         code = message.get("code", CLOSE_NORMAL) if kind == "websocket.disconnect" else None
-        if code == CLOSE_NORMAL:
-            # hypercorn says 1000 only after a closing handshake: the hub left on purpose.
-            raise LinkClosed(HUB_LEFT)
-        raise LinkClosed(
-            f"the link broke: the hub's connection ended without a closing handshake (code {code})"
-        )
+        raise LinkClosed(f"the hub closed the link (code {code})")
 
     async def aclose(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
         """Close the websocket (once); safe to call from any task, also when cancelled."""
