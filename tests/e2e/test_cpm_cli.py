@@ -8,13 +8,17 @@ wait is bounded (subprocess and httpx timeouts).
 from __future__ import annotations
 
 import json
+import os
 import ssl
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 
 from cpm.tls import client_ssl_context
 from tests.cpm_helpers import cpm, run_cpm
+from tests.helpers import ROOT
 
 TIMEOUT = httpx.Timeout(20.0)
 
@@ -98,3 +102,51 @@ def test_plain_http_on_loopback_only(tmp_path: Path) -> None:
             assert client.get("/api/v1/version").status_code == 200
     # Refused on a non-loopback address, with exit code 2 and a reason.
     assert cpm(data, "serve", "--no-tls", "-H", "0.0.0.0", check=False) == ""
+
+
+CPM_MODULE = (sys.executable, "-m", "cpm.main")
+
+
+def test_admin_commands_say_which_data_dir_they_read(tmp_path: Path) -> None:
+    """Without the manager's --data-dir an admin command names the dir it looked in, and makes nothing."""
+    empty = tmp_path / "elsewhere"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cpm.main",
+            "join-token",
+            "create",
+            "--space",
+            "local",
+            "--data-dir",
+            str(empty),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 1 and done.stdout == ""
+    assert f"no registry in {empty}" in done.stderr and "--data-dir" in done.stderr
+    assert not (empty / "registry.sqlite3").exists()
+    data = tmp_path / "cpm"
+    cpm(data, "space", "create", "demo")
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cpm.main",
+            "join-token",
+            "create",
+            "--space",
+            "local",
+            "--data-dir",
+            str(data),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 1 and f"space 'local' not found in {data}" in done.stderr

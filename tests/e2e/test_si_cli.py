@@ -290,3 +290,33 @@ def test_dash_without_history(tmp_path: Path, hub: HubProcess) -> None:
     fresh.run("config", "set", "apiUrl", hub.url)
     done = fresh.run("inst", "info", "-", check=False)
     assert done.returncode == 1 and "no last instance" in done.stderr
+
+
+def test_config_paths_are_kept_absolute_and_errors_name_the_file(tmp_path: Path) -> None:
+    """`si config set caFile <relative>` works from any folder later; a missing CA is named."""
+    si = Si(tmp_path / "si-config")
+    folder = tmp_path / "work"
+    folder.mkdir()
+    (folder / "ca.pem").write_text("not really a certificate\n")
+    done = subprocess.run(
+        si.command("config", "set", "caFile", "ca.pem"),
+        capture_output=True,
+        text=True,
+        env=si.env,
+        cwd=folder,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"caFile set to {folder / 'ca.pem'} (profile default, ")
+    assert si.json("config", "print")["caFile"] == str(folder / "ca.pem")
+    missing = si.run("config", "set", "caFile", "nowhere.pem", check=False)
+    assert missing.returncode == 1
+    assert f"caFile {ROOT / 'nowhere.pem'}: no such file (the CA certificate" in missing.stderr
+    (folder / "ca.pem").unlink()  # later gone: the command that needs it says which file, and what for
+    si.run("config", "set", "env", "production")
+    si.run("config", "set", "middlewareApiUrl", "https://127.0.0.1:9/api/v1")
+    gone = si.run("space", "list", check=False)
+    assert gone.returncode == 1 and "None" not in gone.stderr
+    assert (
+        f"caFile {folder / 'ca.pem'}: no such file (the CA certificate to trust for the manager"
+        in gone.stderr
+    )
