@@ -6,6 +6,11 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | md5sum | cut -c1-8)
 
 .PHONY: run hub test lint unit e2e bench clean deb
 
+# The tests that run a second time with spacehub.server.speedups off: whatever goes
+# through the patched hypercorn, wsproto and TLS reads.
+NO_SPEEDUPS_TESTS := tests/unit/test_speedups.py tests/unit/test_http_drain.py tests/unit/test_cpm_api.py \
+	tests/unit/test_link_session.py tests/unit/test_link_client.py tests/e2e/test_link_e2e.py
+
 $(STAMP): pyproject.toml
 	@echo "Installing Spacehub and its test tools into $(VENV) (about 20 s the first time, then only when pyproject.toml changes)"
 	@test -x $(BIN)/python || { echo "  python -m venv $(VENV)"; $(PYTHON) -m venv $(VENV); }
@@ -26,10 +31,12 @@ hub: $(STAMP)
 ## test: install test dependencies, lint, type-check and run the whole suite
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	@echo "The link and HTTP tests again, with every library patch off (SPACEHUB_SPEEDUPS=0):"
+	SPACEHUB_SPEEDUPS=0 $(BIN)/python -m pytest -q $(NO_SPEEDUPS_TESTS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check agent cpm spacehub tests bench
-	$(BIN)/ruff format --check agent cpm spacehub tests bench
+	$(BIN)/ruff check agent cpm spacehub harness tests bench
+	$(BIN)/ruff format --check agent cpm spacehub harness tests bench
 	$(BIN)/mypy
 
 unit: $(STAMP)

@@ -8,26 +8,22 @@ user's data directory (or systemd's ``$STATE_DIRECTORY`` when run as a service).
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 import re
 import shutil
 import sys
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from .errors import BadRequest
+from spacehub.server.config import ConfigError as ConfigError
+from spacehub.server.config import is_loopback as is_loopback
+from spacehub.server.config import read_options, state_directory, user_data_home
 
 LOG_LEVELS = ("trace", "debug", "info", "warn", "error", "fatal")
 RUNTIMES = ("process", "podman")
 PODMAN_NETWORKS = ("none", "host")
-
-
-class ConfigError(BadRequest):
-    """A configuration file or option is wrong (the hub refuses to start)."""
 
 
 #: How the hub picks its data dir when neither --data-dir nor the config file says: the one
@@ -40,24 +36,12 @@ DATA_DIR_RULE: Final = (
 
 def default_data_dir() -> Path:
     """Where the hub keeps its state when no option says otherwise (:data:`DATA_DIR_RULE`)."""
-    state = os.environ.get("STATE_DIRECTORY")  # set by systemd's StateDirectory=
-    if state:
-        return Path(state.split(":")[0])
+    state = state_directory()
+    if state is not None:
+        return state
     if os.geteuid() == 0 and Path("/var/lib/spacehub").is_dir():
         return Path("/var/lib/spacehub")
-    xdg = os.environ.get("XDG_DATA_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
-    return base / "spacehub"
-
-
-def is_loopback(hostname: str) -> bool:
-    """Whether ``hostname`` names this machine only (localhost, 127.0.0.0/8, ::1)."""
-    if hostname.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(hostname.strip("[]")).is_loopback
-    except ValueError:
-        return False
+    return user_data_home() / "spacehub"
 
 
 _FINGERPRINT = re.compile(r"[0-9A-Fa-f]{64}")
@@ -253,22 +237,7 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> HubConfig:
     then ``overrides`` (flags given on the command line; None values ignored)."""
     values: dict[str, Any] = {}
     if path is not None:
-        try:
-            with path.open("rb") as file:
-                document = tomllib.load(file)
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-        table = document.get("hub", document)
-        if not isinstance(table, dict):
-            raise ConfigError(f"config file {path}: [hub] must be a table")
-        for key, value in table.items():
-            if isinstance(value, dict) and key != "runner_env":
-                continue  # other sections belong to other parts (e.g. [link])
-            if key not in _TOML_KEYS:
-                raise ConfigError(f"config file {path}: unknown option {key!r}")
-            values[_TOML_KEYS[key]] = value
+        values.update(read_options(path, "hub", _TOML_KEYS, table_options={"runner_env"}))
     values.update({k: v for k, v in overrides.items() if v is not None})
     if "data_dir" in values and "sequences_root" not in values:
         values["sequences_root"] = Path(values["data_dir"]).expanduser() / "sequences"

@@ -25,6 +25,8 @@ import tarfile
 import time
 from typing import Final
 
+from .errors import ImageError as ImageError
+
 #: Bump when the image layout changes: the tag names the recipe.
 RECIPE: Final = "1"
 PY_IMAGE: Final = f"localhost/spacehub-runner-py:{RECIPE}"
@@ -35,10 +37,6 @@ HOST_INTERPRETER_LABEL: Final = "spacehub.host-interpreter"
 APPLETS: Final = ("sh", "cat", "echo", "env", "id", "ls", "nc", "sleep", "true", "false", "dd", "head", "ps")
 #: Seconds any one podman command may take here before it counts as broken.
 PODMAN_TIMEOUT: Final = 60.0
-
-
-class ImageError(Exception):
-    """A runner image cannot be built or found."""
 
 
 def _busybox() -> str:

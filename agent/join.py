@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             values["cpm_ca"] = str(_install_ca(args.cpm_ca, path))
         write_config(path, values)
     except ConfigError as exc:
-        print(f"sth join: {exc.message}", file=sys.stderr)
+        print(f"sth join: {exc}", file=sys.stderr)
         return 2
     print(f"sth join: {path} now links this hub to Space {args.space!r} at {args.cpm_url}.")
     if path.resolve() == SYSTEM_CONFIG:

@@ -31,22 +31,9 @@ MAX_MEMBER_NAME_LENGTH: Final = 255
 #: Largest package.json read.
 MAX_PACKAGE_JSON_BYTES: Final = 1 * MiB
 
-# --- HTTP ---------------------------------------------------------------------
-#: Largest JSON request body (start payloads, events, stop/kill options).
-MAX_JSON_BODY_BYTES: Final = 1 * MiB
+# --- HTTP (the shared ones are in spacehub.server.limits) ---------------------
 #: Chunk size used when reading pipes and files for streaming responses.
 STREAM_CHUNK_BYTES: Final = 256 * KiB
-#: Most bytes the HTTP server reads from a socket at once (hypercorn's own is 64 KiB).
-#: Each read costs a pass through h11 and the request's queue, so a larger read
-#: takes about a third off the hub's CPU per GB streamed in (see bench/README.md).
-SOCKET_READ_BYTES: Final = 256 * KiB
-#: Most of an unread request body the hub reads (and drops) before answering an error,
-#: and for how long (seconds): so that a client still sending it gets the answer.
-DRAIN_BODY_BYTES: Final = 1 * MiB
-DRAIN_SECONDS: Final = 1.0
-#: Request-body messages hypercorn may queue ahead of the app (each at most one
-#: socket read): with SOCKET_READ_BYTES, at most 1 MiB per streaming request.
-HTTP_APP_QUEUE_MESSAGES: Final = 4
 
 # --- Instances ------------------------------------------------------------------
 #: Bytes of output/stdout/stderr kept for readers that have not connected yet

@@ -10,7 +10,8 @@ from typing import Any
 
 import trio
 
-from spacehub.allocator import tune_malloc
+from spacehub.server import speedups
+from spacehub.server.allocator import tune_malloc
 
 from . import __version__
 from .config import DATA_DIR_RULE, LOG_LEVELS, PODMAN_NETWORKS, RUNTIMES, ConfigError, load_config
@@ -142,9 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args.config, overrides)
     except ConfigError as exc:
-        print(f"sth: {exc.message}", file=sys.stderr)
+        print(f"sth: {exc}", file=sys.stderr)
         return 2
     tune_malloc()
+    speedups.install()
     try:
         trio.run(_serve_until_signal, config)
     except KeyboardInterrupt:

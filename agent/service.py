@@ -14,19 +14,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import trio
-from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from spacehub import build
-from spacehub.ids import persistent_id
+from spacehub.models import LoadCheck, VersionInfo
+from spacehub.server import notify, speedups
+from spacehub.server.ids import persistent_id
+from spacehub.server.load import load_check
+from spacehub.server.serving import hypercorn_config
 
-from . import __version__, limits, notify
+from . import __version__, limits
 from .api.app import HubApp
-from .api.http import tune_hypercorn
 from .config import HubConfig
 from .hublog import LogRecordDict, setup_logging
 from .instances.supervisor import Supervisor
-from .load import load_check
 from .runtimes.base import Runtime
 from .runtimes.podman import PodmanRuntime, make_runtime
 from .sequences.store import SequenceStore
@@ -35,9 +36,6 @@ from .topics import TopicRouter
 
 if TYPE_CHECKING:
     from .link.client import LinkClient
-
-#: Seconds open HTTP exchanges get to finish when the hub shuts down.
-SHUTDOWN_GRACE = 1.0
 
 
 def _hub_id(root: Path) -> str:
@@ -75,11 +73,11 @@ class Hub:
             "topics": [t.info() for t in self.topics.list()],
         }
 
-    def link_load(self) -> dict[str, Any]:
+    def link_load(self) -> LoadCheck:
         """The load-check the heartbeat carries (blocking: call it in a thread)."""
         return load_check([self.config.sequences_root])
 
-    def version_info(self) -> dict[str, Any]:
+    def version_info(self) -> VersionInfo:
         return {
             "service": "@scramjet/host",
             "product": "spacehub",
@@ -90,20 +88,6 @@ class Hub:
 
     def uptime(self) -> float:
         return round(time.monotonic() - self.started_at, 3)
-
-
-def _hypercorn_config(config: HubConfig, logger: logging.Logger) -> HypercornConfig:
-    hconfig = HypercornConfig()
-    host = f"[{config.hostname}]" if ":" in config.hostname else config.hostname
-    hconfig.bind = [f"{host}:{config.port}"]
-    hconfig.accesslog = None
-    hconfig.errorlog = logger.getChild("http")
-    hconfig.graceful_timeout = SHUTDOWN_GRACE
-    hconfig.include_server_header = False
-    # Request bodies are read only as fast as the hub consumes them.
-    hconfig.max_app_queue_size = limits.HTTP_APP_QUEUE_MESSAGES
-    tune_hypercorn()
-    return hconfig
 
 
 async def run_hub(
@@ -119,9 +103,11 @@ async def run_hub(
         await nursery.start(hub.supervisor.run)
         # hypercorn types the app as a union of ASGI/WSGI callables; ours is ASGI 3.
         app = cast(Any, HubApp(hub))
-        binds: list[str] = await nursery.start(partial(serve, app, _hypercorn_config(config, logger)))
+        binds: list[str] = await nursery.start(
+            partial(serve, app, hypercorn_config(config.hostname, config.port, logger))
+        )
         addresses = [b.split("://", 1)[-1] for b in binds]
-        logger.info("API on %s", ", ".join(addresses))
+        logger.info("API on %s (%s)", ", ".join(addresses), speedups.describe())
         if config.cpm_url:
             # Imported only when linking: websockets, cryptography and httpx cost a
             # hub that runs alone about 10 MB.

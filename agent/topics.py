@@ -21,9 +21,11 @@ import logging
 import re
 from collections.abc import AsyncIterable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 import trio
+
+from spacehub.models import TopicInfo
 
 from . import limits
 from .errors import BadRequest, Conflict, NotFound, UnsupportedMediaType
@@ -67,7 +69,7 @@ class Topic:
     providers: dict[str, int] = field(default_factory=dict)
     consumers: dict[str, int] = field(default_factory=dict)
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> TopicInfo:
         return {
             "topic": self.name,
             "topicName": self.name,

@@ -21,7 +21,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.helpers import HubProcess, run_sth  # noqa: E402
+from harness.daemons import HubProcess, run_sth  # noqa: E402
 
 
 @contextmanager

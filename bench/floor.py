@@ -11,7 +11,7 @@ answers on 127.0.0.1:
 bench.link measures this process's CPU per call and per GB beside the manager's. Whatever
 the Space path costs beyond it is ours; what it costs itself, no relay built on hypercorn
 with TLS can avoid. It sets glibc's malloc thresholds as ``sth`` and ``cpm`` do
-(spacehub.allocator).
+(spacehub.server.allocator).
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from agent.api.http import answer_lifespan
-from spacehub.allocator import tune_malloc
+from spacehub.server.allocator import tune_malloc
+from spacehub.server.http import answer_lifespan
 
 PIECE = 256 * 1024
 _ZEROS = bytes(PIECE)

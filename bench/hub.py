@@ -21,7 +21,7 @@ import httpx
 import psutil
 
 from bench.common import hub, report, summary
-from tests.helpers import make_package, python_package
+from harness.packages import make_package, python_package
 
 MB = 1024 * 1024
 TOTAL_MB = int(os.environ.get("BENCH_MB", "1024"))

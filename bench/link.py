@@ -36,7 +36,8 @@ import psutil
 import trio
 
 from bench.common import ROOT, report, summary
-from tests.helpers import _read_until, python_package
+from harness.daemons import read_until as _read_until
+from harness.packages import python_package
 
 MB = 1024 * 1024
 TOTAL_MB = int(os.environ.get("BENCH_MB", "1024"))
@@ -648,7 +649,7 @@ class FleetStats:
 async def _serve_sim(connection: Any, transport: Any, interval: float, answer_pings: bool) -> None:
     """A simulated hub's session: heartbeats every ``interval`` +- 10 %, streams answered, and
     pongs unless the welcome said ``"answerPings": false`` (as LinkClient)."""
-    from spacehub.link import LinkClosed, LinkSession, serve_asgi
+    from spacehub.server.link import LinkClosed, LinkSession, serve_asgi
 
     async def on_control(message: dict[str, Any]) -> None:
         if message.get("type") == "ping" and answer_pings:
@@ -688,9 +689,10 @@ async def _sim_hub(
     from websockets.trio.client import connect
 
     from agent.link.client import CLOSE_TIMEOUT, MAX_MESSAGE
-    from spacehub.link import WebsocketsTransport
-    from spacehub.protocol.auth import challenge_payload, public_key_bytes, sign_challenge
+    from spacehub.protocol.auth import challenge_payload
     from spacehub.protocol.link import ControlReceived, LinkConnection
+    from spacehub.server.keys import public_key_bytes, sign_challenge
+    from spacehub.server.link import WebsocketsTransport
 
     key = Ed25519PrivateKey.generate()
     space = config["space"]

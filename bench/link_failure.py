@@ -24,8 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import report, summary
-from tests.cpm_helpers import cpm
-from tests.netns.conftest import CLOUD_IP, NsClient, Topology, netns_unavailable
+from harness.manager import cpm
+from harness.netns import CLOUD_IP, NsClient, Topology, netns_unavailable
 
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 CUT = os.environ.get("BENCH_CUT", "down")

@@ -19,7 +19,7 @@ import httpx
 from agent import images
 from agent.runtimes.podman import podman_available
 from bench.common import hub, report, summary
-from tests.helpers import make_package, python_package
+from harness.packages import make_package, python_package
 
 RUNS = max(5, int(os.environ.get("BENCH_RUNS", "5")))
 TRIVIAL_PY = "def run(context, input, *args):\n    return 'x'\n"

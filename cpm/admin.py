@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from .errors import ManagerError
+from .errors import ManagerError, ManagerNotRunning
 
 if TYPE_CHECKING:
     from .service import Manager
@@ -38,10 +38,6 @@ MAX_REQUEST_BYTES: Final = 4096
 REQUEST_TIMEOUT: Final = 5.0
 #: Connections served at once (each is one short request).
 MAX_CONNECTIONS: Final = 8
-
-
-class ManagerNotRunning(Exception):
-    """No manager answers on the data dir's admin socket."""
 
 
 def socket_path(data_dir: Path) -> Path:

@@ -9,14 +9,12 @@ their signatures and operators their bearer tokens over this port.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
-import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import BadRequest
+from spacehub.server.config import ConfigError, is_loopback, read_options, state_directory, user_data_home
+
 from .tls import TlsFiles
 
 __all__ = ["LOG_LEVELS", "ConfigError", "ManagerConfig", "default_data_dir", "is_loopback", "load_config"]
@@ -24,27 +22,9 @@ __all__ = ["LOG_LEVELS", "ConfigError", "ManagerConfig", "default_data_dir", "is
 LOG_LEVELS = ("trace", "debug", "info", "warn", "error", "fatal")
 
 
-class ConfigError(BadRequest):
-    """A configuration file or option is wrong (the manager refuses to start)."""
-
-
 def default_data_dir() -> Path:
     """Where the manager keeps its registry and certificates when no option says otherwise."""
-    state = os.environ.get("STATE_DIRECTORY")  # set by systemd's StateDirectory=
-    if state:
-        return Path(state.split(":")[0])
-    xdg = os.environ.get("XDG_DATA_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".local" / "share"
-    return base / "spacehub-cpm"
-
-
-def is_loopback(hostname: str) -> bool:
-    if hostname == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(hostname.strip("[]")).is_loopback
-    except ValueError:
-        return False
+    return state_directory() or user_data_home() / "spacehub-cpm"
 
 
 @dataclass(slots=True)
@@ -134,22 +114,7 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> ManagerConfig:
     then ``overrides`` (flags given on the command line; None values ignored)."""
     values: dict[str, Any] = {}
     if path is not None:
-        try:
-            with path.open("rb") as file:
-                document = tomllib.load(file)
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
-        table = document.get("manager", document)
-        if not isinstance(table, dict):
-            raise ConfigError(f"config file {path}: [manager] must be a table")
-        for key, value in table.items():
-            if isinstance(value, dict):
-                continue  # other sections belong to other tools
-            if key not in _TOML_KEYS:
-                raise ConfigError(f"config file {path}: unknown option {key!r}")
-            values[_TOML_KEYS[key]] = value
+        values.update(read_options(path, "manager", _TOML_KEYS))
     values.update({k: v for k, v in overrides.items() if v is not None})
     config = ManagerConfig()
     for name, value in values.items():

@@ -5,40 +5,36 @@ carries the HTTP status the API answers with; the API layer turns any of them in
 JSON in one place. Join refusals also carry a stable ``code`` the link sends to the
 hub, next to the message the hub shows its operator::
 
-    ManagerError (500)
-    ├── BadRequest (400)                    invalid space name, public key, tags, ttl, ...
-    ├── Unauthorized (401)                  no credentials at all
-    ├── Forbidden (403)                     bad or revoked bearer token: {"message": "Forbidden"}
-    ├── JoinRefused (403)                   a hub may not join or connect; ``code`` + message
-    │   ├── TokenUnknown (403)              no such join token in this space
-    │   ├── TokenExpired (403)
-    │   ├── TokenUsed (403)                 join tokens are one-time
-    │   └── HubRevoked (403)                the hub's key was revoked by an operator
-    ├── NotFound (404)
-    │   ├── SpaceNotFound (404)
-    │   ├── HubNotFound (404)
-    │   └── ApiTokenNotFound (404)
-    ├── Conflict (409)                      space exists, public key already registered, ...
-    └── HubUnavailable (503)                the hub is not connected
-        └── HubLinkFailed (502)             the link broke or the hub answered nonsense mid-request
+    HttpError (spacehub.server.errors)
+    └── ManagerError (500)
+        ├── BadRequest (400)                    invalid space name, public key, tags, ttl, ...
+        ├── Unauthorized (401)                  no credentials at all
+        ├── Forbidden (403)                     bad or revoked bearer token: {"message": "Forbidden"}
+        ├── JoinRefused (403)                   a hub may not join or connect; ``code`` + message
+        │   ├── TokenUnknown (403)              no such join token in this space
+        │   ├── TokenExpired (403)
+        │   ├── TokenUsed (403)                 join tokens are one-time
+        │   └── HubRevoked (403)                the hub's key was revoked by an operator
+        ├── Refusal (403)                       a link refused with a code chosen at the time
+        ├── NotFound (404)
+        │   ├── SpaceNotFound (404)
+        │   ├── HubNotFound (404)
+        │   └── ApiTokenNotFound (404)
+        ├── Conflict (409)                      space exists, public key already registered, ...
+        └── HubUnavailable (503)                the hub is not connected
+            ├── ManagerNotRunning (503)         nothing answers on the admin socket
+            └── HubLinkFailed (502)             the link broke or the hub answered nonsense mid-request
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
+
+from spacehub.server.errors import HttpError
 
 
-class ManagerError(Exception):
+class ManagerError(HttpError):
     """Base of every error the manager raises on purpose."""
-
-    status: ClassVar[int] = 500
-    #: The message used when none is given.
-    default_message: ClassVar[str] = "Internal Server Error"
-
-    def __init__(self, message: str | None = None) -> None:
-        message = self.default_message if message is None else message
-        super().__init__(message)
-        self.message = message
 
 
 class BadRequest(ManagerError):
@@ -56,6 +52,10 @@ class Forbidden(ManagerError):
 
     status = 403
     default_message = "Forbidden"
+
+    def body(self) -> dict[str, Any]:
+        # The original's answer, word for word: it tells nothing about what exists.
+        return {"message": "Forbidden"}
 
 
 class JoinRefused(ManagerError):
@@ -89,6 +89,17 @@ class HubRevoked(JoinRefused):
     default_message = "This hub's key was revoked by the space's operator"
 
 
+class Refusal(ManagerError):
+    """Refuse a hub's link with this wire ``code`` and operator-facing ``reason``."""
+
+    status = 403
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
 class NotFound(ManagerError):
     status = 404
     default_message = "Not Found"
@@ -116,6 +127,12 @@ class HubUnavailable(ManagerError):
 
     status = 503
     default_message = "Hub unavailable"
+
+
+class ManagerNotRunning(HubUnavailable):
+    """No manager answers on the data dir's admin socket."""
+
+    default_message = "The manager is not running"
 
 
 class HubLinkFailed(HubUnavailable):

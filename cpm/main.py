@@ -21,7 +21,9 @@ from typing import Any, Final
 
 import trio
 
-from spacehub.allocator import tune_malloc
+from spacehub.models import HubRecord
+from spacehub.server import speedups
+from spacehub.server.allocator import tune_malloc
 
 from . import __version__, admin
 from .config import LOG_LEVELS, ConfigError, ManagerConfig, load_config
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(config)
         return _admin(args, config)
     except ConfigError as exc:
-        print(f"cpm: {exc.message}", file=sys.stderr)
+        print(f"cpm: {exc}", file=sys.stderr)
         return 2
     except ManagerError as exc:
         print(f"cpm: {exc.message}", file=sys.stderr)
@@ -205,6 +207,7 @@ def _serve(config: ManagerConfig) -> int:
     _setup_logging(config.log_level)
     gc.set_threshold(*GC_THRESHOLDS)
     tune_malloc()
+    speedups.install()
     # Make the files first (and fail before printing anything if we cannot).
     registry, fingerprint = prepare(config)
     registry.close()
@@ -290,7 +293,7 @@ def _admin_on_registry(args: argparse.Namespace, config: ManagerConfig) -> int:
 
 
 #: Columns of ``cpm hub list``: header and how to read it from a hub record.
-_HUB_COLUMNS: Final[tuple[tuple[str, Callable[[dict[str, Any]], Any]], ...]] = (
+_HUB_COLUMNS: Final[tuple[tuple[str, Callable[[HubRecord], Any]], ...]] = (
     ("ID", lambda r: r["id"]),
     ("STATE", lambda r: r["state"]),
     ("LAST SEEN", lambda r: r.get("lastSeen") or "never"),
@@ -307,7 +310,7 @@ def _hub_list(args: argparse.Namespace, config: ManagerConfig) -> int:
         if "error" in answer:
             print(f"cpm: {answer['error']}", file=sys.stderr)
             return 1
-        records: list[dict[str, Any]] = answer["hubs"]
+        records: list[HubRecord] = answer["hubs"]
     except admin.ManagerNotRunning:
         print(f"cpm: no manager serves {config.data_dir} now: every hub is disconnected", file=sys.stderr)
         with open_registry(config) as registry:
@@ -315,7 +318,8 @@ def _hub_list(args: argparse.Namespace, config: ManagerConfig) -> int:
             for hub in registry.list_hubs(args.space):
                 record = hub.record()
                 seen = [t for t in (hub.last_connected, hub.last_disconnected) if t is not None]
-                record.update(state="disconnected", lastSeen=iso_utc(max(seen)) if seen else None)
+                record["state"] = "disconnected"
+                record["lastSeen"] = iso_utc(max(seen)) if seen else None
                 if hub.revoked_at is not None:
                     record["revoked"] = iso_utc(hub.revoked_at)
                 records.append(record)

@@ -55,6 +55,7 @@ from cpm.errors import (
     TokenUnknown,
     TokenUsed,
 )
+from spacehub.models import HubRecord, SpaceRecord
 
 __all__ = [
     "API_TOKEN_PREFIX",
@@ -144,7 +145,7 @@ class Space:
     name: str
     created: float
 
-    def record(self) -> dict[str, Any]:
+    def record(self) -> SpaceRecord:
         """The API's shape: ``{"id", "created"}``."""
         return {"id": self.name, "created": iso_utc(self.created)}
 
@@ -167,7 +168,7 @@ class Hub:
     def revoked(self) -> bool:
         return self.revoked_at is not None
 
-    def record(self) -> dict[str, Any]:
+    def record(self) -> HubRecord:
         """The manager's per-hub record, as in the seed; ``info`` keys are omitted when unknown."""
         times = (
             ("created", self.created),

@@ -17,17 +17,17 @@ import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
-from agent import notify
-from agent.api.http import tune_hypercorn
 from spacehub import build
-from spacehub.ids import persistent_id
+from spacehub.models import VersionInfo
+from spacehub.server import notify, speedups
+from spacehub.server.ids import persistent_id
+from spacehub.server.serving import hypercorn_config
 
-from . import __version__, tls_reads
+from . import __version__
 from .admin import serve_admin, socket_path
 from .api.app import ManagerApp
 from .config import ManagerConfig
 from .errors import Conflict
-from .link import unmask
 from .link.sessions import HubSessions
 from .registry import Registry
 from .tls import ca_fingerprint, ensure_ca_and_server_cert
@@ -36,8 +36,6 @@ __all__ = ["Manager", "open_registry", "run_manager"]
 
 logger = logging.getLogger("cpm")
 
-#: Seconds open HTTP exchanges get to finish when the manager shuts down.
-SHUTDOWN_GRACE: Final = 1.0
 #: Largest websocket message a hub may send: one frame (5-byte header + 256 KiB of DATA) with room to spare.
 MAX_LINK_MESSAGE: Final = 320 * 1024
 #: ASGI messages hypercorn queues for the app per connection; the socket is read no faster.
@@ -64,7 +62,7 @@ class Manager:
         self.id = manager_id(config.data_dir)
         self.sessions = HubSessions(registry, config, self.id)
 
-    def version_info(self) -> dict[str, Any]:
+    def version_info(self) -> VersionInfo:
         return {
             "service": "@scramjet/manager",
             "product": "spacehub",
@@ -106,28 +104,20 @@ def prepare(config: ManagerConfig) -> tuple[Registry, str | None]:
 
 
 def _hypercorn_config(config: ManagerConfig) -> HypercornConfig:
-    hconfig = HypercornConfig()
-    host = f"[{config.hostname}]" if ":" in config.hostname else config.hostname
-    hconfig.bind = [f"{host}:{config.port}"]
-    hconfig.accesslog = None
-    hconfig.errorlog = logger.getChild("http")
-    hconfig.graceful_timeout = SHUTDOWN_GRACE
-    hconfig.include_server_header = False
-    hconfig.max_app_queue_size = APP_QUEUE
-    hconfig.websocket_max_message_size = MAX_LINK_MESSAGE
-    # 256 KiB socket reads: each read is a pass through TLS, wsproto/h11 and the app's queue.
-    tune_hypercorn()
-    # Hubs' frames arrive masked; unmask them in C (an eighth of the CPU of a relayed stream).
-    unmask.install()
-    # Each read hands hypercorn every TLS record received, not one (16 KiB) at a time.
-    tls_reads.install()
+    tls: tuple[Path, Path] | None = None
     if config.tls:
         if config.tls_cert is not None and config.tls_key is not None:
-            hconfig.certfile, hconfig.keyfile = str(config.tls_cert), str(config.tls_key)
+            tls = (config.tls_cert, config.tls_key)
         else:
-            hconfig.certfile = str(config.data_dir / "server.pem")
-            hconfig.keyfile = str(config.data_dir / "server.key")
-    return hconfig
+            tls = (config.data_dir / "server.pem", config.data_dir / "server.key")
+    return hypercorn_config(
+        config.hostname,
+        config.port,
+        logger,
+        app_queue=APP_QUEUE,
+        websocket_max_message=MAX_LINK_MESSAGE,
+        tls=tls,
+    )
 
 
 async def run_manager(
@@ -145,7 +135,12 @@ async def run_manager(
             hypercorn_config = _hypercorn_config(config)
             binds: list[str] = await nursery.start(partial(serve, app, hypercorn_config, mode="asgi"))
             addresses = [b.split("://", 1)[-1] for b in binds]
-            logger.info("API on %s (%s)", ", ".join(addresses), "TLS" if config.tls else "plain HTTP")
+            logger.info(
+                "API on %s (%s; %s)",
+                ", ".join(addresses),
+                "TLS" if config.tls else "plain HTTP",
+                speedups.describe(),
+            )
             # systemd (Type=notify): READY=1 now, the watchdog, STOPPING=1 when cancelled.
             await nursery.start(partial(notify.lifecycle, f"API on {', '.join(addresses)}"))
             task_status.started(addresses)

@@ -55,6 +55,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cpm.errors import ManagerError
+from spacehub.server.files import write_atomic
 from spacehub.tls import MAX_PEM, certificate_fingerprint, check_ca_fingerprint, client_ssl_context, read_pem
 
 __all__ = [
@@ -122,15 +123,15 @@ def ensure_ca_and_server_cert(
         # A half-made CA (key without cert) can only come from a crash during the first start.
         ca_key = ec.generate_private_key(ec.SECP256R1())
         ca_cert = _make_ca(ca_key, now)
-        _write_atomic(files.ca_key, _key_pem(ca_key), 0o600)
-        _write_atomic(files.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_atomic(files.ca_key, _key_pem(ca_key), 0o600)
+        write_atomic(files.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
     if _leaf_needs_renewal(files, ca_cert, dns_names, addresses, now):
         leaf_key = ec.generate_private_key(ec.SECP256R1())
         leaf = _make_leaf(leaf_key, ca_key, ca_cert, dns_names, addresses, now)
         # Key first: a crash in between leaves a mismatched pair, which the next start remakes.
-        _write_atomic(files.server_key, _key_pem(leaf_key), 0o600)
-        _write_atomic(files.server_cert, leaf.public_bytes(serialization.Encoding.PEM), 0o644)
+        write_atomic(files.server_key, _key_pem(leaf_key), 0o600)
+        write_atomic(files.server_cert, leaf.public_bytes(serialization.Encoding.PEM), 0o644)
     return files
 
 
@@ -336,25 +337,6 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write via a temporary file created with ``mode``, fsync, rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _fingerprint(cert: x509.Certificate) -> str:

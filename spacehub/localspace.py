@@ -38,6 +38,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any, Final
 
+from spacehub.errors import SpacehubError
+
 SPACE: Final = "local"
 START_TIMEOUT: Final = 30.0
 JOIN_TIMEOUT: Final = 30.0
@@ -53,11 +55,11 @@ _PR_SET_PDEATHSIG: Final = 1
 _ENDED: Final = frozenset({"completed", "errored"})
 
 
-class LaunchError(Exception):
-    pass
+class LaunchError(SpacehubError):
+    """The local Space could not be brought up; the message says what to do."""
 
 
-class Stopped(Exception):
+class Stopped(SpacehubError):
     """One of :data:`STOP_SIGNALS` arrived."""
 
     def __init__(self, signum: int) -> None:

@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from spacehub.server.http import Request, Response, Router, StreamResponse, json_response
+from spacehub.server.load import load_check
+
 from ..hublog import encode_record
-from ..load import load_check
-from .http import Request, Response, Router, StreamResponse, json_response
 
 if TYPE_CHECKING:
     from ..service import Hub

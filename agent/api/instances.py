@@ -6,11 +6,12 @@ import json
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from spacehub.server.http import Request, Response, Router, StreamResponse, json_response, parse_bool_header
+
 from ..errors import BadRequest, UnsupportedMediaType
 from ..hublog import encode_record
 from ..instances.instance import Instance
 from ..streams import Broadcast
-from .http import Request, Response, Router, StreamResponse, json_response, parse_bool_header
 
 if TYPE_CHECKING:
     from ..service import Hub

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from spacehub.server.http import Request, Response, Router, json_response, parse_bool_header
+
 from ..errors import BadRequest, SequenceInUse, UnsupportedMediaType
-from .http import Request, Response, Router, json_response, parse_bool_header
 
 if TYPE_CHECKING:
     from ..service import Hub

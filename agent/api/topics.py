@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
+from spacehub.server.http import Request, Response, Router, StreamResponse, json_response, parse_bool_header
+
 from ..errors import BadRequest
-from .http import Request, Response, Router, StreamResponse, json_response, parse_bool_header
 
 if TYPE_CHECKING:
     from ..service import Hub

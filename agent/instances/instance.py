@@ -28,10 +28,11 @@ import signal
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterable, Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import trio
 
+from spacehub.models import InstanceInfo
 from spacehub.protocol import runner as proto
 
 from .. import limits
@@ -164,7 +165,7 @@ class Instance:
     def is_live(self) -> bool:
         return self.status in LIVE
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> InstanceInfo:
         info: dict[str, Any] = {
             "id": self.id,
             "sequence": {
@@ -186,7 +187,7 @@ class Instance:
             info["requires"] = self.requires
         if self.exitcode is not None or self.reason is not None:
             info["terminated"] = {"exitcode": self.exitcode, "reason": self.reason}
-        return {k: v for k, v in info.items() if v is not None}
+        return cast(InstanceInfo, {k: v for k, v in info.items() if v is not None})
 
     def _set_status(self, trigger: Trigger) -> None:
         new = next_status(self.status, trigger)

@@ -25,6 +25,8 @@ from __future__ import annotations
 import enum
 from typing import Final
 
+from .. import errors
+
 
 class Status(enum.StrEnum):
     #: accepted, runner process not yet spawned
@@ -55,10 +57,12 @@ class Trigger(enum.Enum):
     EXITED_FAILED = enum.auto()
 
 
-class InvalidTransition(Exception):
+class InvalidTransition(errors.InvalidTransition):
+    """An instance's lifecycle table has no transition for this trigger now."""
+
     def __init__(self, status: Status, trigger: Trigger) -> None:
         super().__init__(f"{trigger.name} is not allowed while {status.value}")
-        self.status = status
+        self.state = status
         self.trigger = trigger
 
 

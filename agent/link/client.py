@@ -15,9 +15,9 @@ runs, following :mod:`agent.link.state`:
    with ``join`` (first time, with the one-time join token) or ``auth`` (once
    ``<data dir>/link.json`` records the hub id it was given). :data:`AUTH_TIMEOUT`
    bounds this step.
-3. ``connected``: a :class:`~spacehub.link.LinkSession` runs. Each stream the
+3. ``connected``: a :class:`~spacehub.server.link.LinkSession` runs. Each stream the
    manager opens is served by the hub's own ASGI app in-process
-   (:func:`~spacehub.link.serve_asgi`, ``/api/v1/`` only); a heartbeat (load-check
+   (:func:`~spacehub.server.link.serve_asgi`, ``/api/v1/`` only); a heartbeat (load-check
    and summary) goes out at once and then every :data:`HEARTBEAT_INTERVAL` ±
    :data:`HEARTBEAT_JITTER`. The manager pings every link (its ``pingInterval``, in
    the welcome); a hub that hears nothing at all from it for that interval plus its
@@ -51,9 +51,7 @@ import contextlib
 import errno
 import json
 import logging
-import os
 import random
-import secrets
 import ssl
 import time
 from collections.abc import Callable
@@ -67,24 +65,8 @@ from websockets.exceptions import InvalidStatus
 from websockets.trio.client import ClientConnection, connect
 
 from spacehub import __version__
-from spacehub.link import (
-    ASGIApp,
-    InboundStream,
-    LinkClosed,
-    LinkSession,
-    WebsocketsTransport,
-    serve_asgi,
-)
-from spacehub.protocol.auth import (
-    HubKey,
-    KeyFileError,
-    challenge_payload,
-    generate_hub_key,
-    load_private_key,
-    public_key_bytes,
-    save_private_key,
-    sign_challenge,
-)
+from spacehub.models import LoadCheck
+from spacehub.protocol.auth import challenge_payload
 from spacehub.protocol.link import (
     BATCH_FEATURE,
     FRAME_HEADER_SIZE,
@@ -95,9 +77,28 @@ from spacehub.protocol.link import (
     LinkError,
     reads_batches,
 )
+from spacehub.server.files import PRIVATE, write_atomic
+from spacehub.server.keys import (
+    HubKey,
+    KeyFileError,
+    generate_hub_key,
+    load_private_key,
+    public_key_bytes,
+    save_private_key,
+    sign_challenge,
+)
+from spacehub.server.link import (
+    ASGIApp,
+    InboundStream,
+    LinkClosed,
+    LinkSession,
+    WebsocketsTransport,
+    serve_asgi,
+)
 from spacehub.tls import check_ca_fingerprint, client_ssl_context
 
 from ..config import HubConfig, is_loopback
+from ..errors import AttemptFailed, LinkRefused
 from .state import LinkState, LinkTrigger, next_state
 
 __all__ = [
@@ -156,19 +157,6 @@ LINK_FILE: Final = "link.json"
 _MAX_CA_PEM: Final = 64 * 1024
 
 logger = logging.getLogger("agent.link")
-
-
-class LinkRefused(Exception):
-    """The manager refused the hub for good (or revoked it), or a local problem no retry fixes."""
-
-    def __init__(self, code: str, reason: str) -> None:
-        super().__init__(f"{code}: {reason}" if code else reason)
-        self.code = code
-        self.reason = reason
-
-
-class _AttemptFailed(Exception):
-    """One attempt failed in a way worth retrying; the message is the reason."""
 
 
 def backoff_delay(attempt: int, base: float = BACKOFF_BASE, cap: float = BACKOFF_CAP) -> float:
@@ -234,24 +222,12 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
         return describe_error(exc.exceptions[0])
     text = str(exc) or type(exc).__name__
-    return text if isinstance(exc, _AttemptFailed | LinkRefused) else f"{type(exc).__name__}: {text}"
+    return text if isinstance(exc, AttemptFailed | LinkRefused) else f"{type(exc).__name__}: {text}"
 
 
 def _write_private_json(path: Path, value: dict[str, Any]) -> None:
     """Write ``value`` as JSON, 0600, atomically."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as file:
-            os.fchmod(file.fileno(), 0o600)
-            json.dump(value, file, indent=2)
-            file.write("\n")
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_atomic(path, (json.dumps(value, indent=2) + "\n").encode(), PRIVATE)
 
 
 class LinkClient:
@@ -262,7 +238,7 @@ class LinkClient:
         config: HubConfig,
         app: ASGIApp,
         *,
-        load: Callable[[], dict[str, Any]] | None = None,
+        load: Callable[[], LoadCheck | dict[str, Any]] | None = None,
         summary: Callable[[], dict[str, Any]] | None = None,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
         heartbeat_jitter: float = HEARTBEAT_JITTER,
@@ -467,7 +443,7 @@ class LinkClient:
             try:
                 return client_ssl_context(ca_file=self._config.cpm_ca, fingerprint=fingerprint)
             except (OSError, ValueError) as exc:
-                raise _AttemptFailed(f"cannot use the CA file {self._config.cpm_ca}: {exc}") from None
+                raise AttemptFailed(f"cannot use the CA file {self._config.cpm_ca}: {exc}") from None
         if fingerprint is not None:
             if self._ca_data is None:
                 self._ca_data = await self._fetch_ca(fingerprint)
@@ -489,16 +465,16 @@ class LinkClient:
                 client.stream("GET", url) as response,
             ):
                 if response.status_code != 200:
-                    raise _AttemptFailed(f"fetching the manager's CA: {url} answered {response.status_code}")
+                    raise AttemptFailed(f"fetching the manager's CA: {url} answered {response.status_code}")
                 pem = bytearray()
                 async for chunk in response.aiter_bytes():
                     pem += chunk
                     if len(pem) > _MAX_CA_PEM:
-                        raise _AttemptFailed(f"fetching the manager's CA: {url} sent too much")
+                        raise AttemptFailed(f"fetching the manager's CA: {url} sent too much")
         except httpx.HTTPError as exc:
-            raise _AttemptFailed(f"fetching the manager's CA from {url}: {describe_error(exc)}") from None
+            raise AttemptFailed(f"fetching the manager's CA from {url}: {describe_error(exc)}") from None
         if not check_ca_fingerprint(bytes(pem), fingerprint):
-            raise _AttemptFailed(
+            raise AttemptFailed(
                 f"the CA served at {url} does not match --cpm-fingerprint; not connecting"
                 " (check the fingerprint `cpm` printed)"
             )
@@ -553,7 +529,7 @@ class LinkClient:
         """The next message, which must be a control message (nothing else comes before welcome)."""
         events = connection.receive_message(await transport.receive())
         if len(events) != 1 or not isinstance(events[0], ControlReceived):
-            raise _AttemptFailed("the manager sent something other than a control message before welcome")
+            raise AttemptFailed("the manager sent something other than a control message before welcome")
         return events[0].message
 
     async def _authenticate(
@@ -561,18 +537,18 @@ class LinkClient:
     ) -> dict[str, Any]:
         challenge = await self._receive_control(transport, connection)
         if challenge.get("type") != "challenge" or not isinstance(challenge.get("nonce"), str):
-            raise _AttemptFailed(f"expected a challenge from the manager, got {challenge.get('type')!r}")
+            raise AttemptFailed(f"expected a challenge from the manager, got {challenge.get('type')!r}")
         try:
             nonce = base64.b64decode(challenge["nonce"], validate=True)
         except ValueError:
-            raise _AttemptFailed("the manager's challenge nonce is not base64") from None
+            raise AttemptFailed("the manager's challenge nonce is not base64") from None
         assert self._key is not None
         space = self._config.space
         joining = self._hub_id is None
         try:
             payload = challenge_payload(nonce, "" if joining else (self._hub_id or ""), space)
         except ValueError as exc:
-            raise _AttemptFailed(f"bad challenge: {exc}") from None
+            raise AttemptFailed(f"bad challenge: {exc}") from None
         signature = base64.b64encode(sign_challenge(self._key, payload)).decode()
         if joining:
             answer: dict[str, Any] = {
@@ -602,19 +578,19 @@ class LinkClient:
             code = str(reply.get("code", ""))
             reason = str(reply.get("reason", "")) or "no reason given"
             if reply.get("retry") is True:
-                raise _AttemptFailed(f"refused ({code}): {reason}")
+                raise AttemptFailed(f"refused ({code}): {reason}")
             raise LinkRefused(code, reason)
         if kind != "welcome":
-            raise _AttemptFailed(f"expected welcome or refused from the manager, got {kind!r}")
+            raise AttemptFailed(f"expected welcome or refused from the manager, got {kind!r}")
         hub_id = reply.get("hubId")
         if not isinstance(hub_id, str) or not hub_id:
-            raise _AttemptFailed("the manager's welcome carries no hubId")
+            raise AttemptFailed("the manager's welcome carries no hubId")
         if joining:
             record = {"hubId": hub_id, "space": space, "cpmUrl": self._config.cpm_url}
             await trio.to_thread.run_sync(_write_private_json, self.link_path, record)
             logger.info("joined space %s as %s; the join token is not used again", space, hub_id)
         elif hub_id != self._hub_id:
-            raise _AttemptFailed(f"the manager welcomed hub {hub_id!r}, but this hub is {self._hub_id!r}")
+            raise AttemptFailed(f"the manager welcomed hub {hub_id!r}, but this hub is {self._hub_id!r}")
         self._hub_id = hub_id
         return reply
 
@@ -660,7 +636,7 @@ class LinkClient:
             raise
         finally:
             self._session = None
-        raise _AttemptFailed(f"the link closed: {session.close_reason}")
+        raise AttemptFailed(f"the link closed: {session.close_reason}")
 
     async def _heartbeats(self, session: LinkSession) -> None:
         with contextlib.suppress(LinkClosed):
@@ -716,7 +692,7 @@ class LinkClient:
             await trio.sleep(max(silence - quiet, 0.05))
 
     async def _send_heartbeat(
-        self, session: LinkSession, load: dict[str, Any], summary: dict[str, Any]
+        self, session: LinkSession, load: LoadCheck | dict[str, Any], summary: dict[str, Any]
     ) -> None:
         """Send one heartbeat; lists too long for one control message are cut and flagged."""
         keep: int | None = None  # None: whole lists

@@ -26,6 +26,8 @@ from __future__ import annotations
 import enum
 from typing import Final
 
+from .. import errors
+
 
 class LinkState(enum.StrEnum):
     #: no manager configured, or the hub is shutting down
@@ -59,7 +61,9 @@ class LinkTrigger(enum.Enum):
     STOP = enum.auto()
 
 
-class InvalidTransition(Exception):
+class InvalidTransition(errors.InvalidTransition):
+    """The link's state table has no transition for this trigger now."""
+
     def __init__(self, state: LinkState, trigger: LinkTrigger) -> None:
         super().__init__(f"{trigger.name} is not allowed while the link is {state.value}")
         self.state = state

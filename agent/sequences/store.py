@@ -50,6 +50,8 @@ from agent.errors import (
 )
 from agent.sequences.package import PackageInfo, parse_package_json
 from agent.sequences.unpack import DEFAULT_UNPACK_LIMITS, UnpackLimits, unpack_package
+from spacehub.models import SequenceInfo
+from spacehub.server.files import fsync_dir, write_atomic
 
 __all__ = ["Sequence", "SequenceStore", "is_valid_sequence_id"]
 
@@ -105,17 +107,18 @@ class Sequence:
             **self.package.config_fields(),
         }
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> SequenceInfo:
         """The sequence as the API lists it."""
-        info: dict[str, Any] = {
+        info: SequenceInfo = {
             "id": self.id,
             "config": self.config(),
             "location": self.location,
             "instances": list(self.instances),
+            "created": self.created,
         }
         if self.package.name:
-            info["name"] = self.package.name
-        info["created"] = self.created
+            # Before "created", as the original lists it.
+            info = {**info, "name": self.package.name, "created": self.created}
         return info
 
 
@@ -452,7 +455,7 @@ class SequenceStore:
             if moved:
                 os.rename(trash, sequence.directory)
             raise
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
 
     def _write_metadata(self, sequence: Sequence) -> None:
         """Write ``<root>/<id>.sequence.json`` atomically (tmp file, fsync, rename)."""
@@ -463,19 +466,8 @@ class SequenceStore:
             "config": sequence.config(),
         }
         data = json.dumps(document, indent=2, ensure_ascii=False).encode() + b"\n"
-        tmp = self._incoming / f"{sequence.id}{METADATA_SUFFIX}.{uuid.uuid4().hex}.tmp"
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, self.root / f"{sequence.id}{METADATA_SUFFIX}")
-        except BaseException:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(self.root)
+        # The temporary file goes in .incoming: the root's listing is the store's index.
+        write_atomic(self.root / f"{sequence.id}{METADATA_SUFFIX}", data, 0o644, temp_dir=self._incoming)
 
 
 def _make_dir(path: pathlib.Path, *, mode: int = 0o755, parents: bool = False) -> None:
@@ -495,17 +487,6 @@ def _remove_paths(paths: tuple[pathlib.Path, ...]) -> None:
         else:
             with contextlib.suppress(OSError):
                 path.unlink(missing_ok=True)
-
-
-def _fsync_dir(path: pathlib.Path) -> None:
-    # Makes the renames in `path` durable. Best effort: the renames have happened
-    # either way, and some filesystems refuse fsync on directories.
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _read_bounded(path: pathlib.Path, limit: int) -> bytes | None:

@@ -24,23 +24,22 @@ from urllib.parse import unquote
 
 import trio
 
-from agent.api.http import (
+from spacehub.models import SpaceRecord
+from spacehub.server.http import (
+    ANSWERED,
+    HttpDispatch,
     Receive,
     Request,
     Response,
     Router,
     Scope,
     Send,
-    StreamResponse,
     answer_lifespan,
     error_response,
     json_response,
-    send_response,
-    send_stream,
 )
-from agent.errors import HubError
 
-from ..errors import Forbidden, ManagerError
+from ..errors import Forbidden
 from ..link.transport import AsgiWebSocketTransport
 from . import space as space_routes
 from .tokens import DatabaseVersion, TokenCache
@@ -75,7 +74,7 @@ def build_router(manager: Manager) -> Router:
             raise Forbidden()
         registry = manager.registry
 
-        def opened() -> list[dict[str, str]]:
+        def opened() -> list[SpaceRecord]:
             return [s.record() for s in registry.list_spaces() if registry.check_api_token(s.name, token)]
 
         records = await trio.to_thread.run_sync(opened)
@@ -113,6 +112,12 @@ class ManagerApp:
         # An in-memory registry has no file another connection could watch: no caching then.
         version = DatabaseVersion(registry.path) if registry.path != ":memory:" else (lambda: None)
         self._tokens = TokenCache(check, version, trio.current_time)
+        self._http = HttpDispatch(
+            self._router,
+            internal_error="internal error; see the manager log",
+            before_route=self._before_route,
+            log=logger,
+        )
 
     # Not a coroutine function: it hands back the handler's coroutine, so a link (5,000 of
     # them idle on a fleet) does not keep one more suspended frame for its whole life.
@@ -135,53 +140,25 @@ class ManagerApp:
         peer = f"{client[0]}:{client[1]}" if client else "?"
         return self._manager.sessions.serve(AsgiWebSocketTransport(receive, send), peer)
 
-    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        request = Request(scope, receive, {})
-        try:
-            response = await self._dispatch(scope, request, send)
-        except Forbidden:
-            response = json_response({"message": "Forbidden"}, 403)
-        except ManagerError as exc:
-            response = error_response(exc.status, exc.message)
-        except HubError as exc:  # from the shared Request helpers (e.g. a body too large)
-            response = error_response(exc.status, exc.message)
-        except trio.BrokenResourceError:
-            return  # the client went away while sending its body; nobody to answer
-        except Exception:
-            logger.exception("internal error on %s %s", scope["method"], scope["path"])
-            response = error_response(500, "internal error; see the manager log")
-        if response is None:
-            return
-        if isinstance(response, StreamResponse):
-            await send_stream(send, request, response)
-        else:
-            await send_response(send, response)
-
-    async def _dispatch(self, scope: Scope, request: Request, send: Send) -> Response | StreamResponse | None:
-        """The response to send, or None when the handler answered itself (the proxy)."""
-        path: str = scope["path"]
-        space_match = _SPACE_PREFIX.match(path)
-        if space_match is not None:
-            space = space_match.group(1)
-            token = _bearer(request)
-            if token is None or not await self._tokens.allows(space, token):
-                raise Forbidden()
-            raw_path: bytes = scope.get("raw_path") or path.encode()
-            proxied = space_routes.PROXY_PATH.match(raw_path)
-            if proxied is not None:
-                hub_id = unquote(proxied.group(2).decode("latin-1"))
-                rest = (proxied.group(3) or b"").decode("latin-1")
-                await space_routes.proxy(self._manager, request, send, space, hub_id, rest)
-                return None
-        handler, params, allowed = self._router.resolve(scope["method"], path)
-        if handler is None:
-            if allowed:
-                return error_response(
-                    405, f"{scope['method']} is not allowed on {path}; use {', '.join(sorted(set(allowed)))}"
-                )
-            return error_response(404, f"No such route: {scope['method']} {path}")
-        request.params = params
-        return await handler(request)
+    async def _before_route(self, request: Request, send: Send) -> object | None:
+        """The Space API's gate: a bearer token of the space, checked before any routing,
+        so a refused call learns nothing of what exists; calls for a hub are proxied
+        (answered by the proxy itself). None: route as usual."""
+        space_match = _SPACE_PREFIX.match(request.path)
+        if space_match is None:
+            return None
+        space = space_match.group(1)
+        token = _bearer(request)
+        if token is None or not await self._tokens.allows(space, token):
+            raise Forbidden()
+        raw_path: bytes = request.scope.get("raw_path") or request.path.encode()
+        proxied = space_routes.PROXY_PATH.match(raw_path)
+        if proxied is None:
+            return None
+        hub_id = unquote(proxied.group(2).decode("latin-1"))
+        rest = (proxied.group(3) or b"").decode("latin-1")
+        await space_routes.proxy(self._manager, request, send, space, hub_id, rest)
+        return ANSWERED
 
 
 async def _refuse_websocket(receive: Receive, send: Send) -> None:

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from agent.api.http import Handler, Request, Response, Router, Send, json_response
-from agent.load import load_check
+from spacehub.server.http import Handler, Request, Response, Router, Send, json_response
+from spacehub.server.load import load_check
 
 from ..errors import HubNotFound, HubUnavailable
 from ..link.sessions import forward

@@ -15,7 +15,7 @@ kept short: the app returns ``serve``'s coroutine rather than awaiting it, and
    signature over ``challenge_payload(nonce, hub_id, space)``; answer ``welcome``,
    or ``refused`` with a stable code and close with 4403. All of it within
    :data:`HANDSHAKE_TIMEOUT`.
-2. **Session**: a :class:`~spacehub.link.session.LinkSession` runs the link; its
+2. **Session**: a :class:`~spacehub.server.link.session.LinkSession` runs the link; its
    control messages are handled in place by :meth:`HubSession.on_control`
    (heartbeats keep the last load and summary in the hub's :class:`HubReport`),
    so a link costs no task beyond the one hypercorn runs it in. A second link of
@@ -79,10 +79,11 @@ from typing import Any, Final, TypeVar, cast
 
 import trio
 
-from agent.api.http import Request, Send
-from spacehub.link.session import LinkClosed, LinkSession, OutboundStream, StreamAborted
+from spacehub.models import HubRecord, LoadCheck
 from spacehub.protocol.auth import challenge_payload, make_challenge, verify_challenge
 from spacehub.protocol.link import BATCH_FEATURE, ControlReceived, LinkConnection, LinkError, reads_batches
+from spacehub.server.http import Request, Send
+from spacehub.server.link.session import LinkClosed, LinkSession, OutboundStream, StreamAborted
 
 from .. import __version__
 from ..config import ManagerConfig
@@ -95,6 +96,7 @@ from ..errors import (
     HubUnavailable,
     JoinRefused,
     ManagerError,
+    Refusal,
     SpaceNotFound,
 )
 from ..registry import Hub, Registry, iso_utc
@@ -152,15 +154,6 @@ DROP_REQUEST_HEADERS: Final = frozenset(
 DROP_RESPONSE_HEADERS: Final = frozenset(
     {"connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade"}
 )
-
-
-class _Refusal(Exception):
-    """Refuse the hub with this wire ``code`` and operator-facing ``reason``."""
-
-    def __init__(self, code: str, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
 
 
 #: The items of a summary that lists nothing; shared by every such hub, never changed.
@@ -302,7 +295,7 @@ class HubSessions:
     def live(self, hub_id: str) -> HubSession | None:
         return self._live.get(hub_id)
 
-    def record(self, hub: Hub) -> dict[str, Any]:
+    def record(self, hub: Hub) -> HubRecord:
         """The Space API's hub record: the registry's, plus what the link knows."""
         record = hub.record()
         live = self._live.get(hub.id)
@@ -322,7 +315,7 @@ class HubSessions:
             record["disconnectReason"] = f"revoked: {hub.revoked_reason or ''}".rstrip(": ")
         if last is not None:
             record["version"] = last.version
-            record["load"] = last.load
+            record["load"] = cast(LoadCheck | None, last.load)
             if last.last_heartbeat_wall is not None:
                 record["lastHeartbeat"] = iso_utc(last.last_heartbeat_wall)
             record["sequences"] = [item.get("id") for item in last.items("sequences")]
@@ -408,7 +401,7 @@ class HubSessions:
         try:
             with trio.fail_after(HANDSHAKE_TIMEOUT):
                 return await self._handshake(connection, transport)
-        except _Refusal as refusal:
+        except Refusal as refusal:
             logger.warning("refused a hub from %s: %s (%s)", peer, refusal.reason, refusal.code)
             notice = {"type": "refused", "code": refusal.code, "reason": refusal.reason, "retry": False}
             with trio.move_on_after(NOTICE_TIMEOUT):
@@ -442,28 +435,28 @@ class HubSessions:
         await transport.send(connection.send_control(challenge))
         events = connection.receive_message(await transport.receive())
         if len(events) != 1 or not isinstance(events[0], ControlReceived):
-            raise _Refusal("bad-request", "the first message must be a join or auth control message")
+            raise Refusal("bad-request", "the first message must be a join or auth control message")
         message = events[0].message
         kind = message.get("type")
         space = message.get("space")
         version = message.get("version")
         if not isinstance(space, str) or not space:
-            raise _Refusal("bad-request", "the message names no space")
+            raise Refusal("bad-request", "the message names no space")
         signature = _b64(message.get("signature"), "signature")
         try:
             await self.db(self.registry.get_space, space)
         except SpaceNotFound:
-            raise _Refusal("space-unknown", f"The manager has no space {space!r}") from None
+            raise Refusal("space-unknown", f"The manager has no space {space!r}") from None
         if kind == "join":
             hub = await self._join(message, space, nonce, signature)
         elif kind == "auth":
             hub = await self._auth(message, space, nonce, signature)
         else:
-            raise _Refusal("bad-request", f"expected a join or auth message, not {kind!r}")
+            raise Refusal("bad-request", f"expected a join or auth message, not {kind!r}")
         try:
             hub = await self.db(self.registry.mark_connected, hub.id)
         except HubRevoked as exc:
-            raise _Refusal(exc.code, exc.message) from None
+            raise Refusal(exc.code, exc.message) from None
         welcome = {
             "type": "welcome",
             "hubId": hub.id,
@@ -483,7 +476,7 @@ class HubSessions:
     async def _join(self, message: dict[str, Any], space: str, nonce: bytes, signature: bytes) -> Hub:
         public_key = _b64(message.get("publicKey"), "publicKey")
         if not verify_challenge(public_key, challenge_payload(nonce, "", space), signature):
-            raise _Refusal("bad-signature", "The join message's signature does not match its public key")
+            raise Refusal("bad-signature", "The join message's signature does not match its public key")
         description = message.get("description", "")
         tags = message.get("tags", [])
         try:
@@ -496,17 +489,17 @@ class HubSessions:
                 tags if isinstance(tags, list) else [],
             )
         except JoinRefused as exc:
-            raise _Refusal(exc.code, exc.message) from None
+            raise Refusal(exc.code, exc.message) from None
         except BadRequest as exc:
-            raise _Refusal("bad-request", exc.message) from None
+            raise Refusal("bad-request", exc.message) from None
         except Conflict:
             # The key is registered already: the hub lost its id but kept its key, and has just
             # proved it holds that key. Let it in as that hub (the token stays unspent).
             hub = await self.db(self.registry.hub_by_key, public_key)
             if hub.space != space:
-                raise _Refusal("join-refused", "This hub's key is registered in another space") from None
+                raise Refusal("join-refused", "This hub's key is registered in another space") from None
             if hub.revoked:
-                raise _Refusal(HubRevoked.code, HubRevoked.default_message) from None
+                raise Refusal(HubRevoked.code, HubRevoked.default_message) from None
             logger.info("hub %s joined again with its registered key", hub.id)
             return hub
         logger.info("hub %s joined space %s", hub.id, space)
@@ -514,7 +507,7 @@ class HubSessions:
 
     async def _auth(self, message: dict[str, Any], space: str, nonce: bytes, signature: bytes) -> Hub:
         hub_id = message.get("hubId")
-        unknown = _Refusal(
+        unknown = Refusal(
             "hub-unknown", f"The manager knows no hub {hub_id!r} in space {space!r}; join again"
         )
         if not isinstance(hub_id, str) or not hub_id or "\0" in hub_id:
@@ -527,9 +520,9 @@ class HubSessions:
             raise unknown
         if hub.revoked:
             reason = f"{HubRevoked.default_message}: {hub.revoked_reason}" if hub.revoked_reason else None
-            raise _Refusal(HubRevoked.code, reason or HubRevoked.default_message)
+            raise Refusal(HubRevoked.code, reason or HubRevoked.default_message)
         if not verify_challenge(hub.public_key, challenge_payload(nonce, hub_id, space), signature):
-            raise _Refusal("bad-signature", "The signature does not match the key this hub joined with")
+            raise Refusal("bad-signature", "The signature does not match the key this hub joined with")
         return hub
 
     # -- pings --------------------------------------------------------------------------------
@@ -649,11 +642,11 @@ class HubSessions:
 
 def _b64(value: object, name: str) -> bytes:
     if not isinstance(value, str) or len(value) > 1024:
-        raise _Refusal("bad-request", f"{name} must be a base64 string")
+        raise Refusal("bad-request", f"{name} must be a base64 string")
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
-        raise _Refusal("bad-request", f"{name} is not valid base64") from None
+        raise Refusal("bad-request", f"{name} is not valid base64") from None
 
 
 # -- the proxy ----------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""A link :class:`~spacehub.link.session.MessageTransport` over an ASGI websocket.
+"""A link :class:`~spacehub.server.link.session.MessageTransport` over an ASGI websocket.
 
 Hubs reach the manager as websockets on the API's own port, so the link rides on
 hypercorn's ASGI websocket scope instead of a socket of its own. Back-pressure comes
@@ -14,7 +14,7 @@ from typing import Any, Final
 
 import trio
 
-from spacehub.link.session import LinkClosed
+from spacehub.server.link.session import LinkClosed
 
 __all__ = ["CLOSE_NORMAL", "CLOSE_POLICY", "CLOSE_PROTOCOL", "AsgiWebSocketTransport"]
 

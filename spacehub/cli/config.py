@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from spacehub.errors import SpacehubError
+
 __all__ = [
     "DEFAULT_PROFILE",
     "SETTABLE",
@@ -56,7 +58,7 @@ _SESSION_KEYS: Final = ("lastPackagePath", "lastSequenceId", "lastInstanceId")
 _PROFILE_NAME: Final = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
-class ConfigError(Exception):
+class ConfigError(SpacehubError):
     """A bad setting, profile name, or a ``-`` with nothing to stand for."""
 
 

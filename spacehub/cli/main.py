@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, Final, NoReturn
 
+from spacehub.errors import SpacehubError
+
 from .. import __version__
 from ..client._calls import DEFAULT_TOPIC_TYPE
 from ..client.errors import ApiError, ClientError, NotFound
@@ -33,7 +35,7 @@ RESTART_WAIT: Final = 30.0
 _CHUNK: Final = 64 * 1024
 
 
-class UsageError(Exception):
+class UsageError(SpacehubError):
     """A command used wrongly (reported like a server error: message, exit code 1)."""
 
 
@@ -455,9 +457,10 @@ def inst_restart(ctx: Context, args: argparse.Namespace) -> None:
     options: dict[str, Any] = {"app_config": info.get("appConfig") or {}, "args": info.get("args") or []}
     if gone:  # the id is free again only once the old instance is no longer listed
         options["instance_id"] = old.id
-    for key, option in (("requires", "input_topic"), ("provides", "output_topic")):
-        if isinstance(info.get(key), str) and info[key]:
-            options[option] = info[key]
+    topics: dict[str, Any] = {"input_topic": info.get("requires"), "output_topic": info.get("provides")}
+    for option, topic in topics.items():
+        if isinstance(topic, str) and topic:
+            options[option] = topic
     instance = hub.sequence(str(sequence_id)).start(**options)
     ctx.config.remember(lastInstanceId=instance.id)
     ctx.out({"id": instance.id, "sequenceId": sequence_id})

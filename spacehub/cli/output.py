@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final, TextIO
 
@@ -16,7 +16,7 @@ PROGRESS_DELAY: Final = 1.0
 PROGRESS_INTERVAL: Final = 0.1
 _BAR_WIDTH: Final = 30
 
-Column = tuple[str, Callable[[dict[str, Any]], Any]]
+Column = tuple[str, Callable[[Mapping[str, Any]], Any]]
 
 
 def print_json(value: Any, *, indent: int | None = None, file: TextIO | None = None) -> None:
@@ -93,7 +93,7 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def print_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column], fmt: str) -> None:
+def print_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column], fmt: str) -> None:
     """``rows`` as a table of ``columns`` (header, getter), or as one JSON array."""
     if fmt == "json":
         print_json(list(rows))

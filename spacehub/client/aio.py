@@ -21,10 +21,12 @@ import ssl
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Literal, Self
+from typing import IO, Any, Literal, Self, cast
 
 import anyio.to_thread
 import httpx
+
+from spacehub.models import InstanceInfo, LoadCheck, SequenceInfo, TopicInfo, VersionInfo
 
 from . import _calls as calls
 from ._calls import Body, Call, JSONValue, Progress
@@ -180,6 +182,14 @@ class AsyncResponseStream:
             self._response = await self._transport.open(self._call)
         return self._response
 
+    @property
+    def content_type(self) -> str:
+        """The answer's Content-Type, once the stream is open (``async with`` or :meth:`open`):
+        a property cannot wait for the request the sync client sends here."""
+        if self._response is None:
+            raise ValueError("open the stream first (async with, or await open())")
+        return str(self._response.headers.get("content-type", ""))
+
     async def aclose(self) -> None:
         self._closed = True
         if self._response is not None:
@@ -280,8 +290,8 @@ class AsyncHubClient(_AsyncClosing):
     def url(self) -> str:
         return self._transport.base
 
-    async def version(self) -> dict[str, Any]:
-        return dict(await self._transport.call(calls.version()))
+    async def version(self) -> VersionInfo:
+        return cast(VersionInfo, dict(await self._transport.call(calls.version())))
 
     async def config(self) -> dict[str, Any]:
         return dict(await self._transport.call(calls.config()))
@@ -289,8 +299,8 @@ class AsyncHubClient(_AsyncClosing):
     async def status(self) -> dict[str, Any]:
         return dict(await self._transport.call(calls.status()))
 
-    async def load_check(self) -> dict[str, Any]:
-        return dict(await self._transport.call(calls.load_check()))
+    async def load_check(self) -> LoadCheck:
+        return cast(LoadCheck, dict(await self._transport.call(calls.load_check())))
 
     async def entities(self) -> dict[str, Any]:
         return dict(await self._transport.call(calls.entities()))
@@ -298,8 +308,8 @@ class AsyncHubClient(_AsyncClosing):
     def log(self) -> AsyncResponseStream:
         return AsyncResponseStream(self._transport, calls.hub_log())
 
-    async def list_sequences(self) -> list[dict[str, Any]]:
-        return list(await self._transport.call(calls.list_sequences()))
+    async def list_sequences(self) -> list[SequenceInfo]:
+        return cast(list[SequenceInfo], list(await self._transport.call(calls.list_sequences())))
 
     def sequence(self, sequence_id: str) -> AsyncSequenceClient:
         return AsyncSequenceClient(self._transport, sequence_id)
@@ -310,14 +320,14 @@ class AsyncHubClient(_AsyncClosing):
         result = await _upload_package(self._transport, calls.send_sequence(), source, progress)
         return AsyncSequenceClient(self._transport, calls.started_id(result))
 
-    async def list_instances(self) -> list[dict[str, Any]]:
-        return list(await self._transport.call(calls.list_instances()))
+    async def list_instances(self) -> list[InstanceInfo]:
+        return cast(list[InstanceInfo], list(await self._transport.call(calls.list_instances())))
 
     def instance(self, instance_id: str) -> AsyncInstanceClient:
         return AsyncInstanceClient(self._transport, instance_id)
 
-    async def list_topics(self) -> list[dict[str, Any]]:
-        return list(await self._transport.call(calls.list_topics()))
+    async def list_topics(self) -> list[TopicInfo]:
+        return cast(list[TopicInfo], list(await self._transport.call(calls.list_topics())))
 
     async def create_topic(self, name: str, content_type: str = calls.DEFAULT_TOPIC_TYPE) -> dict[str, Any]:
         return dict(await self._transport.call(calls.create_topic(name, content_type)))
@@ -364,8 +374,8 @@ class AsyncSequenceClient:
     def __repr__(self) -> str:
         return f"AsyncSequenceClient({self.id!r})"
 
-    async def info(self) -> dict[str, Any]:
-        return dict(await self._transport.call(calls.sequence_info(self.id)))
+    async def info(self) -> SequenceInfo:
+        return cast(SequenceInfo, dict(await self._transport.call(calls.sequence_info(self.id))))
 
     async def instances(self) -> list[str]:
         return list(await self._transport.call(calls.sequence_instances(self.id)))
@@ -408,8 +418,8 @@ class AsyncInstanceClient:
     def __repr__(self) -> str:
         return f"AsyncInstanceClient({self.id!r})"
 
-    async def info(self) -> dict[str, Any]:
-        return dict(await self._transport.call(calls.instance_info(self.id)))
+    async def info(self) -> InstanceInfo:
+        return cast(InstanceInfo, dict(await self._transport.call(calls.instance_info(self.id))))
 
     async def health(self) -> dict[str, Any]:
         return dict(await self._transport.call(calls.health(self.id)))

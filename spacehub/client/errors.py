@@ -28,6 +28,8 @@ from __future__ import annotations
 import json
 from typing import Any, Final
 
+from spacehub.errors import SpacehubError
+
 __all__ = [
     "ApiError",
     "BadRequest",
@@ -48,7 +50,7 @@ __all__ = [
 ]
 
 
-class ClientError(Exception):
+class ClientError(SpacehubError):
     """Base of everything the client raises on purpose."""
 
 

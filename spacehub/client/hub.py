@@ -21,9 +21,11 @@ import ssl
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Literal, Self
+from typing import IO, Any, Literal, Self, cast
 
 import httpx
+
+from spacehub.models import InstanceInfo, LoadCheck, SequenceInfo, TopicInfo, VersionInfo
 
 from . import _calls as calls
 from ._calls import Body, Call, JSONValue, Progress
@@ -257,8 +259,8 @@ class HubClient(_Closing):
         return self._transport.base
 
     # ----------------------------------------------------------------- the hub
-    def version(self) -> dict[str, Any]:
-        return dict(self._transport.call(calls.version()))
+    def version(self) -> VersionInfo:
+        return cast(VersionInfo, dict(self._transport.call(calls.version())))
 
     def config(self) -> dict[str, Any]:
         return dict(self._transport.call(calls.config()))
@@ -266,8 +268,8 @@ class HubClient(_Closing):
     def status(self) -> dict[str, Any]:
         return dict(self._transport.call(calls.status()))
 
-    def load_check(self) -> dict[str, Any]:
-        return dict(self._transport.call(calls.load_check()))
+    def load_check(self) -> LoadCheck:
+        return cast(LoadCheck, dict(self._transport.call(calls.load_check())))
 
     def entities(self) -> dict[str, Any]:
         return dict(self._transport.call(calls.entities()))
@@ -277,8 +279,8 @@ class HubClient(_Closing):
         return ResponseStream(self._transport, calls.hub_log())
 
     # ----------------------------------------------------------------- sequences
-    def list_sequences(self) -> list[dict[str, Any]]:
-        return list(self._transport.call(calls.list_sequences()))
+    def list_sequences(self) -> list[SequenceInfo]:
+        return cast(list[SequenceInfo], list(self._transport.call(calls.list_sequences())))
 
     def sequence(self, sequence_id: str) -> SequenceClient:
         """A handle on sequence ``sequence_id`` (no request is made)."""
@@ -290,16 +292,16 @@ class HubClient(_Closing):
         return SequenceClient(self._transport, calls.started_id(result))
 
     # ----------------------------------------------------------------- instances
-    def list_instances(self) -> list[dict[str, Any]]:
-        return list(self._transport.call(calls.list_instances()))
+    def list_instances(self) -> list[InstanceInfo]:
+        return cast(list[InstanceInfo], list(self._transport.call(calls.list_instances())))
 
     def instance(self, instance_id: str) -> InstanceClient:
         """A handle on instance ``instance_id`` (no request is made)."""
         return InstanceClient(self._transport, instance_id)
 
     # ----------------------------------------------------------------- topics
-    def list_topics(self) -> list[dict[str, Any]]:
-        return list(self._transport.call(calls.list_topics()))
+    def list_topics(self) -> list[TopicInfo]:
+        return cast(list[TopicInfo], list(self._transport.call(calls.list_topics())))
 
     def create_topic(self, name: str, content_type: str = calls.DEFAULT_TOPIC_TYPE) -> dict[str, Any]:
         return dict(self._transport.call(calls.create_topic(name, content_type)))
@@ -343,8 +345,8 @@ class SequenceClient:
     def __repr__(self) -> str:
         return f"SequenceClient({self.id!r})"
 
-    def info(self) -> dict[str, Any]:
-        return dict(self._transport.call(calls.sequence_info(self.id)))
+    def info(self) -> SequenceInfo:
+        return cast(SequenceInfo, dict(self._transport.call(calls.sequence_info(self.id))))
 
     def instances(self) -> list[str]:
         """The ids of its instances."""
@@ -391,8 +393,8 @@ class InstanceClient:
     def __repr__(self) -> str:
         return f"InstanceClient({self.id!r})"
 
-    def info(self) -> dict[str, Any]:
-        return dict(self._transport.call(calls.instance_info(self.id)))
+    def info(self) -> InstanceInfo:
+        return cast(InstanceInfo, dict(self._transport.call(calls.instance_info(self.id))))
 
     def health(self) -> dict[str, Any]:
         return dict(self._transport.call(calls.health(self.id)))

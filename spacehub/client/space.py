@@ -13,9 +13,11 @@ connections and its token.
 from __future__ import annotations
 
 import ssl
-from typing import Any
+from typing import Any, cast
 
 import httpx
+
+from spacehub.models import HubRecord, VersionInfo
 
 from . import _calls as calls
 from .aio import AsyncHubClient, _AsyncClosing, _AsyncTransport
@@ -51,18 +53,18 @@ class SpaceClient(_Closing):
     def url(self) -> str:
         return self._transport.base
 
-    def version(self) -> dict[str, Any]:
-        return dict(self._transport.call(calls.version()))
+    def version(self) -> VersionInfo:
+        return cast(VersionInfo, dict(self._transport.call(calls.version())))
 
     def load(self) -> dict[str, Any]:
         return dict(self._transport.call(calls.space_load()))
 
-    def hubs(self) -> list[dict[str, Any]]:
+    def hubs(self) -> list[HubRecord]:
         """The hub records of the Space."""
-        return list(self._transport.call(calls.space_hubs()))
+        return cast(list[HubRecord], list(self._transport.call(calls.space_hubs())))
 
-    def hub_info(self, hub_id: str) -> dict[str, Any]:
-        return dict(self._transport.call(calls.space_hub_info(hub_id)))
+    def hub_info(self, hub_id: str) -> HubRecord:
+        return cast(HubRecord, dict(self._transport.call(calls.space_hub_info(hub_id))))
 
     def hub(self, hub_id: str) -> HubClient:
         """Hub ``hub_id``'s full API, through the manager's tunnel (same connections and token)."""
@@ -99,8 +101,8 @@ class ManagerClient(_Closing):
     def url(self) -> str:
         return self._transport.base
 
-    def version(self) -> dict[str, Any]:
-        return dict(self._transport.call(calls.version()))
+    def version(self) -> VersionInfo:
+        return cast(VersionInfo, dict(self._transport.call(calls.version())))
 
     def spaces(self) -> list[dict[str, Any]]:
         """The Spaces the token opens."""
@@ -135,8 +137,8 @@ class AsyncSpaceClient(_AsyncClosing):
     def url(self) -> str:
         return self._transport.base
 
-    async def version(self) -> dict[str, Any]:
-        return dict(await self._transport.call(calls.version()))
+    async def version(self) -> VersionInfo:
+        return cast(VersionInfo, dict(await self._transport.call(calls.version())))
 
     async def load(self) -> dict[str, Any]:
         return dict(await self._transport.call(calls.space_load()))
@@ -144,8 +146,8 @@ class AsyncSpaceClient(_AsyncClosing):
     async def hubs(self) -> list[dict[str, Any]]:
         return list(await self._transport.call(calls.space_hubs()))
 
-    async def hub_info(self, hub_id: str) -> dict[str, Any]:
-        return dict(await self._transport.call(calls.space_hub_info(hub_id)))
+    async def hub_info(self, hub_id: str) -> HubRecord:
+        return cast(HubRecord, dict(await self._transport.call(calls.space_hub_info(hub_id))))
 
     def hub(self, hub_id: str) -> AsyncHubClient:
         return AsyncHubClient._over(self._transport.at(calls.hub_base(self.url, hub_id)))
@@ -179,8 +181,8 @@ class AsyncManagerClient(_AsyncClosing):
     def url(self) -> str:
         return self._transport.base
 
-    async def version(self) -> dict[str, Any]:
-        return dict(await self._transport.call(calls.version()))
+    async def version(self) -> VersionInfo:
+        return cast(VersionInfo, dict(await self._transport.call(calls.version())))
 
     async def spaces(self) -> list[dict[str, Any]]:
         return list(await self._transport.call(calls.spaces()))

@@ -134,6 +134,8 @@ from dataclasses import dataclass
 from enum import Enum, IntEnum
 from typing import Any, Final, Literal, TypeAlias
 
+from .errors import ProtocolError
+
 #: Largest DATA payload in one frame; ``send_data`` splits longer bodies.
 MAX_FRAME_PAYLOAD: Final = 256 * 1024  # measured: 64 KiB frames cost ~25 % of link throughput
 #: Largest JSON payload (OPEN, RESPONSE, RESET, CONTROL).
@@ -227,7 +229,7 @@ HALF_TRANSITIONS: Final[dict[tuple[Half, FrameType], Half]] = {
 }
 
 
-class LinkError(Exception):
+class LinkError(ProtocolError):
     """Base of the link's errors; ``status`` is the HTTP status an API answers with."""
 
     status: int = 500

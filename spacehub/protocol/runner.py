@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Final
 
+from .errors import ProtocolError as ProtocolError
+
 #: Longest message line accepted (an event with its payload).
 MAX_MESSAGE_BYTES: Final = 1024 * 1024
 #: Longest input preamble accepted.
@@ -97,10 +99,6 @@ RUNNER_TO_HUB: Final = frozenset(
     }
 )
 HUB_TO_RUNNER: Final = frozenset({Code.PONG, Code.STOP, Code.KILL, Code.EVENT})
-
-
-class ProtocolError(Exception):
-    """The peer sent something this protocol does not allow."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""spacehub.allocator: with the thresholds set, freeing a few stream-sized buffers at once no
+"""spacehub.server.allocator: with the thresholds set, freeing a few stream-sized buffers at once no
 longer hands their pages back to the kernel only to fault them in again."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from spacehub import allocator
+from spacehub.server import allocator
 
 pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's mallopt only"
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(
 CHURN = textwrap.dedent(
     """
     import resource, sys
-    from spacehub.allocator import tune_malloc
+    from spacehub.server.allocator import tune_malloc
     if sys.argv[1] == "tuned" and not tune_malloc():
         sys.exit("mallopt refused")
 

@@ -38,9 +38,10 @@ from cpm.link.sessions import (
 from cpm.link.transport import AsgiWebSocketTransport
 from cpm.registry import Registry
 from cpm.service import run_manager
-from spacehub.link import LinkClosed, LinkSession, WebsocketsTransport, serve_asgi
-from spacehub.protocol.auth import challenge_payload, public_key_bytes, sign_challenge
+from spacehub.protocol.auth import challenge_payload
 from spacehub.protocol.link import INITIAL_WINDOW, ControlReceived, FrameType, LinkConnection
+from spacehub.server.keys import public_key_bytes, sign_challenge
+from spacehub.server.link import LinkClosed, LinkSession, WebsocketsTransport, serve_asgi
 
 TIMEOUT = 10.0
 

@@ -1,4 +1,4 @@
-"""agent.api.http.Request.drain: a small unread body is read before an error is answered."""
+"""spacehub.server.http.Request.drain: a small unread body is read before an error is answered."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 import trio
 
-from agent.api.http import Request
+from spacehub.server.http import Request
 
 
 def request_over(messages: list[dict[str, Any]], *, then_wait: bool = False) -> tuple[Request, list[int]]:

@@ -14,19 +14,21 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from spacehub.protocol import auth
 from spacehub.protocol.auth import (
     CHALLENGE_SIZE,
     PAYLOAD_PREFIX,
-    KeyFileError,
     challenge_payload,
+    make_challenge,
+    verify_challenge,
+)
+from spacehub.server import keys as auth
+from spacehub.server.keys import (
+    KeyFileError,
     generate_hub_key,
     load_private_key,
-    make_challenge,
     public_key_bytes,
     save_private_key,
     sign_challenge,
-    verify_challenge,
 )
 
 HUB = "sth-0a1b2c3d"

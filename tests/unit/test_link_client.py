@@ -31,9 +31,9 @@ from agent.config import ConfigError, HubConfig, load_config
 from agent.link.client import LinkClient, backoff_delay, describe_error
 from agent.link.state import LinkState
 from cpm.tls import ca_fingerprint, ensure_ca_and_server_cert, server_ssl_context
-from spacehub.link import LinkSession, StreamAborted, WebsocketsTransport
 from spacehub.protocol.auth import challenge_payload, make_challenge, verify_challenge
 from spacehub.protocol.link import ControlReceived, LinkConnection
+from spacehub.server.link import LinkSession, StreamAborted, WebsocketsTransport
 
 SPACE = "main"
 TOKEN = "shj_test_token"

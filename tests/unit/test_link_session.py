@@ -16,7 +16,14 @@ import pytest
 import trio
 import trio.testing
 
-from spacehub.link import (
+from spacehub.protocol.link import (
+    INITIAL_WINDOW,
+    MAX_CONCURRENT_STREAMS,
+    MAX_WINDOW,
+    FrameType,
+    LinkConnection,
+)
+from spacehub.server.link import (
     InboundStream,
     LinkClosed,
     LinkSession,
@@ -24,13 +31,6 @@ from spacehub.link import (
     StreamAborted,
     memory_transport_pair,
     serve_asgi,
-)
-from spacehub.protocol.link import (
-    INITIAL_WINDOW,
-    MAX_CONCURRENT_STREAMS,
-    MAX_WINDOW,
-    FrameType,
-    LinkConnection,
 )
 
 Handler = Callable[[InboundStream], Awaitable[None]]

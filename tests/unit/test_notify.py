@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from agent import notify as sd
+from spacehub.server import notify as sd
 
 
 class FakeSystemd:

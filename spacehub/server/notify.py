@@ -28,7 +28,7 @@ import trio
 
 __all__ = ["lifecycle", "notify", "watchdog", "watchdog_interval"]
 
-logger = logging.getLogger("agent.notify")
+logger = logging.getLogger("spacehub.notify")
 
 #: Longest a send may block when systemd's receive queue is full: a lost
 #: datagram is better than a stalled event loop (the next ping comes soon).

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import secrets
 from pathlib import Path
+
+from .files import write_atomic
 
 
 def persistent_id(path: Path, prefix: str) -> str:
@@ -16,7 +17,5 @@ def persistent_id(path: Path, prefix: str) -> str:
     except FileNotFoundError:
         pass
     value = f"{prefix}-{secrets.token_hex(4)}"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(value + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, f"{value}\n".encode())
     return value

@@ -1,15 +1,20 @@
-"""The manager's two hot-path swaps in its HTTP stack: C unmasking of websocket frames
-(cpm.link.unmask) and TLS reads that hand hypercorn every record received
-(cpm.tls_reads). Each must give exactly what the code it replaces gives."""
+"""spacehub.server.speedups: every patch gives exactly what the code it replaces gives, each is
+skipped on a library version it was not written for, and all of them come off again.
+
+The suite runs with the patches installed (tests/conftest.py) unless SPACEHUB_SPEEDUPS=0;
+`make test` runs the link and HTTP tests both ways."""
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import ssl
+from collections.abc import Iterator
 from typing import Any
 
 import hypercorn.trio.run
+import hypercorn.trio.tcp_server
 import pytest
 import trio
 import trio.testing
@@ -17,27 +22,104 @@ from wsproto import ConnectionType, WSConnection
 from wsproto import frame_protocol as wsproto_frames
 from wsproto.events import AcceptConnection, BytesMessage, Request
 
-from cpm import tls_reads
-from cpm.link import unmask
 from cpm.tls import TlsFiles, ensure_ca_and_server_cert, server_ssl_context
+from spacehub.server import limits, speedups
 from spacehub.tls import client_ssl_context
 
-needs_speedups = pytest.mark.skipif(unmask.APPLY_MASK is None, reason="websockets without its C speedups")
+try:
+    from websockets.speedups import apply_mask  # noqa: F401
+except ImportError:  # pragma: no cover - a websockets build without its C extension
+    HAS_C_MASK = False
+else:
+    HAS_C_MASK = True
+
+needs_c_mask = pytest.mark.skipif(not HAS_C_MASK, reason="websockets without its C speedups")
 
 RECORD = 16 * 1024  # TLS's largest plaintext record
 
 
-# -- unmasking --------------------------------------------------------------------------------
+@pytest.fixture
+def bare(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No patch installed for the test (the switch on); the suite's state is put back after."""
+    was = speedups.installed()
+    speedups.uninstall()
+    monkeypatch.delenv(speedups.ENV_SWITCH, raising=False)
+    yield
+    speedups.uninstall()
+    if was:
+        speedups.install()
 
 
-@needs_speedups
+# -- install, uninstall, versions, the switch --------------------------------------------------
+
+
+def test_install_applies_each_patch_and_uninstall_restores_the_originals(bare: None) -> None:
+    masker, server = wsproto_frames.XorMaskerSimple, hypercorn.trio.run.TCPServer
+    reads = hypercorn.trio.tcp_server.MAX_RECV
+    names = speedups.install()
+    assert names == {p.name for p in speedups.PATCHES} - ({"c-unmask"} if not HAS_C_MASK else set())
+    assert speedups.install() == names  # twice is once
+    assert hypercorn.trio.tcp_server.MAX_RECV == limits.SOCKET_READ_BYTES
+    assert hypercorn.trio.run.TCPServer is not server
+    if HAS_C_MASK:
+        assert wsproto_frames.XorMaskerSimple is speedups.CMasker
+    assert "speed-ups: socket-reads" in speedups.describe()
+    speedups.uninstall()
+    assert speedups.installed() == frozenset()
+    assert wsproto_frames.XorMaskerSimple is masker
+    assert hypercorn.trio.run.TCPServer is server
+    assert reads == hypercorn.trio.tcp_server.MAX_RECV
+
+
+def test_the_switch_turns_every_patch_off(bare: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    reads = hypercorn.trio.tcp_server.MAX_RECV
+    monkeypatch.setenv(speedups.ENV_SWITCH, "0")
+    assert speedups.install() == frozenset()
+    assert reads == hypercorn.trio.tcp_server.MAX_RECV
+    assert speedups.describe() == "speed-ups off (SPACEHUB_SPEEDUPS=0)"
+
+
+def test_a_patch_for_another_version_is_skipped_with_one_log_line(
+    bare: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    versions = {"hypercorn": "0.99.0"}
+    real = speedups.importlib.metadata.version
+    monkeypatch.setattr(speedups.importlib.metadata, "version", lambda name: versions.get(name) or real(name))
+    reads = hypercorn.trio.tcp_server.MAX_RECV
+    with caplog.at_level(logging.INFO, logger="spacehub.speedups"):
+        names = speedups.install()
+        speedups.install()
+    assert "socket-reads" not in names and "draining-tls-reads" not in names
+    assert reads == hypercorn.trio.tcp_server.MAX_RECV
+    skipped = [r.getMessage() for r in caplog.records if "socket-reads" in r.getMessage()]
+    assert skipped == ["speed-up socket-reads skipped: written for hypercorn 0.18.0, found 0.99.0"]
+    assert "socket-reads skipped (written for hypercorn 0.18.0, found 0.99.0)" in speedups.describe()
+
+
+def test_a_patch_whose_target_is_gone_is_skipped(bare: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(hypercorn.trio.tcp_server, "MAX_RECV")
+    assert "socket-reads" not in speedups.install()
+
+
+def test_each_patch_names_the_versions_installed_here() -> None:
+    """The pins in pyproject.toml are the versions the patches were written for."""
+    for patch in speedups.PATCHES:
+        assert patch.mismatch() is None, patch.name
+
+
+# -- c-unmask ----------------------------------------------------------------------------------
+
+
+@needs_c_mask
 @pytest.mark.parametrize("seed", range(20))
-def test_c_masker_matches_wsprotos_piece_by_piece(seed: int) -> None:
+def test_c_masker_matches_wsprotos_piece_by_piece(bare: None, seed: int) -> None:
     """The same key rotation across a frame's pieces, any sizes (1-byte pieces included)."""
+    speedups.install()
+    speedups.uninstall()  # CMasker.apply_mask set, wsproto's own masker back in place
     rng = random.Random(seed)
     key = rng.randbytes(4)
     data = rng.randbytes(rng.randrange(1, 70_000))
-    ours, theirs = unmask.CMasker(key), unmask.PYTHON_MASKER(key)
+    ours, theirs = speedups.CMasker(key), wsproto_frames.XorMaskerSimple(key)
     at = 0
     while at < len(data):
         size = rng.choice([1, 2, 3, 5, rng.randrange(1, 20_000)])
@@ -75,29 +157,15 @@ def _masked_round_trip(payloads: list[bytes]) -> list[bytes]:
     return received
 
 
-@needs_speedups
-def test_install_unmasks_whole_messages(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(wsproto_frames, "XorMaskerSimple", unmask.PYTHON_MASKER)
+@pytest.mark.parametrize("patched", [True, False])
+def test_masked_messages_arrive_whole(bare: None, patched: bool) -> None:
+    if patched:
+        speedups.install()
     payloads = [os.urandom(n) for n in (0, 1, 3, 125, 126, 65_535, 65_536, 300_001)]
-    assert unmask.install()
-    assert wsproto_frames.XorMaskerSimple is unmask.CMasker
     assert _masked_round_trip(payloads) == payloads
 
 
-def test_without_speedups_wsprotos_masker_stays(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(wsproto_frames, "XorMaskerSimple", unmask.PYTHON_MASKER)
-    monkeypatch.setattr(unmask, "APPLY_MASK", None)
-    assert not unmask.install()
-    assert wsproto_frames.XorMaskerSimple is unmask.PYTHON_MASKER
-
-
-def test_refuses_a_wsproto_without_the_masker(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delattr(wsproto_frames, "XorMaskerSimple")
-    with pytest.raises(RuntimeError, match="pinned wsproto"):
-        unmask.install()
-
-
-# -- TLS reads --------------------------------------------------------------------------------
+# -- draining-tls-reads -------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -115,14 +183,14 @@ def _tls_pair(files: TlsFiles) -> tuple[trio.SSLStream[Any], trio.SSLStream[Any]
 
 async def _connected(
     files: TlsFiles, *, tell_handshake: bool = True
-) -> tuple[trio.SSLStream[Any], tls_reads.DrainingTLSStream, trio.abc.Stream]:
+) -> tuple[trio.SSLStream[Any], speedups.DrainingTLSStream, trio.abc.Stream]:
     """A handshaken TLS client, the server's side wrapped, and the client's raw stream.
     With ``tell_handshake``, the wrapper has seen the handshake end (as under hypercorn)."""
     client, server, client_raw = _tls_pair(files)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(client.do_handshake)
         nursery.start_soon(server.do_handshake)
-    reader = tls_reads.DrainingTLSStream(server)
+    reader = speedups.DrainingTLSStream(server)
     if tell_handshake:
         await reader.do_handshake()  # done already: this only tells the wrapper
     return client, reader, client_raw
@@ -191,7 +259,7 @@ async def test_a_bad_record_after_good_ones_surfaces_through_trio(tls_files: Tls
         assert got == good
 
 
-def test_install_wraps_tls_streams_only(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_install_wraps_tls_streams_only(bare: None, monkeypatch: pytest.MonkeyPatch) -> None:
     made: list[Any] = []
 
     def fake_server(app: Any, config: Any, context: Any, state: Any, stream: Any) -> Any:
@@ -199,26 +267,15 @@ def test_install_wraps_tls_streams_only(monkeypatch: pytest.MonkeyPatch) -> None
         return stream
 
     monkeypatch.setattr(hypercorn.trio.run, "TCPServer", fake_server)
-    assert tls_reads.install()
-    assert tls_reads.install()  # twice is once
+    assert "draining-tls-reads" in speedups.install()
     client_raw, _ = trio.testing.memory_stream_pair()
     tls = trio.SSLStream(client_raw, ssl.create_default_context(), server_hostname="localhost")
     hypercorn.trio.run.TCPServer(None, None, None, None, tls)  # type: ignore[arg-type]
     hypercorn.trio.run.TCPServer(None, None, None, None, client_raw)  # type: ignore[arg-type]
-    assert isinstance(made[0], tls_reads.DrainingTLSStream)
+    assert isinstance(made[0], speedups.DrainingTLSStream)
     assert made[1] is client_raw
-
-
-def test_refuses_a_hypercorn_without_its_server(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delattr(hypercorn.trio.run, "TCPServer")
-    with pytest.raises(RuntimeError, match="pinned hypercorn"):
-        tls_reads.install()
-
-
-def test_knows_this_trios_ssl_stream() -> None:
-    assert tls_reads.supported()
 
 
 def test_has_no_send_eof() -> None:
     """DrainingTLSStream has no send_eof: hypercorn reads that AttributeError as 'TLS'."""
-    assert not hasattr(tls_reads.DrainingTLSStream, "send_eof")
+    assert not hasattr(speedups.DrainingTLSStream, "send_eof")

@@ -28,7 +28,7 @@ from .session import InboundStream, LinkClosed, StreamAborted
 
 __all__ = ["REFUSED_REASON", "ASGIApp", "WebsocketsTransport", "serve_asgi"]
 
-logger = logging.getLogger("spacehub.link")
+logger = logging.getLogger("spacehub.server.link")
 
 ASGIMessage = MutableMapping[str, Any]
 ASGIReceive = Callable[[], Awaitable[ASGIMessage]]
@@ -168,7 +168,7 @@ def _short_length(headers: list[tuple[str, str]]) -> bool:
 
 
 class WebsocketsTransport:
-    """A :class:`~spacehub.link.session.MessageTransport` over a ``websockets.trio`` client connection."""
+    """A :class:`~spacehub.server.link.session.MessageTransport` over a ``websockets.trio`` client."""
 
     def __init__(self, websocket: ClientConnection) -> None:
         self._websocket = websocket

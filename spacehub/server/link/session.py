@@ -79,7 +79,7 @@ __all__ = [
     "memory_transport_pair",
 ]
 
-logger = logging.getLogger("spacehub.link")
+logger = logging.getLogger("spacehub.server.link")
 
 #: Control messages received and not yet handled before the link is given up.
 CONTROL_QUEUE: Final = 256

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import psutil
+
+from spacehub.models import FilesystemLoad, LoadCheck
 
 
 def _mount_point(path: Path) -> Path:
@@ -19,7 +20,7 @@ def _mount_point(path: Path) -> Path:
     return path
 
 
-def _filesystem(path: Path) -> dict[str, Any]:
+def _filesystem(path: Path) -> FilesystemLoad:
     mount = _mount_point(path)
     device, fstype = str(mount), ""
     for partition in psutil.disk_partitions(all=True):
@@ -37,7 +38,7 @@ def _filesystem(path: Path) -> dict[str, Any]:
     }
 
 
-def load_check(paths: list[Path]) -> dict[str, Any]:
+def load_check(paths: list[Path]) -> LoadCheck:
     """The seed's load-check shape. ``paths``: the directories whose filesystems
     matter (the sequences root first); each filesystem is listed once."""
     memory = psutil.virtual_memory()

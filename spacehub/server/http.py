@@ -1,4 +1,4 @@
-"""A small ASGI layer: requests, responses and a route table.
+"""The daemons' one HTTP layer: requests, responses, a route table and the ASGI dispatch.
 
 Why not a framework: the hub needs exactly streaming request bodies, streaming
 responses that end when the client goes away, and JSON errors in one place; a
@@ -17,11 +17,11 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-import hypercorn.trio.tcp_server
+import outcome
 import trio
 
-from .. import limits
-from ..errors import InvalidJSON, PayloadTooLarge, UnsupportedMediaType
+from . import limits
+from .errors import HttpError, InvalidJSON, MethodNotAllowed, NotFound, PayloadTooLarge, UnsupportedMediaType
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -41,23 +41,9 @@ async def answer_lifespan(receive: Receive, send: Send) -> None:
             return
 
 
-logger = logging.getLogger("agent.api")
+logger = logging.getLogger("spacehub.http")
 
 JSON_TYPES: Final = frozenset({"application/json", "text/json"})
-
-
-def tune_hypercorn(read_bytes: int = limits.SOCKET_READ_BYTES) -> None:
-    """Make hypercorn's Trio server read sockets ``read_bytes`` at a time.
-
-    hypercorn (0.18, pinned) reads 64 KiB per ``receive_some`` from a module constant,
-    with no setting for it; every read then goes through h11, the stream and the app's
-    queue. Streaming 1 GB in, that per-read cost was about a third of the hub's CPU.
-    The constant is read on every call, so setting it once before serving is enough;
-    the request queue (``max_app_queue_size``) still bounds what is read ahead.
-    """
-    if not isinstance(getattr(hypercorn.trio.tcp_server, "MAX_RECV", None), int):
-        raise RuntimeError("hypercorn.trio.tcp_server.MAX_RECV is gone: check the pinned hypercorn version")
-    hypercorn.trio.tcp_server.MAX_RECV = read_bytes
 
 
 class Request:
@@ -105,18 +91,15 @@ class Request:
         return b"".join(parts)
 
     async def json(self, default: Any = None) -> Any:
-        """The JSON body (``default`` when empty). A body with a non-JSON
-        Content-Type is refused with 415; malformed JSON with 400."""
+        """The JSON body (``default`` when empty or null). A body with a non-JSON
+        Content-Type is refused with 415; malformed JSON, NaN or Infinity and nesting
+        deeper than ``MAX_JSON_DEPTH`` with 400."""
         raw = await self.body(limits.MAX_JSON_BODY_BYTES)
         if not raw.strip():
             return default
         if self.content_type is not None and self.content_type not in JSON_TYPES:
             raise UnsupportedMediaType(f"expected Content-Type application/json, not {self.content_type}")
-        try:
-            value = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidJSON(f"request body is not valid JSON: {exc}") from None
-        return default if value is None else value
+        return parse_json(raw, default)
 
     async def drain(
         self, limit: int = limits.DRAIN_BODY_BYTES, seconds: float = limits.DRAIN_SECONDS
@@ -144,6 +127,54 @@ class Request:
                 return
 
 
+def _refuse_constant(name: str) -> Any:
+    raise InvalidJSON(f"request body is not valid JSON: {name} is not a number JSON allows")
+
+
+def nests_too_deep(raw: bytes, limit: int = limits.MAX_JSON_DEPTH) -> bool:
+    """Whether arrays and objects nest more than ``limit`` deep in ``raw`` (brackets
+    inside strings do not count).
+
+    Checked before parsing: ``json.loads`` recurses once per level, and a body of a
+    million ``[`` would cost the daemon a RecursionError deep in the parser.
+    """
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False  # cannot nest that deep: skip the byte-by-byte walk
+    depth = 0
+    in_string = escaped = False
+    for byte in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):  # [ {
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):  # ] }
+            depth -= 1
+    return False
+
+
+def parse_json(raw: bytes, default: Any = None) -> Any:
+    """Parse a JSON request body strictly: :class:`InvalidJSON` for malformed JSON,
+    ``NaN``/``Infinity`` (Python's extension, no JSON) and absurd nesting."""
+    if nests_too_deep(raw):
+        raise InvalidJSON(f"request body nests arrays and objects deeper than {limits.MAX_JSON_DEPTH} levels")
+    try:
+        value = json.loads(raw, parse_constant=_refuse_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidJSON(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidJSON("request body nests too deeply") from None
+    return default if value is None else value
+
+
 @dataclass(slots=True)
 class Response:
     status: int = 200
@@ -153,7 +184,9 @@ class Response:
 
 
 def json_response(value: Any, status: int = 200) -> Response:
-    body = json.dumps(value, ensure_ascii=False, default=str).encode()
+    # allow_nan=False: a NaN or Infinity that slipped into a shape is a bug to see, not
+    # a body no JSON parser reads.
+    body = json.dumps(value, ensure_ascii=False, default=str, allow_nan=False).encode()
     return Response(status, body, "application/json")
 
 
@@ -263,3 +296,91 @@ async def _send_stream(send: Send, request: Request, response: StreamResponse) -
         nursery.cancel_scope.cancel()
     if finished:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+#: What a before-route hook returns when it has answered the request itself (a proxy).
+ANSWERED: Final = object()
+
+#: A hook run before routing: a response, :data:`ANSWERED`, or None to route as usual.
+BeforeRoute = Callable[[Request, Send], Awaitable["Response | StreamResponse | object | None"]]
+
+
+class HttpDispatch:
+    """The one ASGI ``http`` dispatch both daemons serve their API with.
+
+    Routes through ``router``; every :class:`~spacehub.server.errors.HttpError` becomes
+    its ``body()`` with its status, anything else is logged and answers 500 with
+    ``internal_error``. Before an error is answered, a small unread request body is
+    drained (:meth:`Request.drain`) so a client still sending it reads the answer.
+    GET and HEAD handlers (long polls such as ``/event`` or ``/health``) are cancelled
+    when their client goes away.
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        *,
+        internal_error: str = "internal error; see the log",
+        before_route: BeforeRoute | None = None,
+        log: logging.Logger = logger,
+    ) -> None:
+        self._router = router
+        self._internal_error = internal_error
+        self._before_route = before_route
+        self._log = log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive, {})
+        response: Response | StreamResponse | object
+        try:
+            response = await self._respond(request, send)
+        except HttpError as exc:
+            response = json_response(exc.body(), exc.status)
+        except trio.BrokenResourceError:
+            return  # the client went away while sending its body; nobody to answer
+        except Exception:  # noqa: BLE001 - any bug answers 500 and is logged, the daemon goes on
+            self._log.exception("internal error on %s %s", request.method, request.path)
+            response = error_response(500, self._internal_error)
+        if isinstance(response, StreamResponse):
+            await send_stream(send, request, response)
+        elif isinstance(response, Response):
+            if response.status >= 400:
+                await request.drain()
+            await send_response(send, response)
+        # else ANSWERED: the hook sent its own response
+
+    async def _respond(self, request: Request, send: Send) -> Response | StreamResponse | object:
+        if self._before_route is not None:
+            early = await self._before_route(request, send)
+            if early is not None:
+                return early
+        handler, params, allowed = self._router.resolve(request.method, request.path)
+        if handler is None:
+            if allowed:
+                raise MethodNotAllowed(
+                    f"{request.method} is not allowed on {request.path};"
+                    f" use {', '.join(sorted(set(allowed)))}"
+                )
+            raise NotFound(f"No such route: {request.method} {request.path}")
+        request.params = params
+        if request.method in ("GET", "HEAD"):
+            # Long polls (/event, /once, /health) end when their client goes.
+            answered = await _unless_disconnected(request, handler)
+            return ANSWERED if answered is None else answered
+        return await handler(request)
+
+
+async def _unless_disconnected(request: Request, handler: Handler) -> Response | StreamResponse | None:
+    """Run ``handler``; None if the client disconnected first. The handler's own
+    error is raised as is (not wrapped in an exception group by the nursery)."""
+    result: outcome.Outcome[Response | StreamResponse] | None = None
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            await request.wait_disconnect()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch)
+        result = await outcome.acapture(handler, request)
+        nursery.cancel_scope.cancel()
+    return None if result is None else result.unwrap()
