@@ -649,11 +649,13 @@ class FleetStats:
 async def _serve_sim(connection: Any, transport: Any, interval: float, answer_pings: bool) -> None:
     """A simulated hub's session: heartbeats every ``interval`` +- 10 %, streams answered, and
     pongs unless the welcome said ``"answerPings": false`` (as LinkClient)."""
+    from spacehub.protocol.control import Heartbeat, Ping, Pong, parse
     from spacehub.server.link import LinkClosed, LinkSession, serve_asgi
 
-    async def on_control(message: dict[str, Any]) -> None:
-        if message.get("type") == "ping" and answer_pings:
-            await session.send_control({"type": "pong", "nonce": message.get("nonce")})
+    async def on_control(raw: dict[str, Any]) -> None:
+        message = parse(raw)
+        if isinstance(message, Ping) and answer_pings:
+            await session.send_control(Pong(message.nonce))
 
     async def on_stream(stream: Any) -> None:
         await serve_asgi(stream, _sim_app)
@@ -665,8 +667,7 @@ async def _serve_sim(connection: Any, transport: Any, interval: float, answer_pi
             while True:
                 summary = {"sequences": [], "instances": [], "topics": []}
                 sent = int(time.time() * 1000)
-                message = {"type": "heartbeat", "load": SIM_LOAD, "summary": summary, "sentAt": sent}
-                await session.send_control(message)
+                await session.send_control(Heartbeat(SIM_LOAD, summary, sent))
                 await trio.sleep(interval * random.uniform(0.9, 1.1))
 
     async with trio.open_nursery() as nursery:
@@ -683,13 +684,22 @@ async def _sim_hub(
     stats: FleetStats,
 ) -> None:
     """One simulated hub: LinkClient's dial, join/auth and session, with its own Ed25519 key."""
-    import base64
 
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from websockets.trio.client import connect
 
     from agent.link.client import CLOSE_TIMEOUT, MAX_MESSAGE
     from spacehub.protocol.auth import challenge_payload
+    from spacehub.protocol.control import (
+        Auth,
+        Challenge,
+        ControlMessage,
+        Conversation,
+        Join,
+        Refused,
+        Role,
+        Welcome,
+    )
     from spacehub.protocol.link import ControlReceived, LinkConnection
     from spacehub.server.keys import public_key_bytes, sign_challenge
     from spacehub.server.link import WebsocketsTransport
@@ -699,11 +709,11 @@ async def _sim_hub(
     hub_id: str | None = None
     attempt = 0
 
-    async def control(transport: Any, connection: LinkConnection) -> dict[str, Any]:
+    async def control(transport: Any, connection: LinkConnection) -> ControlMessage:
         events = connection.receive_message(await transport.receive())
         if len(events) != 1 or not isinstance(events[0], ControlReceived):
             raise RuntimeError("not a control message")
-        return events[0].message
+        return conversation.received(events[0].message)
 
     while True:
         welcomed = False
@@ -724,47 +734,42 @@ async def _sim_hub(
                     )
                     transport = WebsocketsTransport(websocket)
                     connection = LinkConnection("hub")
+                    conversation = Conversation(Role.HUB)
                     with trio.fail_after(30):
                         challenge = await control(transport, connection)
-                        nonce = base64.b64decode(challenge["nonce"])
-                        signature = base64.b64encode(
-                            sign_challenge(key, challenge_payload(nonce, hub_id or "", space))
-                        ).decode()
-                        answer: dict[str, Any] = (
-                            {
-                                "type": "join",
-                                "space": space,
-                                "joinToken": token,
-                                "publicKey": base64.b64encode(public_key_bytes(key)).decode(),
-                                "signature": signature,
-                                "description": "simulated",
-                                "tags": ["bench"],
-                                "version": "bench",
-                            }
-                            if hub_id is None
-                            else {
-                                "type": "auth",
-                                "space": space,
-                                "hubId": hub_id,
-                                "signature": signature,
-                                "version": "bench",
-                            }
+                        assert isinstance(challenge, Challenge)
+                        signature = sign_challenge(
+                            key, challenge_payload(challenge.nonce, hub_id or "", space)
                         )
-                        await transport.send(connection.send_control(answer))
+                        answer = (
+                            Join(
+                                space=space,
+                                join_token=token,
+                                public_key=public_key_bytes(key),
+                                signature=signature,
+                                description="simulated",
+                                tags=("bench",),
+                                version="bench",
+                            )
+                            if hub_id is None
+                            else Auth(space=space, hub_id=hub_id, signature=signature, version="bench")
+                        )
+                        await transport.send(connection.send_control(conversation.send(answer)))
                         reply = await control(transport, connection)
-                    if reply.get("type") != "welcome":
+                    if not isinstance(reply, Welcome):
+                        code = reply.code if isinstance(reply, Refused) else reply.type
                         stats.refused += 1
-                        stats.errors[str(reply.get("code"))] = stats.errors.get(str(reply.get("code")), 0) + 1
+                        stats.errors[code] = stats.errors.get(code, 0) + 1
                         return
                 if hub_id is None:
                     stats.joined += 1
-                hub_id = str(reply["hubId"])
-                interval = float(reply.get("heartbeatInterval") or 10)
+                hub_id = reply.hub_id
+                interval = reply.heartbeat_interval or 10.0
                 welcomed = True
                 attempt = 0
                 stats.connected += 1
                 try:
-                    await _serve_sim(connection, transport, interval, reply.get("answerPings") is not False)
+                    await _serve_sim(connection, transport, interval, reply.answer_pings)
                 finally:
                     stats.connected -= 1
                     stats.drops += 1

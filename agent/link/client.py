@@ -46,7 +46,6 @@ logged at debug level only).
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import errno
 import json
@@ -67,6 +66,22 @@ from websockets.trio.client import ClientConnection, connect
 from spacehub import __version__
 from spacehub.models import LoadCheck
 from spacehub.protocol.auth import challenge_payload
+from spacehub.protocol.control import (
+    Auth,
+    Challenge,
+    ControlError,
+    ControlMessage,
+    Conversation,
+    Heartbeat,
+    Join,
+    Leaving,
+    Ping,
+    Pong,
+    Refused,
+    Revoked,
+    Role,
+    Welcome,
+)
 from spacehub.protocol.link import (
     BATCH_FEATURE,
     FRAME_HEADER_SIZE,
@@ -75,7 +90,6 @@ from spacehub.protocol.link import (
     ControlReceived,
     LinkConnection,
     LinkError,
-    reads_batches,
 )
 from spacehub.server.files import PRIVATE, write_atomic
 from spacehub.server.keys import (
@@ -277,6 +291,8 @@ class LinkClient:
         self._last_connected: float | None = None
         self._last_disconnected: float | None = None
         self._session: LinkSession | None = None
+        #: the control conversation of the current connection (a new one per connection)
+        self._conversation = Conversation(Role.HUB)
         #: the websocket of the link in use, closed normally when the hub stops
         self._websocket: ClientConnection | None = None
         #: trio time the heartbeat being sent started, None between heartbeats
@@ -336,7 +352,7 @@ class LinkClient:
                         # The manager's server cannot tell a closing handshake from a cut
                         # connection (it reports 1006 for both): say it first.
                         with contextlib.suppress(LinkClosed, LinkError):
-                            await session.send_control({"type": "leaving", "reason": LEAVING_REASON})
+                            await session.send_control(self._conversation.send(Leaving(LEAVING_REASON)))
                     if websocket is not None:
                         await websocket.aclose(CLOSE_NORMAL, LEAVING_REASON)
                 link_scope.cancel()
@@ -509,14 +525,14 @@ class LinkClient:
             logger.info(
                 "linked to %s as %s in space %s", self._config.cpm_url, self._hub_id, self._config.space
             )
-            interval = _seconds(welcome.get("heartbeatInterval"), 1)
+            interval = _seconds(welcome.heartbeat_interval, 1)
             if interval is not None:
                 self.heartbeat_interval = interval
-            ping, pong = _seconds(welcome.get("pingInterval"), 0.1), _seconds(welcome.get("pongTimeout"), 0.1)
+            ping, pong = _seconds(welcome.ping_interval, 0.1), _seconds(welcome.pong_timeout, 0.1)
             silence = (ping or self.ping_interval) + (pong or self.ping_timeout)
             # A manager that says nothing expects pongs (older ones close a link without them).
-            answer_pings = welcome.get("answerPings") is not False
-            batching = reads_batches(welcome)
+            answer_pings = welcome.answer_pings
+            batching = BATCH_FEATURE in welcome.link_features
             self._websocket = websocket
             try:
                 await self._serve(transport, connection, websocket.stream, silence, answer_pings, batching)
@@ -525,66 +541,58 @@ class LinkClient:
 
     async def _receive_control(
         self, transport: WebsocketsTransport, connection: LinkConnection
-    ) -> dict[str, Any]:
-        """The next message, which must be a control message (nothing else comes before welcome)."""
+    ) -> ControlMessage:
+        """The next message, which must be a control message the handshake allows now
+        (nothing else comes before welcome)."""
         events = connection.receive_message(await transport.receive())
         if len(events) != 1 or not isinstance(events[0], ControlReceived):
             raise AttemptFailed("the manager sent something other than a control message before welcome")
-        return events[0].message
-
-    async def _authenticate(
-        self, transport: WebsocketsTransport, connection: LinkConnection
-    ) -> dict[str, Any]:
-        challenge = await self._receive_control(transport, connection)
-        if challenge.get("type") != "challenge" or not isinstance(challenge.get("nonce"), str):
-            raise AttemptFailed(f"expected a challenge from the manager, got {challenge.get('type')!r}")
         try:
-            nonce = base64.b64decode(challenge["nonce"], validate=True)
-        except ValueError:
-            raise AttemptFailed("the manager's challenge nonce is not base64") from None
+            return self._conversation.received(events[0].message)
+        except ControlError as exc:
+            raise AttemptFailed(f"the manager broke the handshake: {exc}") from None
+
+    async def _authenticate(self, transport: WebsocketsTransport, connection: LinkConnection) -> Welcome:
+        self._conversation = Conversation(Role.HUB)
+        challenge = await self._receive_control(transport, connection)
+        assert isinstance(challenge, Challenge)  # the table allows nothing else first
         assert self._key is not None
         space = self._config.space
         joining = self._hub_id is None
         try:
-            payload = challenge_payload(nonce, "" if joining else (self._hub_id or ""), space)
+            payload = challenge_payload(challenge.nonce, "" if joining else (self._hub_id or ""), space)
         except ValueError as exc:
             raise AttemptFailed(f"bad challenge: {exc}") from None
-        signature = base64.b64encode(sign_challenge(self._key, payload)).decode()
+        signature = sign_challenge(self._key, payload)
+        hello: Join | Auth
         if joining:
-            answer: dict[str, Any] = {
-                "type": "join",
-                "space": space,
-                "joinToken": self._config.join_token,
-                "publicKey": base64.b64encode(public_key_bytes(self._key)).decode(),
-                "signature": signature,
-                "description": self._config.description,
-                "tags": list(self._config.tags),
-                "version": __version__,
-                "linkFeatures": [BATCH_FEATURE],
-            }
+            hello = Join(
+                space=space,
+                join_token=self._config.join_token,
+                public_key=public_key_bytes(self._key),
+                signature=signature,
+                description=self._config.description,
+                tags=tuple(self._config.tags),
+                version=__version__,
+                link_features=(BATCH_FEATURE,),
+            )
         else:
-            answer = {
-                "type": "auth",
-                "space": space,
-                "hubId": self._hub_id,
-                "signature": signature,
-                "version": __version__,
-                "linkFeatures": [BATCH_FEATURE],
-            }
-        await transport.send(connection.send_control(answer))
+            assert self._hub_id is not None
+            hello = Auth(
+                space=space,
+                hub_id=self._hub_id,
+                signature=signature,
+                version=__version__,
+                link_features=(BATCH_FEATURE,),
+            )
+        await transport.send(connection.send_control(self._conversation.send(hello)))
         reply = await self._receive_control(transport, connection)
-        kind = reply.get("type")
-        if kind == "refused":
-            code = str(reply.get("code", ""))
-            reason = str(reply.get("reason", "")) or "no reason given"
-            if reply.get("retry") is True:
-                raise AttemptFailed(f"refused ({code}): {reason}")
-            raise LinkRefused(code, reason)
-        if kind != "welcome":
-            raise AttemptFailed(f"expected welcome or refused from the manager, got {kind!r}")
-        hub_id = reply.get("hubId")
-        if not isinstance(hub_id, str) or not hub_id:
-            raise AttemptFailed("the manager's welcome carries no hubId")
+        if isinstance(reply, Refused):
+            if reply.retry:
+                raise AttemptFailed(f"refused ({reply.code}): {reply.reason}")
+            raise LinkRefused(reply.code, reply.reason)
+        assert isinstance(reply, Welcome)  # the table allows welcome or refused only
+        hub_id = reply.hub_id
         if joining:
             record = {"hubId": hub_id, "space": space, "cpmUrl": self._config.cpm_url}
             await trio.to_thread.run_sync(_write_private_json, self.link_path, record)
@@ -606,15 +614,18 @@ class LinkClient:
         async def on_stream(stream: InboundStream) -> None:
             await serve_asgi(stream, self._app)
 
-        async def on_control(message: dict[str, Any]) -> None:
-            kind = message.get("type")
-            if kind == "ping":
+        async def on_control(raw: dict[str, Any]) -> None:
+            try:
+                message = self._conversation.received(raw)
+            except ControlError as exc:
+                raise AttemptFailed(f"the manager broke the link's protocol: {exc}") from None
+            if isinstance(message, Ping):
                 if answer_pings:
-                    await session.send_control({"type": "pong", "nonce": message.get("nonce")})
-            elif kind == "revoked":
-                raise LinkRefused("hub-revoked", str(message.get("reason", "")) or "revoked by the manager")
+                    await session.send_control(self._conversation.send(Pong(message.nonce)))
+            elif isinstance(message, Revoked):
+                raise LinkRefused("hub-revoked", message.reason or "revoked by the manager")
             else:
-                logger.debug("link: ignoring control message %r", kind)
+                logger.debug("link: ignoring control message %r", message.type)
 
         session = LinkSession(connection, transport, on_stream=on_stream, on_control=on_control)
         session.batching = batching
@@ -701,9 +712,9 @@ class LinkClient:
             if keep is not None:
                 part = {k: v[:keep] if isinstance(v, list) else v for k, v in summary.items()}
                 part["truncated"] = True
-            message = {"type": "heartbeat", "load": load, "summary": part, "sentAt": int(time.time() * 1000)}
+            heartbeat = Heartbeat(dict(load), part, int(time.time() * 1000))
             try:
-                await session.send_control(message)
+                await session.send_control(self._conversation.send(heartbeat))
                 return
             except LinkError:  # over MAX_HEAD_BYTES of JSON
                 if keep == 0:

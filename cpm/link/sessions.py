@@ -62,8 +62,6 @@ manager's CPU per call.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import heapq
 import itertools
@@ -81,7 +79,29 @@ import trio
 
 from spacehub.models import HubRecord, LoadCheck
 from spacehub.protocol.auth import challenge_payload, make_challenge, verify_challenge
-from spacehub.protocol.link import BATCH_FEATURE, ControlReceived, LinkConnection, LinkError, reads_batches
+from spacehub.protocol.control import (
+    Auth,
+    Challenge,
+    ControlError,
+    Conversation,
+    Heartbeat,
+    Join,
+    Leaving,
+    Ping,
+    Pong,
+    Refused,
+    Revoked,
+    Role,
+    Stage,
+    Welcome,
+)
+from spacehub.protocol.link import (
+    BATCH_FEATURE,
+    ControlReceived,
+    LinkConnection,
+    LinkError,
+    LinkProtocolError,
+)
 from spacehub.server.http import Request, Send
 from spacehub.server.link.session import LinkClosed, LinkSession, OutboundStream, StreamAborted
 
@@ -194,15 +214,13 @@ class HubReport:
         """The last summary's ``sequences``, ``instances`` or ``topics`` (objects only)."""
         return self.summary_items.get(kind, [])
 
-    def heartbeat(self, message: dict[str, Any]) -> None:
+    def heartbeat(self, message: Heartbeat) -> None:
         self.last_heartbeat = trio.current_time()
         self.last_heartbeat_wall = time.time()
-        load = message.get("load")
-        if isinstance(load, dict):
-            self.load_json = json.dumps(load, separators=(",", ":"))
-        summary = message.get("summary")
-        if isinstance(summary, dict):
-            self.summary_items = _summary_items(summary)
+        if message.load is not None:
+            self.load_json = json.dumps(message.load, separators=(",", ":"))
+        if message.summary is not None:
+            self.summary_items = _summary_items(message.summary)
 
 
 @dataclass(eq=False, slots=True)
@@ -226,6 +244,8 @@ class HubSession:
     closing: bool = False
     #: why the hub said it is leaving (control message ``leaving``), if it did
     leaving: str | None = None
+    #: the control conversation, past the handshake (linked)
+    conversation: Conversation = field(default_factory=lambda: Conversation(Role.MANAGER, Stage.LINKED))
 
     def healthy(self, now: float, window: float) -> bool:
         if not self.connected:
@@ -234,26 +254,26 @@ class HubSession:
         since = last if last is not None else self.connected_at
         return now - since <= window
 
-    def on_control(self, message: dict[str, Any]) -> None:
+    def on_control(self, raw: dict[str, Any]) -> None:
         """A control message from the hub, handled in the link's read loop (never waits)."""
-        kind = message.get("type")
-        if kind == "heartbeat":
+        try:
+            message = self.conversation.received(raw)
+        except ControlError as exc:
+            raise LinkProtocolError(f"hub {self.hub_id}: {exc}") from None
+        if isinstance(message, Heartbeat):
             self.report.heartbeat(message)
-        elif kind == "leaving":  # the hub stops on purpose; its link closes next
-            reason = message.get("reason")
-            self.leaving = reason[:200] if isinstance(reason, str) and reason else "it is stopping"
-        elif kind != "pong":  # from hubs that answer pings anyway: a sign of life like any message
-            logger.debug("hub %s: control message %r ignored", self.hub_id, kind)
+        elif isinstance(message, Leaving):  # the hub stops on purpose; its link closes next
+            self.leaving = message.reason or "it is stopping"
+        elif not isinstance(message, Pong):  # pongs: a sign of life like any message
+            logger.debug("hub %s: control message %r ignored", self.hub_id, message.type)
 
-    async def close(
-        self, reason: str, notice: dict[str, Any] | None = None, code: int = CLOSE_NORMAL
-    ) -> None:
+    async def close(self, reason: str, notice: Revoked | None = None, code: int = CLOSE_NORMAL) -> None:
         """Close the link (sending ``notice`` first, if given) and end its task."""
         logger.info("closing the link of hub %s: %s", self.hub_id, reason)
         if notice is not None and not self.link.closed:
             with trio.move_on_after(NOTICE_TIMEOUT):
                 with contextlib.suppress(LinkClosed, LinkError):
-                    await self.link.send_control(notice)
+                    await self.link.send_control(self.conversation.send(notice))
         await self.transport.aclose(code, reason[:120])
         self.link.close()  # cancels the session's run(): the link's task ends
 
@@ -403,7 +423,7 @@ class HubSessions:
                 return await self._handshake(connection, transport)
         except Refusal as refusal:
             logger.warning("refused a hub from %s: %s (%s)", peer, refusal.reason, refusal.code)
-            notice = {"type": "refused", "code": refusal.code, "reason": refusal.reason, "retry": False}
+            notice = Refused(refusal.code, refusal.reason, retry=False)
             with trio.move_on_after(NOTICE_TIMEOUT):
                 with contextlib.suppress(LinkClosed, LinkError):
                     await transport.send(connection.send_control(notice))
@@ -425,68 +445,55 @@ class HubSessions:
     ) -> tuple[str, str, str, bool]:
         """The admitted hub's id, space, version and whether it reads BATCH frames (not its
         registry row: the link would keep it)."""
+        conversation = Conversation(Role.MANAGER)
         nonce = make_challenge()
-        challenge = {
-            "type": "challenge",
-            "nonce": base64.b64encode(nonce).decode(),
-            "managerId": self.manager_id,
-            "version": __version__,
-        }
-        await transport.send(connection.send_control(challenge))
+        challenge = Challenge(nonce, self.manager_id, __version__)
+        await transport.send(connection.send_control(conversation.send(challenge)))
         events = connection.receive_message(await transport.receive())
         if len(events) != 1 or not isinstance(events[0], ControlReceived):
             raise Refusal("bad-request", "the first message must be a join or auth control message")
-        message = events[0].message
-        kind = message.get("type")
-        space = message.get("space")
-        version = message.get("version")
-        if not isinstance(space, str) or not space:
-            raise Refusal("bad-request", "the message names no space")
-        signature = _b64(message.get("signature"), "signature")
+        try:
+            hello = conversation.received(events[0].message)
+        except ControlError as exc:
+            raise Refusal("bad-request", str(exc)) from None
+        assert isinstance(hello, Join | Auth)  # the table allows nothing else now
+        space = hello.space
         try:
             await self.db(self.registry.get_space, space)
         except SpaceNotFound:
             raise Refusal("space-unknown", f"The manager has no space {space!r}") from None
-        if kind == "join":
-            hub = await self._join(message, space, nonce, signature)
-        elif kind == "auth":
-            hub = await self._auth(message, space, nonce, signature)
-        else:
-            raise Refusal("bad-request", f"expected a join or auth message, not {kind!r}")
+        hub = await (self._join(hello, nonce) if isinstance(hello, Join) else self._auth(hello, nonce))
         try:
             hub = await self.db(self.registry.mark_connected, hub.id)
         except HubRevoked as exc:
             raise Refusal(exc.code, exc.message) from None
-        welcome = {
-            "type": "welcome",
-            "hubId": hub.id,
-            "space": space,
-            "heartbeatInterval": self.config.heartbeat_interval,
+        welcome = Welcome(
+            hub_id=hub.id,
+            space=space,
+            heartbeat_interval=self.config.heartbeat_interval,
             # The hub drops a link silent for pingInterval + pongTimeout (it sends no pings of its own).
-            "pingInterval": self.config.ping_interval,
-            "pongTimeout": self.config.pong_timeout,
+            ping_interval=self.config.ping_interval,
+            pong_timeout=self.config.pong_timeout,
             # Its heartbeats prove the link to us; a pong per ping would add nothing (see Liveness).
-            "answerPings": False,
+            answer_pings=False,
             # This manager reads BATCH frames (spacehub.protocol.link).
-            "linkFeatures": [BATCH_FEATURE],
-        }
-        await transport.send(connection.send_control(welcome))
-        return hub.id, hub.space, version if isinstance(version, str) else "", reads_batches(message)
+            link_features=(BATCH_FEATURE,),
+        )
+        await transport.send(connection.send_control(conversation.send(welcome)))
+        return hub.id, hub.space, hello.version, BATCH_FEATURE in hello.link_features
 
-    async def _join(self, message: dict[str, Any], space: str, nonce: bytes, signature: bytes) -> Hub:
-        public_key = _b64(message.get("publicKey"), "publicKey")
-        if not verify_challenge(public_key, challenge_payload(nonce, "", space), signature):
+    async def _join(self, message: Join, nonce: bytes) -> Hub:
+        space, public_key = message.space, message.public_key
+        if not verify_challenge(public_key, challenge_payload(nonce, "", space), message.signature):
             raise Refusal("bad-signature", "The join message's signature does not match its public key")
-        description = message.get("description", "")
-        tags = message.get("tags", [])
         try:
             hub = await self.db(
                 self.registry.redeem_join_token,
                 space,
-                message.get("joinToken"),
+                message.join_token,
                 public_key,
-                description if isinstance(description, str) else "",
-                tags if isinstance(tags, list) else [],
+                message.description,
+                list(message.tags),
             )
         except JoinRefused as exc:
             raise Refusal(exc.code, exc.message) from None
@@ -505,13 +512,11 @@ class HubSessions:
         logger.info("hub %s joined space %s", hub.id, space)
         return hub
 
-    async def _auth(self, message: dict[str, Any], space: str, nonce: bytes, signature: bytes) -> Hub:
-        hub_id = message.get("hubId")
+    async def _auth(self, message: Auth, nonce: bytes) -> Hub:
+        hub_id, space, signature = message.hub_id, message.space, message.signature
         unknown = Refusal(
             "hub-unknown", f"The manager knows no hub {hub_id!r} in space {space!r}; join again"
         )
-        if not isinstance(hub_id, str) or not hub_id or "\0" in hub_id:
-            raise unknown
         try:
             hub = await self.db(self.registry.get_hub, hub_id)
         except HubNotFound:
@@ -575,7 +580,7 @@ class HubSessions:
 
     async def _ping(self, session: HubSession, nonce: int) -> None:
         try:
-            await session.link.send_control({"type": "ping", "nonce": nonce})
+            await session.link.send_control(session.conversation.send(Ping(nonce)))
         except (LinkClosed, LinkError):
             return  # the link is ending; its session task finds out why
         except Exception:
@@ -636,17 +641,8 @@ class HubSessions:
                 continue
             reason = revoked_reason or "the hub was removed"
             self._last.pop(session.hub_id, None)
-            notice = {"type": "revoked", "reason": reason}
+            notice = Revoked(reason)
             await session.close(f"revoked: {reason}", notice, code=CLOSE_POLICY)
-
-
-def _b64(value: object, name: str) -> bytes:
-    if not isinstance(value, str) or len(value) > 1024:
-        raise Refusal("bad-request", f"{name} must be a base64 string")
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        raise Refusal("bad-request", f"{name} is not valid base64") from None
 
 
 # -- the proxy ----------------------------------------------------------------------------------

@@ -134,6 +134,8 @@ from dataclasses import dataclass
 from enum import Enum, IntEnum
 from typing import Any, Final, Literal, TypeAlias
 
+from .control import CONTROL_TYPES, ControlMessage
+from .control import encode as encode_control
 from .errors import ProtocolError
 
 #: Largest DATA payload in one frame; ``send_data`` splits longer bodies.
@@ -425,12 +427,6 @@ def _frame(frame_type: FrameType, stream_id: int, payload: bytes | memoryview = 
     return b"".join((_HEADER.pack(frame_type, stream_id), payload))
 
 
-def reads_batches(handshake: dict[str, Any]) -> bool:
-    """Whether a peer's handshake message (join, auth or welcome) says it reads BATCH."""
-    features = handshake.get("linkFeatures")
-    return isinstance(features, list) and BATCH_FEATURE in features
-
-
 def _pack_batch(frames: Sequence[bytes]) -> bytes:
     items = [part for frame in frames for part in (_LENGTH.pack(len(frame)), frame)]
     return b"".join((_HEADER.pack(FrameType.BATCH, CONTROL_STREAM), *items))
@@ -649,10 +645,13 @@ class LinkConnection:
         flush()
         return messages
 
-    def send_control(self, message: dict[str, Any]) -> bytes:
-        """The CONTROL frame carrying ``message`` (a JSON object)."""
+    def send_control(self, message: ControlMessage | dict[str, Any]) -> bytes:
+        """The CONTROL frame carrying ``message`` (a :mod:`~spacehub.protocol.control`
+        message, or the JSON object itself)."""
         if not isinstance(message, dict):
-            raise LocalProtocolError("a control message must be a dict")
+            if not isinstance(message, CONTROL_TYPES):
+                raise LocalProtocolError("a control message must be a control dataclass or a dict")
+            message = encode_control(message)
         return _frame(FrameType.CONTROL, CONTROL_STREAM, _dump_json(message, "control message"))
 
     # --- receiving -----------------------------------------------------------

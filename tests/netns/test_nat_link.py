@@ -32,10 +32,9 @@ from typing import Any, TypeVar
 
 import pytest
 
+from harness.netns import CLOUD_IP, EDGE_IP, NsClient, NsError, Response, Topology
 from tests.cpm_helpers import cpm
 from tests.helpers import python_package
-
-from .conftest import CLOUD_IP, EDGE_IP, NsClient, NsError, Response, Topology
 
 T = TypeVar("T")
 

@@ -39,6 +39,7 @@ from cpm.link.transport import AsgiWebSocketTransport
 from cpm.registry import Registry
 from cpm.service import run_manager
 from spacehub.protocol.auth import challenge_payload
+from spacehub.protocol.control import Heartbeat
 from spacehub.protocol.link import INITIAL_WINDOW, ControlReceived, FrameType, LinkConnection
 from spacehub.server.keys import public_key_bytes, sign_challenge
 from spacehub.server.link import LinkClosed, LinkSession, WebsocketsTransport, serve_asgi
@@ -621,11 +622,11 @@ async def test_a_hub_report_keeps_heartbeats_compact() -> None:
     a, b = HubReport("sth-1", "demo"), HubReport("sth-2", "demo")
     load = {"avgLoad": 0.5, "fsSize": [{"fs": "/dev/sda1", "use": 40.0}]}
     for report in (a, b):
-        report.heartbeat({"type": "heartbeat", "load": load, "summary": {"sequences": [], "topics": []}})
+        report.heartbeat(Heartbeat(load, {"sequences": [], "topics": []}))
     assert a.load == load
     assert a.summary_items is b.summary_items
     assert a.items("instances") == []
-    a.heartbeat({"type": "heartbeat", "summary": {"instances": [{"id": "i"}, "junk"], "topics": "junk"}})
+    a.heartbeat(Heartbeat(summary={"instances": [{"id": "i"}, "junk"], "topics": "junk"}))
     assert a.items("instances") == [{"id": "i"}]
     assert a.items("topics") == []
     assert a.load == load  # a heartbeat without a load keeps the last one

@@ -52,6 +52,7 @@ from typing import Any, Final, Protocol, cast
 
 import trio
 
+from spacehub.protocol.control import ControlMessage
 from spacehub.protocol.link import (
     ControlReceived,
     DataReceived,
@@ -594,7 +595,7 @@ class LinkSession:
                         self._cancel()
                         raise
 
-    async def send_control(self, message: dict[str, Any]) -> None:
+    async def send_control(self, message: ControlMessage | dict[str, Any]) -> None:
         """Send a control message (stream 0; never flow-controlled)."""
         await self._send_made(lambda: [self._connection.send_control(message)])
 
