@@ -1,4 +1,4 @@
-"""What the Python runner keeps from loading (agent/runners/python/context.py, ``_STAND_INS``).
+"""What the Python runner keeps from loading (agent/runners/python/lazy_imports.py, ``_STAND_INS``).
 
 Every instance loads asyncio, and an idle instance's RSS is mostly what asyncio imports.
 The runner keeps ssl and a few modules asyncio uses only on rare paths from loading with it.
@@ -6,7 +6,7 @@ The runner keeps ssl and a few modules asyncio uses only on rare paths from load
 Rules for these tests:
 - the runner runs as a real subprocess, driven as in test_python_runner.py (its Instance);
 - a sequence reports what it sees of the runner's modules as its output;
-- the stand-ins themselves are tested in-process, on a context module loaded here.
+- the stand-ins themselves are tested in-process, on a lazy_imports module loaded here.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import pytest
 from spacehub.protocol.runner import Code
 from tests.unit.test_python_runner import PYTHON, RUNNER, Instance
 
-#: The modules the runner keeps from loading until they are used (ssl: see context.py).
+#: The modules the runner keeps from loading until they are used (ssl: see lazy_imports.py).
 DEFERRED = ["ssl", "inspect", "ast", "dis", "subprocess", "tokenize", "textwrap", "array"]
 
 
@@ -82,6 +82,25 @@ def test_an_idle_sequence_loads_none_of_them(spawn: Callable[..., Instance]) -> 
         # dataclasses (spacehub.protocol.runner.Message) calls inspect.get_annotations
         expected |= {"inspect", "ast", "dis"}
     assert set(seen["loaded"]) - expected == set()
+
+
+def test_the_off_switch_loads_them_the_ordinary_way(spawn: Callable[..., Instance]) -> None:
+    """SPACEHUB_RUNNER_LAZY_IMPORTS=0: no stand-ins, ssl not hidden; asyncio loads them itself."""
+    instance = spawn(
+        f"""
+        import asyncio, json, sys
+        async def run(context, input):
+            await asyncio.sleep(0)
+            loaded = [name for name in {DEFERRED!r} if name in sys.modules]
+            kinds = sorted({{type(sys.modules[name]).__name__ for name in loaded}})
+            return json.dumps({{"loaded": loaded, "kinds": kinds}})
+        """,
+        env={"SPACEHUB_RUNNER_LAZY_IMPORTS": "0"},
+    )
+    instance.pong()
+    seen = _output(instance)
+    assert {"ssl", "inspect", "subprocess"} <= set(seen["loaded"])
+    assert seen["kinds"] == ["module"]
 
 
 def test_each_works_when_used_and_replaces_its_stand_in(spawn: Callable[..., Instance]) -> None:
@@ -181,14 +200,14 @@ def test_a_sequence_importing_them_first_gets_the_real_modules(spawn: Callable[.
 
 @pytest.fixture(scope="module")
 def context() -> ModuleType:
-    """The runner's context module, loaded here with everything it might stand in for
+    """The runner's lazy_imports module, loaded here with everything it might stand in for
     already imported, so that loading it changes nothing in this process."""
     import array  # noqa: F401 - see the docstring
     import ssl  # noqa: F401
     import textwrap  # noqa: F401
     import tokenize  # noqa: F401
 
-    spec = importlib.util.spec_from_file_location("_spacehub_test_context", RUNNER.parent / "context.py")
+    spec = importlib.util.spec_from_file_location("_spacehub_test_lazy", RUNNER.parent / "lazy_imports.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -253,10 +272,12 @@ class _CustomAwaitable:
         lambda: [],
     ],
 )
-def test_isawaitable_is_inspects(context: ModuleType, make: Callable[[], Any]) -> None:
+def test_isawaitable_is_inspects(make: Callable[[], Any]) -> None:
+    from agent.runners.python import base
+
     value = make()
     try:
-        assert context._isawaitable(value) is inspect.isawaitable(value)
+        assert base._isawaitable(value) is inspect.isawaitable(value)
     finally:
         if inspect.iscoroutine(value) or inspect.isgenerator(value):
             value.close()
