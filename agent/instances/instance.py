@@ -28,6 +28,7 @@ import signal
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterable, Callable
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, cast
 
 import trio
@@ -49,6 +50,9 @@ if TYPE_CHECKING:
 
 #: Seconds a control message may wait for room in the control pipe.
 CONTROL_WRITE_TIMEOUT: Final = 5.0
+#: After the runner exits, how long its last monitoring messages (SEQUENCE_STOPPED, ERROR)
+#: are waited for before the exit is judged: the exit and the pipe's end race.
+MONITORING_DRAIN_WAIT: Final = 1.0
 #: Seconds /health waits for the first health report of a new instance.
 FIRST_HEALTH_WAIT: Final = 2.0
 #: Bytes of stderr kept to explain a runner that fails before its handshake.
@@ -144,6 +148,8 @@ class Instance:
         self._state_changed = trio.lowlevel.ParkingLot()
         self._handshake = trio.Event()
         self._exited = trio.Event()
+        #: the monitoring pipe is read to its end (every message the runner sent is handled)
+        self._monitoring_done = trio.Event()
         self._removed = trio.Event()
         self._kill_requested = trio.Event()
         #: a kill with removeImmediately: forget the instance as soon as it ended
@@ -215,7 +221,7 @@ class Instance:
         try:
             process = await self._runtime.spawn(spec)
         except OSError as exc:
-            await trio.to_thread.run_sync(partial(shutil.rmtree, spec.cwd, ignore_errors=True))
+            await _remove_work_dir(spec.cwd)
             self._finish_without_process(f"cannot start the runner: {exc}")
             raise SequenceStartFailed(f"cannot start the runner: {exc}") from None
         self._process = process
@@ -257,7 +263,7 @@ class Instance:
             with trio.CancelScope(shield=True):
                 process.signal_group(signal.SIGKILL)
                 await process.aclose()
-                await trio.to_thread.run_sync(partial(shutil.rmtree, spec.cwd, ignore_errors=True))
+                await _remove_work_dir(spec.cwd)
             self._close_streams()
             self._removed.set()
             if self._on_removed is not None:
@@ -300,6 +306,9 @@ class Instance:
 
     async def _watch_exit(self, process: RunnerProcess) -> None:
         code = await process.wait()
+        # What the runner said last (stopped by its handler, its error) decides the reason.
+        with trio.move_on_after(MONITORING_DRAIN_WAIT):
+            await self._monitoring_done.wait()
         self.exitcode = code if code >= 0 else 128 - code
         self.ended = iso_now()
         self.reason = self._exit_reason(code)
@@ -431,6 +440,7 @@ class Instance:
                 while await stream.receive_some(limits.STREAM_CHUNK_BYTES):
                     pass
         finally:
+            self._monitoring_done.set()
             await trio.aclose_forcefully(stream)
 
     def _handle_runner_message(self, message: proto.Message) -> None:
@@ -739,3 +749,10 @@ class Instance:
 
 def _ms_now() -> int:
     return int(dt.datetime.now(dt.UTC).timestamp() * 1000)
+
+
+async def _remove_work_dir(path: Path) -> None:
+    """Remove an instance's scratch directory, in a worker thread (a large tree takes a while);
+    no thread at all when there is none (a runtime that made none)."""
+    if path.exists():
+        await trio.to_thread.run_sync(partial(shutil.rmtree, path, ignore_errors=True))
