@@ -39,6 +39,10 @@ class Script:
     events: list[tuple[str, Any]] = field(default_factory=list)
     #: handshakes at all (False: never sends PING)
     handshakes: bool = True
+    #: sends every event it receives back to the hub, as a sequence with on()/emit() might
+    echo_events: bool = False
+    #: answers a STOP that allows it with ALIVE (keep-alive) and goes on running
+    keeps_alive: bool = False
 
 
 class FakeRunner:
@@ -124,6 +128,13 @@ class FakeRunner:
             return
         while True:
             message = await self._next(reader)
+            if (
+                message.code is proto.Code.STOP
+                and script.keeps_alive
+                and message.data.get("canCallKeepalive")
+            ):
+                await self._send(proto.Code.ALIVE, {"keepAlive": 5000})
+                continue
             if message.code is proto.Code.STOP and script.obeys_stop:
                 await self._send(proto.Code.SEQUENCE_STOPPED, {})
                 self._exit(0)
@@ -131,7 +142,7 @@ class FakeRunner:
             if message.code is proto.Code.KILL and script.obeys_sigterm:
                 self._exit(0)
                 return
-            if message.code is proto.Code.EVENT:  # echoed back, as a sequence with on()/emit() might
+            if message.code is proto.Code.EVENT and script.echo_events:
                 await self._send(proto.Code.EVENT, message.data)
 
     async def _next(self, reader: proto.MessageReader) -> proto.Message:

@@ -605,6 +605,11 @@ class Instance:
         self._kill_requested.set()
         await self._send_control(proto.Message(proto.Code.KILL, {}))
 
+    def signal_group(self, sig: signal.Signals) -> None:
+        """Send ``sig`` to the runner's process group through its runtime (no error if gone)."""
+        if self._process is not None:
+            self._process.signal_group(sig)
+
     async def wait_ended(self) -> None:
         await self._exited.wait()
 

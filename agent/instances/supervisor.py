@@ -95,9 +95,7 @@ class Supervisor:
             return
         logger.info("stopping %d instance(s)", len(live))
         for instance in live:
-            if instance.pid is not None:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(instance.pid, signal.SIGTERM)
+            instance.signal_group(signal.SIGTERM)
         with trio.move_on_after(self._config.kill_grace):
             for instance in live:
                 await instance.wait_ended()

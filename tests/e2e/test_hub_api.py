@@ -343,7 +343,8 @@ async def test_stop_handler_runs(client: httpx.AsyncClient) -> None:
 async def test_keep_alive_during_stop(client: httpx.AsyncClient) -> None:
     sequence_id = await upload(client, python_package(KEEP_ALIVE))
     instance_id = await start(client, sequence_id)
-    for _ in range(2):
+    # One round: that the window repeats is the hub's own (tests/unit/test_instance.py).
+    for _ in range(1):
         response = await client.post(
             f"/instance/{instance_id}/_stop", json=[4001, {"timeout": 1000, "canCallKeepalive": True}]
         )

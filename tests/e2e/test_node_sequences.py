@@ -239,7 +239,8 @@ async def test_stop_with_keep_alive(client: httpx.AsyncClient) -> None:
     instance_id = await start(client, node_package({"index.js": CAN_KEEP_ALIVE}))
     await trio.sleep(0.2)
     assert (await client.get(f"/instance/{instance_id}/health")).json()["healthy"] is True
-    for _ in range(2):
+    # One round: that the window repeats is the hub's own (tests/unit/test_instance.py).
+    for _ in range(1):
         response = await client.post(
             f"/instance/{instance_id}/_stop", json={"timeout": 1000, "canCallKeepalive": True}
         )
@@ -253,7 +254,7 @@ async def test_stop_with_keep_alive(client: httpx.AsyncClient) -> None:
     final = await wait_status(client, instance_id, "completed", "errored")
     assert final["status"] == "completed" and final["terminated"]["reason"] == "Instance stopped"
     stdout = await read_stream(client, f"/instance/{instance_id}/stdout")
-    assert stdout == b"stop 1000 true\nstop 1000 true\nstop 0 false\n"
+    assert stdout == b"stop 1000 true\nstop 0 false\n"
 
 
 async def test_busy_loop_is_killed_on_time(client: httpx.AsyncClient) -> None:

@@ -75,6 +75,20 @@ async def test_a_stop_ignored_is_a_kill_at_the_timeout(tmp_path: Path, autojump_
             assert not instance.is_live
 
 
+async def test_keep_alive_holds_each_stop_window(tmp_path: Path, autojump_clock: MockClock) -> None:
+    with trio.fail_after(60):
+        async with started(tmp_path, Script(keeps_alive=True)) as (instance, runtime, _):
+            for _ in range(3):
+                began = trio.current_time()
+                await instance.stop(timeout_ms=1000, can_keep_alive=True)
+                assert 1 <= trio.current_time() - began < 1.5
+                assert instance.status is Status.RUNNING
+            await instance.stop(timeout_ms=1000, can_keep_alive=False)
+            assert instance.reason == "Instance stopped"
+            stops = [m.data for m in runtime.runners[0].received if m.code.name == "STOP"]
+            assert [s["canCallKeepalive"] for s in stops] == [True, True, True, False]
+
+
 async def test_sigterm_ignored_is_sigkill_after_the_grace(tmp_path: Path, autojump_clock: MockClock) -> None:
     script = Script(obeys_stop=False, obeys_sigterm=False)
     with trio.fail_after(60):
@@ -146,7 +160,7 @@ async def test_no_handshake_fails_the_start_at_the_start_timeout(
 
 async def test_events_reach_every_reader(tmp_path: Path, autojump_clock: MockClock) -> None:
     with trio.fail_after(60):
-        async with started(tmp_path) as (instance, _, nursery):
+        async with started(tmp_path, Script(echo_events=True)) as (instance, _, nursery):
             got: list[list[Any]] = [[], []]
 
             async def read(into: list[Any], task_status: trio.TaskStatus[None]) -> None:
