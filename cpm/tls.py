@@ -39,10 +39,8 @@ Only APIs that ``cryptography`` 38 (Debian 12) already has are used here.
 from __future__ import annotations
 
 import ipaddress
-import os
 import secrets
 import ssl
-import stat
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -55,7 +53,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from cpm.errors import ManagerError
-from spacehub.server.files import write_atomic
+from spacehub.server.files import UnsafeFile, read_private, write_atomic
 from spacehub.tls import MAX_PEM, certificate_fingerprint, check_ca_fingerprint, client_ssl_context, read_pem
 
 __all__ = [
@@ -316,15 +314,10 @@ def _load_cert(path: Path) -> x509.Certificate:
 
 
 def _load_ec_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    fd = os.open(path, os.O_RDONLY)
-    with os.fdopen(fd, "rb") as file:
-        mode = stat.S_IMODE(os.fstat(file.fileno()).st_mode)
-        if mode & 0o077:
-            raise ManagerError(
-                f"refusing to use {path}: its mode is {mode:04o}, so group or others can access it; "
-                f"run `chmod 600 {path}`"
-            )
-        data = file.read(MAX_PEM)
+    try:
+        data = read_private(path, MAX_PEM, "the key")
+    except UnsafeFile as exc:
+        raise ManagerError(str(exc)) from None
     key = serialization.load_pem_private_key(data, password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ManagerError(f"{path} holds a {type(key).__name__}, not an EC key")

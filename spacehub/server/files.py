@@ -12,12 +12,37 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import stat
 from pathlib import Path
 
-__all__ = ["PRIVATE", "fsync_dir", "write_atomic"]
+from .errors import ServerError
+
+__all__ = ["PRIVATE", "UnsafeFile", "fsync_dir", "read_private", "write_atomic"]
 
 #: The mode of files holding secrets: the owner's only.
 PRIVATE = 0o600
+
+
+class UnsafeFile(ServerError):
+    """A file holding a secret that group or others may access."""
+
+
+def read_private(path: Path, limit: int, what: str = "") -> bytes:
+    """Up to ``limit`` + 1 bytes of the secret file ``path``, refused (:class:`UnsafeFile`)
+    when group or others may access it. ``what`` names the file in the message.
+
+    The mode is checked on the descriptor that is read (``fstat``), not on the name, so a
+    swap between the check and the read cannot fool it. ``OSError`` when it cannot be opened.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as file:
+        mode = stat.S_IMODE(os.fstat(file.fileno()).st_mode)
+        if mode & 0o077:
+            raise UnsafeFile(
+                f"refusing to use {what or 'the file'} {path}: its mode is {mode:04o}, so group or"
+                f" others can access it; run `chmod 600 {path}` (and consider it leaked if others read it)"
+            )
+        return file.read(limit + 1)
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644, *, temp_dir: Path | None = None) -> None:

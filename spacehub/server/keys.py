@@ -22,14 +22,13 @@ import base64
 import binascii
 import os
 import secrets
-import stat
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Protocol
 
 from spacehub.protocol.auth import PUBLIC_KEY_SIZE, SIGNATURE_SIZE
 
 from .errors import ServerError
-from .files import PRIVATE, write_atomic
+from .files import PRIVATE, UnsafeFile, read_private, write_atomic
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -120,16 +119,10 @@ def load_private_key(path: Path | str) -> HubKey:
     when it cannot be opened.
     """
     path = Path(path)
-    fd = os.open(path, os.O_RDONLY)
-    with os.fdopen(fd, "rb") as file:
-        # fstat the file we opened, not the name, so a swap between check and read cannot fool us.
-        mode = stat.S_IMODE(os.fstat(file.fileno()).st_mode)
-        if mode & 0o077:
-            raise KeyFileError(
-                f"refusing to use the key file {path}: its mode is {mode:04o}, so group or others "
-                f"can access it; run `chmod 600 {path}` (and consider the key leaked if others read it)"
-            )
-        data = file.read(_MAX_KEY_FILE + 1)
+    try:
+        data = read_private(path, _MAX_KEY_FILE, "the key file")
+    except UnsafeFile as exc:
+        raise KeyFileError(str(exc)) from None
     if len(data) > _MAX_KEY_FILE:
         raise KeyFileError(f"{path} is too large to be a key file")
     seed = _seed_from_pem(data)
