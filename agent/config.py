@@ -112,7 +112,8 @@ class HubConfig:
             "logLevel": self.log_level,
             "identifyExisting": self.identify_existing,
             "runtimeAdapter": self.runtime,
-            "runtimes": {"python3": self.python, "node": self.node_path()},
+            # Names, not paths: /config tells nothing of the machine's file layout.
+            "runtimes": {"python3": Path(self.python).name, "node": _name(self.node_path())},
             "podman": {
                 "runnerImagePy": self.runner_image_py,
                 "runnerImageNode": self.runner_image_node,
@@ -256,3 +257,7 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> HubConfig:
             value = type(current)(value)
         setattr(config, name, value)
     return _check(config)
+
+
+def _name(path: str | None) -> str | None:
+    return Path(path).name if path else None

@@ -36,6 +36,11 @@ MAX_PACKAGE_JSON_BYTES: Final = 1 * MiB
 STREAM_CHUNK_BYTES: Final = 256 * KiB
 
 # --- Instances ------------------------------------------------------------------
+#: Longest stop timeout a request may ask for (a day, in ms): more is a mistake, not a wish.
+MAX_STOP_TIMEOUT_MS: Final = 24 * 3600 * 1000
+#: What a start's ``limits`` may ask for, each a positive number up to its bound:
+#: memory in MB, cpu in cores (``cpus`` is taken as a synonym), pids a count.
+MAX_LIMITS: Final = {"memory": 1024 * 1024, "cpu": 1024, "cpus": 1024, "pids": 4 * 1024 * 1024}
 #: Bytes of output/stdout/stderr kept for readers that have not connected yet
 #: (and the most any reader can lag behind the fastest one); past it the
 #: instance is back-pressured, never dropped.

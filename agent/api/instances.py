@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from spacehub.server.http import Request, Response, Router, StreamResponse, json_response, parse_bool_header
 
+from .. import limits
 from ..errors import BadRequest, UnsupportedMediaType
 from ..hublog import encode_record
 from ..instances.instance import Instance
@@ -48,8 +49,14 @@ def _stop_body(value: Any, default_timeout: int) -> tuple[int, bool]:
     timeout = value.get("timeout", default_timeout)
     if timeout is None:
         timeout = default_timeout
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
-        raise BadRequest("Invalid timeout format: a number of milliseconds >= 0")
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 <= timeout <= limits.MAX_STOP_TIMEOUT_MS
+    ):
+        raise BadRequest(
+            f"Invalid timeout format: a number of milliseconds from 0 to {limits.MAX_STOP_TIMEOUT_MS}"
+        )
     keep_alive = value.get("canCallKeepalive", False)
     if not isinstance(keep_alive, bool):
         raise BadRequest("Invalid canCallKeepalive format: true or false")

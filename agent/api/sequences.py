@@ -6,7 +6,8 @@ from typing import TYPE_CHECKING, Any
 
 from spacehub.server.http import Request, Response, Router, json_response, parse_bool_header
 
-from ..errors import BadRequest, SequenceInUse, UnsupportedMediaType
+from .. import limits
+from ..errors import ArchiveTooLarge, BadRequest, SequenceInUse, UnsupportedMediaType
 
 if TYPE_CHECKING:
     from ..service import Hub
@@ -31,6 +32,15 @@ def _check_package_type(request: Request) -> None:
         )
 
 
+def _check_announced_size(request: Request) -> None:
+    """Refuse a package whose Content-Length is over the bound before reading any of it."""
+    length = request.header("content-length")
+    if length is not None and length.isdigit() and int(length) > limits.MAX_PACKAGE_COMPRESSED_BYTES:
+        raise ArchiveTooLarge(
+            f"package of {int(length)} bytes is over the limit of {limits.MAX_PACKAGE_COMPRESSED_BYTES}"
+        )
+
+
 def _start_payload(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise BadRequest("start options must be a JSON object")
@@ -45,7 +55,22 @@ def _start_payload(value: Any) -> dict[str, Any]:
     for key, (kind, text) in checks.items():
         if value.get(key) is not None and not isinstance(value[key], kind):
             raise BadRequest(f"{key} must be {text}")
+    _check_limits(value.get("limits") or {})
     return value
+
+
+def _check_limits(requested: dict[str, Any]) -> None:
+    """Each limit a known name with a positive number up to its bound: a limit that cannot be
+    read must refuse the start, never run the instance without it."""
+    for name, amount in requested.items():
+        bound = limits.MAX_LIMITS.get(name)
+        if bound is None:
+            known = ", ".join(sorted(limits.MAX_LIMITS))
+            raise BadRequest(f"limits.{name} is not a limit this hub knows ({known})")
+        if isinstance(amount, bool) or not isinstance(amount, int | float) or not 0 < amount <= bound:
+            raise BadRequest(f"limits.{name} must be a number above 0 and at most {bound}")
+        if name == "pids" and amount != int(amount):
+            raise BadRequest("limits.pids must be a whole number")
 
 
 def register(router: Router, hub: Hub) -> None:
@@ -56,6 +81,7 @@ def register(router: Router, hub: Hub) -> None:
 
     async def upload(request: Request) -> Response:
         _check_package_type(request)
+        _check_announced_size(request)
         sequence = await store.add(request.stream())
         hub.logger.info(
             "sequence %s uploaded (%s %s)", sequence.id, sequence.package.name, sequence.package.version

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -57,6 +58,11 @@ class Request:
         for raw_name, raw_value in scope.get("headers", []):
             self.headers[raw_name.decode("latin-1").lower()] = raw_value.decode("latin-1")
         self._body_done = False
+
+    @property
+    def body_read(self) -> bool:
+        """Whether the request body has been read to its end (or the client went away)."""
+        return self._body_done
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())
@@ -124,11 +130,21 @@ class Request:
         while True:
             message = await self._receive()
             if message["type"] == "http.disconnect":
+                self._body_done = True
                 return
+            if not message.get("more_body", False):
+                self._body_done = True  # what is left is the disconnect: nothing to drain
 
 
 def _refuse_constant(name: str) -> Any:
     raise InvalidJSON(f"request body is not valid JSON: {name} is not a number JSON allows")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: valid JSON, but no number anything downstream can use
+        raise InvalidJSON(f"request body holds a number too large for a float: {text[:40]}")
+    return value
 
 
 def nests_too_deep(raw: bytes, limit: int = limits.MAX_JSON_DEPTH) -> bool:
@@ -167,7 +183,7 @@ def parse_json(raw: bytes, default: Any = None) -> Any:
     if nests_too_deep(raw):
         raise InvalidJSON(f"request body nests arrays and objects deeper than {limits.MAX_JSON_DEPTH} levels")
     try:
-        value = json.loads(raw, parse_constant=_refuse_constant)
+        value = json.loads(raw, parse_constant=_refuse_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidJSON(f"request body is not valid JSON: {exc}") from None
     except RecursionError:
@@ -346,6 +362,10 @@ class HttpDispatch:
         elif isinstance(response, Response):
             if response.status >= 400:
                 await request.drain()
+                if not request.body_read:
+                    # The rest of the body is still on its way: a connection that cannot be
+                    # reused, holding unread megabytes and a descriptor. Close it after the answer.
+                    response.headers.append(("connection", "close"))
             await send_response(send, response)
         # else ANSWERED: the hook sent its own response
 
