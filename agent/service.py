@@ -19,7 +19,6 @@ from hypercorn.trio import serve
 from spacehub import build
 from spacehub.models import LoadCheck, VersionInfo
 from spacehub.server import notify, speedups
-from spacehub.server.ids import persistent_id
 from spacehub.server.load import load_check
 from spacehub.server.serving import hypercorn_config
 
@@ -27,6 +26,7 @@ from . import __version__, limits
 from .api.app import HubApp
 from .config import HubConfig
 from .hublog import LogRecordDict, setup_logging
+from .identity import hub_id
 from .instances.supervisor import Supervisor
 from .runtimes.base import Runtime
 from .runtimes.podman import PodmanRuntime, make_runtime
@@ -36,11 +36,6 @@ from .topics import TopicRouter
 
 if TYPE_CHECKING:
     from .link.client import LinkClient
-
-
-def _hub_id(root: Path) -> str:
-    """The hub's id, made once and kept beside the sequences."""
-    return persistent_id(root / ".hub-id", "sth")
 
 
 class Hub:
@@ -54,7 +49,7 @@ class Hub:
         self.logger = logger
         self.started_at = time.monotonic()
         config.sequences_root.mkdir(parents=True, exist_ok=True)
-        self.id = _hub_id(config.sequences_root)
+        self.id = hub_id(Path(config.data_dir), config.sequences_root, config.space if config.cpm_url else "")
         self.store = SequenceStore(config.sequences_root, location=self.id)
         for warning in self.store.load(identify_existing=config.identify_existing):
             logger.warning("%s", warning)
@@ -64,6 +59,14 @@ class Hub:
         self.supervisor = Supervisor(config, self.runtime, self.topics)
         #: the link to the manager, when one is configured
         self.link: LinkClient | None = None
+
+    def adopt_id(self, hub_id: str) -> None:
+        """Be known by the id the Space gave this hub (one id everywhere: /status, /config and
+        every sequence's ``location``), once it has joined."""
+        if hub_id != self.id:
+            self.logger.info("hub id %s: the id its Space knows it by", hub_id)
+            self.id = hub_id
+            self.store.set_location(hub_id)
 
     def link_summary(self) -> dict[str, Any]:
         """What the link's heartbeat tells the manager about this hub's entities."""
@@ -80,7 +83,6 @@ class Hub:
     def version_info(self) -> VersionInfo:
         return {
             "service": "@scramjet/host",
-            "product": "spacehub",
             "apiVersion": "v1",
             "version": __version__,
             "build": build(),
@@ -113,7 +115,9 @@ async def run_hub(
             # hub that runs alone about 10 MB.
             from .link.client import LinkClient
 
-            hub.link = LinkClient(config, app, load=hub.link_load, summary=hub.link_summary)
+            hub.link = LinkClient(
+                config, app, load=hub.link_load, summary=hub.link_summary, on_hub_id=hub.adopt_id
+            )
             await nursery.start(hub.link.run)
         # systemd (Type=notify): READY=1 now, the watchdog, STOPPING=1 when cancelled.
         await nursery.start(partial(notify.lifecycle, f"API on {', '.join(addresses)}"))

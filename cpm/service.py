@@ -65,12 +65,14 @@ class Manager:
     def version_info(self) -> VersionInfo:
         return {
             "service": "@scramjet/manager",
-            "product": "spacehub",
             "apiVersion": "v1",
             "version": __version__,
             "build": build(),
-            "id": self.id,
         }
+
+    def status(self) -> dict[str, Any]:
+        """``GET /api/v1/status``: what this manager is (the original's /version has four keys)."""
+        return {"id": self.id, "product": "spacehub", "version": __version__, "build": build()}
 
     def ca_pem(self) -> bytes | None:
         path = self.config.ca_path if self.config.tls else None

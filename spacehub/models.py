@@ -29,12 +29,9 @@ class VersionInfo(TypedDict):
     """``GET /version`` of the hub and of the manager."""
 
     service: str
-    product: str
     apiVersion: str
     version: str
     build: str
-    #: the manager's id (the manager only)
-    id: NotRequired[str]
 
 
 class FilesystemLoad(TypedDict):

@@ -7,9 +7,11 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from spacehub import build
 from spacehub.server.http import Request, Response, Router, StreamResponse, json_response
 from spacehub.server.load import load_check
 
+from .. import __version__
 from ..hublog import encode_record
 
 if TYPE_CHECKING:
@@ -39,7 +41,17 @@ def register(router: Router, hub: Hub) -> None:
 
     async def status(request: Request) -> Response:
         cpm = hub.link.status() if hub.link is not None else {}
-        return json_response({"id": hub.id, "cpm": cpm, "uptime": hub.uptime(), "tasks": count_tasks()})
+        return json_response(
+            {
+                "id": hub.id,
+                "product": "spacehub",
+                "version": __version__,
+                "build": build(),
+                "cpm": cpm,
+                "uptime": hub.uptime(),
+                "tasks": count_tasks(),
+            }
+        )
 
     async def load(request: Request) -> Response:
         paths = [hub.config.sequences_root]

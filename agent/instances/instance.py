@@ -605,10 +605,10 @@ class Instance:
         self._kill_requested.set()
         await self._send_control(proto.Message(proto.Code.KILL, {}))
 
-    def signal_group(self, sig: signal.Signals) -> None:
-        """Send ``sig`` to the runner's process group through its runtime (no error if gone)."""
-        if self._process is not None:
-            self._process.signal_group(sig)
+    def terminate(self) -> None:
+        """SIGTERM to the runner's process group, through its runtime (hub shutdown)."""
+        if self._process is not None and self.is_live:
+            self._process.signal_group(signal.SIGTERM)
 
     async def wait_ended(self) -> None:
         await self._exited.wait()
@@ -757,7 +757,13 @@ def _ms_now() -> int:
 
 
 async def _remove_work_dir(path: Path) -> None:
-    """Remove an instance's scratch directory, in a worker thread (a large tree takes a while);
-    no thread at all when there is none (a runtime that made none)."""
-    if path.exists():
-        await trio.to_thread.run_sync(partial(shutil.rmtree, path, ignore_errors=True))
+    """Remove an instance's scratch directory: an empty or missing one (the usual
+    case) at once, one with files in a worker thread."""
+    try:
+        path.rmdir()
+        return
+    except FileNotFoundError:
+        return
+    except OSError:
+        pass
+    await trio.to_thread.run_sync(partial(shutil.rmtree, path, ignore_errors=True))

@@ -8,7 +8,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import sys
 import uuid
 from collections.abc import Collection
@@ -79,23 +78,35 @@ class Supervisor:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
-            nursery.start_soon(self._forwarder)
+            instances = await nursery.start(self._run_instances)
             task_status.started()
             try:
                 await trio.sleep_forever()
             finally:
                 with trio.CancelScope(shield=True):
                     await self._end_all()
+                    instances.cancel()
+
+    async def _run_instances(self, *, task_status: trio.TaskStatus[trio.CancelScope]) -> None:
+        """The nursery of the instances, shielded from the hub's shutdown: they must
+        live on to see their SIGTERM and exit (see :meth:`_end_all`); ``run`` cancels
+        them once that is done."""
+        with trio.CancelScope(shield=True) as scope:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._forwarder)
+                task_status.started(scope)
 
     async def _end_all(self) -> None:
-        """On hub shutdown: SIGTERM every live instance, SIGKILL after the grace."""
+        """On hub shutdown: SIGTERM every live instance, and wait for them to end;
+        ``run`` then cancels them, so that those still alive after the grace get
+        their SIGKILL."""
         live = [i for i in self._instances.values() if i.is_live]
         if not live:
             return
         logger.info("stopping %d instance(s)", len(live))
         for instance in live:
-            instance.signal_group(signal.SIGTERM)
+            instance.terminate()
         with trio.move_on_after(self._config.kill_grace):
             for instance in live:
                 await instance.wait_ended()

@@ -113,6 +113,7 @@ from spacehub.tls import check_ca_fingerprint, client_ssl_context
 
 from ..config import HubConfig, is_loopback
 from ..errors import AttemptFailed, LinkRefused
+from ..identity import LINK_FILE, joined_hub_id
 from .state import LinkState, LinkTrigger, next_state
 
 __all__ = [
@@ -166,7 +167,6 @@ MAX_MESSAGE: Final = FRAME_HEADER_SIZE + max(MAX_FRAME_PAYLOAD, MAX_HEAD_BYTES)
 LINK_PATH: Final = "/api/v1/link"
 #: Files in the data dir.
 KEY_FILE: Final = "hub.key"
-LINK_FILE: Final = "link.json"
 #: The most bytes of the manager's CA fetched for a fingerprint check.
 _MAX_CA_PEM: Final = 64 * 1024
 
@@ -254,6 +254,7 @@ class LinkClient:
         *,
         load: Callable[[], LoadCheck | dict[str, Any]] | None = None,
         summary: Callable[[], dict[str, Any]] | None = None,
+        on_hub_id: Callable[[str], None] | None = None,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
         heartbeat_jitter: float = HEARTBEAT_JITTER,
         backoff_base: float = BACKOFF_BASE,
@@ -269,6 +270,8 @@ class LinkClient:
         self._app = app
         self._load = load or (lambda: {})
         self._summary = summary or (lambda: {"sequences": [], "instances": [], "topics": []})
+        #: told the id the Space knows this hub by, as soon as it is known (joined before, or now)
+        self._on_hub_id = on_hub_id or (lambda hub_id: None)
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_jitter = heartbeat_jitter
         self.backoff_base = backoff_base
@@ -421,6 +424,8 @@ class LinkClient:
         except (KeyFileError, OSError) as exc:
             raise LinkRefused("key-file", str(exc)) from None
         self._hub_id = self._joined_hub_id()
+        if self._hub_id is not None:
+            self._on_hub_id(self._hub_id)
         if self._hub_id is None and not self._config.join_token:
             raise LinkRefused(
                 "not-joined",
@@ -429,17 +434,7 @@ class LinkClient:
 
     def _joined_hub_id(self) -> str | None:
         """The hub id link.json records for the configured space, if any."""
-        try:
-            record = json.loads(self.link_path.read_text())
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as exc:
-            logger.warning("ignoring %s: %s", self.link_path, exc)
-            return None
-        if not isinstance(record, dict) or record.get("space") != self._config.space:
-            return None
-        hub_id = record.get("hubId")
-        return hub_id if isinstance(hub_id, str) and hub_id else None
+        return joined_hub_id(self.data_dir, self._config.space)
 
     # --- one attempt -----------------------------------------------------------
 
@@ -597,6 +592,7 @@ class LinkClient:
             record = {"hubId": hub_id, "space": space, "cpmUrl": self._config.cpm_url}
             await trio.to_thread.run_sync(_write_private_json, self.link_path, record)
             logger.info("joined space %s as %s; the join token is not used again", space, hub_id)
+            self._on_hub_id(hub_id)
         elif hub_id != self._hub_id:
             raise AttemptFailed(f"the manager welcomed hub {hub_id!r}, but this hub is {self._hub_id!r}")
         self._hub_id = hub_id

@@ -133,6 +133,12 @@ class SequenceStore:
     Trio thread only (it hands slow work to worker threads itself).
     """
 
+    def set_location(self, location: str) -> None:
+        """Report ``location`` (the hub's id) for every sequence from now on."""
+        self.location = location
+        for sequence in self._sequences.values():
+            sequence.location = location
+
     def __init__(
         self,
         root: os.PathLike[str] | str,

@@ -82,7 +82,11 @@ def build_router(manager: Manager) -> Router:
             raise Forbidden()
         return json_response(records)
 
+    async def status(request: Request) -> Response:
+        return json_response(manager.status())
+
     router.add("GET", f"{API_BASE}/version", version)
+    router.add("GET", f"{API_BASE}/status", status)
     router.add("GET", f"{API_BASE}/ca.pem", ca_pem)
     router.add("GET", f"{API_BASE}/spaces", spaces)
     space_routes.register(router, manager)

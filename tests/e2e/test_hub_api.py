@@ -139,12 +139,14 @@ async def wait_status(client: httpx.AsyncClient, instance_id: str, *statuses: st
 # --------------------------------------------------------------------- hub routes
 async def test_version_config_status_load(client: httpx.AsyncClient) -> None:
     version = (await client.get("/version")).json()
-    assert version["apiVersion"] == "v1" and version["service"] and version["version"]
+    assert version["apiVersion"] == "v1" and version["service"] == "@scramjet/host" and version["version"]
+    assert set(version) == {"service", "apiVersion", "version", "build"}  # exactly the original's
     config = (await client.get("/config")).json()
     assert config["host"]["hostname"] == "127.0.0.1"
     assert "sequencesRoot" not in json.dumps(config)
     status = (await client.get("/status")).json()
     assert "cpm" in status and isinstance(status["tasks"], int)
+    assert status["product"] == "spacehub" and status["version"] == version["version"]
     load = (await client.get("/load-check")).json()
     assert {"avgLoad", "currentLoad", "memFree", "memUsed", "fsSize"} <= load.keys()
     assert load["fsSize"] and {"fs", "size", "used", "available", "use"} <= load["fsSize"][0].keys()

@@ -150,9 +150,14 @@ async def test_join_and_every_hub_route_through_the_space(tmp_path: Path) -> Non
             )
             assert upload.status_code == 202, upload.text
             sequence_id = upload.json()["id"]
+            # One hub id everywhere: the hub itself and its sequences go by the Space's id.
+            assert (await space.get(f"{base}/status")).json()["id"] == hub_id
+            assert (await space.get(f"{base}/sequence/{sequence_id}")).json()["location"] == hub_id
             started = await space.post(f"{base}/sequence/{sequence_id}/start", json={})
             assert started.status_code == 200, started.text
             instance_id = started.json()["id"]
+            info = (await space.get(f"{base}/instance/{instance_id}")).json()
+            assert info["sequence"]["location"] == hub_id
             sent = await space.post(
                 f"{base}/instance/{instance_id}/input",
                 content=b"hello\nworld\n",
@@ -219,9 +224,11 @@ async def test_hub_restart_reuses_its_identity(tmp_path: Path) -> None:
             assert "lastDisconnected" in record["info"]
             assert record["healthy"] is False
             # No join token the second time: the hub authenticates with its key.
-            with run_linked_sth(tmp_path, manager):
+            with run_linked_sth(tmp_path, manager) as hub:
                 again = await wait_hub(space, hub_id=hub_id)
                 assert again["id"] == hub_id
+                # known by that id from its start, before its link is up again
+                assert httpx.get(f"{hub.url}/status", timeout=10).json()["id"] == hub_id
             listed = json.loads(cpm(data, "hub", "list", "--space", "demo", "--json"))
             assert [item["id"] for item in listed] == [hub_id]
 

@@ -84,6 +84,9 @@ async def test_version_is_public(tmp_path: Path) -> None:
         assert body["service"] == "@scramjet/manager"
         assert body["apiVersion"] == "v1"
         assert body["version"] == __version__
+        assert set(body) == {"service", "apiVersion", "version", "build"}  # exactly the original's
+        status = (await client.get("/api/v1/status")).json()
+        assert status["product"] == "spacehub" and status["id"].startswith("cpm-")
 
 
 async def test_spaces_lists_what_the_token_opens(tmp_path: Path) -> None:

@@ -1,108 +1,198 @@
-"""agent.instances.Supervisor on a fake runtime (tests/fake_runtime.py): listing, ids, event
-forwarding between instances, and ending every instance at shutdown.
-
-On the real clock with short timings: the supervisor gives every instance a scratch directory,
-removed in a worker thread, and the autojump clock would jump deadlines while a thread runs.
-"""
+"""Supervisor on a fake runtime: starting and listing instances, forwarding events
+between them, routing topics, and ending them all on shutdown, in virtual time."""
 
 from __future__ import annotations
 
 import signal
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
+from agent.config import HubConfig
 from agent.errors import BadRequest, InstanceExists, InstanceNotFound
-from agent.instances.supervisor import Supervisor
-from tests.fake_runtime import FakeRuntime, Script, hub_config, sequence
+from agent.instances.lifecycle import Status
+from agent.instances.supervisor import WORK_DIRS, Supervisor
+from agent.sequences.store import Sequence
+from agent.topics import TopicRouter
+from spacehub.protocol.runner import Code
+from tests.fake_runtime import FakeRunner, FakeRuntime, Script, emits, make_config, make_sequence, writes
+
+GRACE = 5.0
+
+
+@dataclass
+class Hub:
+    supervisor: Supervisor
+    runtime: FakeRuntime
+    config: HubConfig
+    sequence: Sequence
+    topics: TopicRouter
+    #: cancel it to shut the supervisor down (as the hub does)
+    scope: trio.CancelScope
+    #: set once the supervisor's run returned
+    stopped: trio.Event
+
+    async def shut_down(self) -> None:
+        self.scope.cancel()
+        with trio.fail_after(60):
+            await self.stopped.wait()
 
 
 @asynccontextmanager
-async def supervising(
-    tmp_path: Path, script: Script | None = None, **config: Any
-) -> AsyncIterator[tuple[Supervisor, FakeRuntime, trio.CancelScope]]:
-    async with trio.open_nursery() as nursery:
-        runtime = FakeRuntime(nursery, script)
-        config.setdefault("kill_grace", 0.3)
-        supervisor = Supervisor(hub_config(tmp_path, **config), runtime)
-        scope = trio.CancelScope()
+async def running_hub(root: Path, **config: Any) -> AsyncIterator[Hub]:
+    async with trio.open_nursery() as runners:  # the fake processes and the supervisor
+        runtime = FakeRuntime(runners)
+        hub_config = make_config(root, **config)
+        topics = TopicRouter()
+        supervisor = Supervisor(hub_config, runtime, topics)
+        scope, stopped = trio.CancelScope(), trio.Event()
 
-        async def run(task_status: trio.TaskStatus[None]) -> None:
+        async def run_supervisor(task_status: trio.TaskStatus[None]) -> None:
             with scope:
                 await supervisor.run(task_status=task_status)
+            stopped.set()
 
-        await nursery.start(run)
-        yield supervisor, runtime, scope
-        nursery.cancel_scope.cancel()
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    while not condition():
-        await trio.sleep(0.01)
+        await runners.start(run_supervisor)
+        hub = Hub(supervisor, runtime, hub_config, make_sequence(root), topics, scope, stopped)
+        yield hub
+        await hub.shut_down()
+        runners.cancel_scope.cancel()
 
 
-async def test_instances_are_listed_and_forgotten_after_their_lifetime(
-    tmp_path: Path,
+async def test_start_list_get_and_refusals(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    async with running_hub(tmp_path) as hub:
+        with trio.fail_after(5):
+            first = await hub.supervisor.start(hub.sequence, {"appConfig": {"a": 1}})
+            second = await hub.supervisor.start(hub.sequence, {"instanceId": "my-instance-1", "args": [1]})
+        assert second.id == "my-instance-1" and first.status is Status.RUNNING
+        assert {i.id for i in hub.supervisor.list()} == {first.id, second.id}
+        assert hub.sequence.instances == [first.id, second.id]
+        assert hub.supervisor.get(second.id) is second
+        spec = hub.runtime.specs[-1]
+        assert spec.cwd == hub.config.sequences_root / WORK_DIRS / "my-instance-1" and spec.cwd.is_dir()
+        assert spec.env["SPACEHUB_INSTANCE_ID"] == "my-instance-1"
+        with pytest.raises(InstanceExists):
+            await hub.supervisor.start(hub.sequence, {"instanceId": "my-instance-1"})
+        with pytest.raises(BadRequest):
+            await hub.supervisor.start(hub.sequence, {"instanceId": "../x"})
+        with pytest.raises(InstanceNotFound):
+            hub.supervisor.get("nope")
+
+
+async def test_ended_instances_are_forgotten_after_their_lifetime(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
-    with trio.fail_after(10):
-        async with supervising(tmp_path, Script(exit_after_start=0), instance_lifetime=0.2) as (sup, _, _):
-            seq = sequence(tmp_path)
-            instance = await sup.start(seq, {"instanceId": "one"})
-            assert sup.get("one") is instance and seq.instances == ["one"]
+    async with running_hub(tmp_path, instance_lifetime=30.0) as hub:
+        hub.runtime.default = Script(body=writes(b"done\n"))
+        instance = await hub.supervisor.start(hub.sequence, {})
+        with trio.fail_after(1):
             await instance.wait_ended()
-            assert sup.list() == [instance]  # an ended instance stays listed for its lifetime
+        work_dir = hub.runtime.specs[-1].cwd
+        assert hub.supervisor.get(instance.id) is instance  # still listed, readable
+        ended_at = trio.current_time()
+        with trio.fail_after(60):
             await instance.wait_removed()
-            assert sup.list() == [] and seq.instances == []
-            with pytest.raises(InstanceNotFound):
-                sup.get("one")
+        assert trio.current_time() - ended_at == pytest.approx(30.0)
+        assert hub.supervisor.list() == [] and hub.sequence.instances == []
+        assert not work_dir.exists()
 
 
-@pytest.mark.parametrize("bad", ["../x", "a" * 65, "-lead", "sp ace", 7])
-async def test_an_unusable_instance_id_is_refused(tmp_path: Path, bad: Any) -> None:
-    with trio.fail_after(10):
-        async with supervising(tmp_path) as (sup, runtime, _):
-            with pytest.raises(BadRequest, match="instanceId"):
-                await sup.start(sequence(tmp_path), {"instanceId": bad})
-            assert sup.list() == [] and runtime.runners == []
+async def test_events_are_forwarded_to_the_other_instances(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running_hub(tmp_path) as hub:
+        listeners = [await hub.supervisor.start(hub.sequence, {"instanceId": f"l{n}"}) for n in range(2)]
+        hub.runtime.scripts["talker"] = Script(body=emits(("hello", {"n": 1}), interval=1.0))
+        await hub.supervisor.start(hub.sequence, {"instanceId": "talker"})
+        await trio.sleep(2.0)
+        for listener in listeners:
+            events = [m for m in hub.runtime.processes[listener.id].runner.received if m.code is Code.EVENT]
+            assert [m.data for m in events] == [
+                {"eventName": "hello", "message": {"n": 1}, "source": "talker"}
+            ]
+        talker_events = [m for m in hub.runtime.processes["talker"].runner.received if m.code is Code.EVENT]
+        assert talker_events == []  # not sent back to its source
 
 
-async def test_an_id_in_use_is_a_conflict(tmp_path: Path) -> None:
-    with trio.fail_after(10):
-        async with supervising(tmp_path) as (sup, _, _):
-            await sup.start(sequence(tmp_path), {"instanceId": "same"})
-            with pytest.raises(InstanceExists):
-                await sup.start(sequence(tmp_path), {"instanceId": "same"})
+async def test_shutdown_ends_every_instance(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    async with running_hub(tmp_path) as hub:
+        polite = await hub.supervisor.start(hub.sequence, {"instanceId": "polite"})
+        hub.runtime.scripts["stubborn"] = Script(on_sigterm="ignore", on_kill="ignore")
+        await hub.supervisor.start(hub.sequence, {"instanceId": "stubborn"})
+        began = trio.current_time()
+        await hub.shut_down()
+        assert trio.current_time() - began == pytest.approx(GRACE)
+        processes = hub.runtime.processes
+        assert processes["polite"].signals_while_alive() == [(began, signal.SIGTERM)]
+        assert processes["polite"].exited_at == began
+        # SIGTERM, the grace, then the supervisor's nursery ends it with SIGKILL.
+        assert processes["stubborn"].signals_while_alive() == [
+            (began, signal.SIGTERM),
+            (began + GRACE, signal.SIGKILL),
+        ]
+        assert polite.status is Status.COMPLETED and polite.reason == "Instance completed"
+        assert all(not p.alive for p in processes.values())
 
 
-async def test_an_event_reaches_every_other_instance(tmp_path: Path) -> None:
-    with trio.fail_after(10):
-        async with supervising(tmp_path) as (sup, runtime, _):
-            first = await sup.start(sequence(tmp_path), {"instanceId": "a"})
-            second = await sup.start(sequence(tmp_path), {"instanceId": "b"})
-            runtime.script = Script(events=[("hello", {"n": 1})])
-            sender = await sup.start(sequence(tmp_path), {"instanceId": "c"})
-            await until(lambda: all(len(r.received) > 1 for r in runtime.runners[:2]))
-            for runner in runtime.runners[:2]:
-                event = runner.received[1]
-                assert event.data == {"eventName": "hello", "message": {"n": 1}, "source": "c"}
-            # the sender does not get its own event back
-            assert [m.code.name for m in runtime.runners[2].received] == ["PONG"]
-            assert first.is_live and second.is_live and sender.is_live
+async def test_shutdown_is_quick_when_every_instance_obeys(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    async with running_hub(tmp_path) as hub:
+        instances = [await hub.supervisor.start(hub.sequence, {}) for _ in range(3)]
+        began = trio.current_time()
+        await hub.shut_down()
+        assert trio.current_time() == pytest.approx(began)
+        assert all(i.status is Status.COMPLETED for i in instances)
+        assert all(
+            p.signals_while_alive() == [(began, signal.SIGTERM)] for p in hub.runtime.processes.values()
+        )
 
 
-async def test_shutdown_ends_every_instance(tmp_path: Path) -> None:
-    """Every runner is signalled and ends, the one deaf to SIGTERM included."""
-    with trio.fail_after(10):
-        async with supervising(tmp_path) as (sup, runtime, scope):
-            await sup.start(sequence(tmp_path), {"instanceId": "polite"})
-            runtime.script = Script(obeys_sigterm=False)
-            await sup.start(sequence(tmp_path), {"instanceId": "deaf"})
-            scope.cancel()
-            await until(lambda: all(r.returncode is not None for r in runtime.runners))
-            assert runtime.runners[0].returncode == -signal.SIGTERM
-            # the deaf one ends by SIGKILL, or like a real runner once its hub's pipes close
-            assert runtime.runners[1].signals[0] == signal.SIGTERM
+async def test_kill_and_wait(tmp_path: Path, autojump_clock: trio.testing.MockClock) -> None:
+    async with running_hub(tmp_path) as hub:
+        hub.runtime.default = Script(on_kill="ignore", on_sigterm="ignore")
+        instances = [await hub.supervisor.start(hub.sequence, {}) for _ in range(2)]
+        began = trio.current_time()
+        with trio.fail_after(60):
+            await hub.supervisor.kill_and_wait(instances)
+        assert trio.current_time() - began == pytest.approx(GRACE)
+        assert all(i.status is Status.COMPLETED and i.reason == "Instance killed" for i in instances)
+
+
+async def test_topic_chains_a_producer_to_a_consumer(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    payload = b"".join(b'{"n": %d}\n' % n for n in range(50_000))  # ~560 KiB: over every pipe
+    consumed: list[bytes] = []
+
+    async def consume(runner: FakeRunner) -> int:
+        consumed.append(await runner.read_input())
+        return 0
+
+    async with running_hub(tmp_path) as hub:
+        hub.runtime.scripts["consumer"] = Script(
+            requires="numbers", content_type="application/x-ndjson", body=consume
+        )
+        hub.runtime.scripts["producer"] = Script(provides="numbers", body=writes(payload, then=None))
+        consumer = await hub.supervisor.start(hub.sequence, {"instanceId": "consumer"})
+        await trio.sleep(0.1)  # the consumer's PANG: it is attached before any byte is written
+        topic = hub.topics.get("numbers")
+        assert topic.consumers == {"consumer": 1}
+        producer = await hub.supervisor.start(hub.sequence, {"instanceId": "producer"})
+        await trio.sleep(0.1)
+        assert producer.provides == consumer.requires == "numbers"
+        assert topic.providers == {}  # its whole output was written: its turn is over
+        # The producer's output ended: the topic stays open (instances do not end it).
+        with trio.move_on_after(5):
+            await consumer.wait_ended()
+        assert consumer.is_live
+        topic.end()
+        with trio.fail_after(5):
+            await consumer.wait_ended()
+    assert consumed == [b"Content-Type: application/x-ndjson\r\n\r\n" + payload]

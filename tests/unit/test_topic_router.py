@@ -1,91 +1,167 @@
-"""agent.topics.TopicRouter in-process, on the autojump clock: fan-out to every reader, whole
-turns per writer, NDJSON records never glued, bounded back-pressure, and who is attached."""
+"""TopicRouter: bytes from producers to consumers, with back-pressure and never a
+drop; writers take whole turns; ending a stream; content types. Virtual time."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
+from functools import partial
 
 import pytest
 import trio
-from trio.testing import MockClock
+import trio.testing
 
 from agent import limits
-from agent.errors import UnsupportedMediaType
-from agent.topics import TopicReader, TopicRouter
+from agent.errors import BadRequest, Conflict, NotFound, UnsupportedMediaType
+from agent.topics import Topic, TopicRouter
+
+BOUND = limits.TOPIC_BUFFER_BYTES
 
 
-async def chunks(*parts: bytes, pause: float = 0.0) -> AsyncIterator[bytes]:
-    for part in parts:
-        if pause:
+async def body(chunks: Iterable[bytes], pause: float = 0.0) -> AsyncIterator[bytes]:
+    for chunk in chunks:
+        await trio.sleep(pause)
+        yield chunk
+
+
+async def read_all(
+    router: TopicRouter, topic: Topic, who: str, into: list[bytes], pause: float = 0.0
+) -> None:
+    with router.subscribe(topic, who=who) as reader:
+        async for chunk in reader:
+            into.append(chunk)
             await trio.sleep(pause)
-        yield part
 
 
-async def read_until_end(reader: TopicReader, into: bytearray) -> None:
-    async for chunk in reader:
-        into += chunk
-
-
-async def test_every_reader_gets_every_byte(autojump_clock: MockClock) -> None:
+async def test_producer_to_several_consumers(autojump_clock: trio.testing.MockClock) -> None:
     router = TopicRouter()
-    topic = router.ensure("t", "text/plain")
-    got = [bytearray(), bytearray()]
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            for into in got:
-                nursery.start_soon(read_until_end, router.subscribe(topic, who="api"), into)
-            await trio.testing.wait_all_tasks_blocked()
-            assert topic.info()["consumers"] == ["api"]
-            await router.write(topic, chunks(b"a\n", b"b\n"), who="api", end=True)
-    assert got == [bytearray(b"a\nb\n")] * 2
-
-
-async def test_two_writers_take_whole_turns_and_ndjson_records_stay_whole(autojump_clock: MockClock) -> None:
-    router = TopicRouter()
-    topic = router.ensure("t", "application/x-ndjson")
-    got = bytearray()
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(read_until_end, router.subscribe(topic, who="reader"), got)
-            await trio.testing.wait_all_tasks_blocked()
-            async with trio.open_nursery() as writers:
-                # The first writer's record ends without a newline: one is added before the next turn.
-                writers.start_soon(lambda: router.write(topic, chunks(b'{"a":', b"1}", pause=1), who="w1"))
-                await trio.sleep(0.5)
-                writers.start_soon(lambda: router.write(topic, chunks(b'{"b":2}\n'), who="w2"))
-            await router.write(topic, chunks(), who="w3", end=True)
-    assert bytes(got) == b'{"a":1}\n{"b":2}\n'
-
-
-async def test_a_slow_reader_holds_writers_back_at_the_bound(autojump_clock: MockClock) -> None:
-    router = TopicRouter()
-    topic = router.ensure("t", "application/octet-stream")
-    reader = router.subscribe(topic, who="slow")
-    block = b"x" * 65536
-    total = limits.TOPIC_BUFFER_BYTES * 3
-    written = 0
-
-    async def produce() -> AsyncIterator[bytes]:
-        nonlocal written
-        while written < total:
-            written += len(block)
-            yield block
-
+    topic = router.ensure("numbers", "application/octet-stream")
+    chunks = [bytes([n]) * 1000 for n in range(256)]
+    got: dict[str, list[bytes]] = {"fast": [], "slow": []}
     with trio.fail_after(600):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(lambda: router.write(topic, produce(), who="fast", end=True))
-            await trio.sleep(60)  # nobody reads: the writer stops at the bound, however long
-            assert written <= limits.TOPIC_BUFFER_BYTES + 2 * len(block)
-            received = 0
-            async for chunk in reader:  # reading lets it go on, to the end
-                received += len(chunk)
-            assert received == total
-    reader.close()
-    assert topic.info()["consumers"] == []
+            nursery.start_soon(read_all, router, topic, "fast", got["fast"])
+            nursery.start_soon(read_all, router, topic, "slow", got["slow"], 0.1)
+            await trio.sleep(0.01)
+            assert topic.info()["consumers"] == ["fast", "slow"]
+            written = await router.write(topic, body(chunks), who="producer", end=True)
+    assert written == 256_000
+    assert b"".join(got["fast"]) == b"".join(got["slow"]) == b"".join(chunks)
+    assert topic.consumers == {} and topic.providers == {}
 
 
-def test_a_topic_keeps_its_content_type() -> None:
+async def test_no_reader_back_pressures_the_writer_and_keeps_every_byte(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
     router = TopicRouter()
-    router.ensure("t", "text/plain")
-    with pytest.raises(UnsupportedMediaType, match="carries text/plain"):
-        router.ensure("t", "application/x-ndjson")
+    topic = router.ensure("t", "application/octet-stream")
+    chunk = b"x" * 64 * 1024
+    sent = 0
+
+    async def produce() -> None:
+        nonlocal sent
+        for _ in range(2 * BOUND // len(chunk)):
+            await router.write(topic, body([chunk]), who="producer")
+            sent += len(chunk)
+
+    received: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(produce)
+        await trio.sleep(10)
+        assert sent == BOUND and topic.stream.buffered == BOUND  # the writer waits at the bound
+        assert topic.info()["providers"] == ["producer"]
+        with trio.fail_after(60):
+            nursery.start_soon(read_all, router, topic, "late", received)
+            while sent < 2 * BOUND:
+                await trio.sleep(0.1)
+        topic.end()
+    assert b"".join(received) == chunk * (2 * BOUND // len(chunk))  # what was kept came first
+
+
+async def test_slow_consumer_paces_the_producer(autojump_clock: trio.testing.MockClock) -> None:
+    router = TopicRouter()
+    topic = router.ensure("t", "application/octet-stream")
+    chunk = b"y" * 256 * 1024
+    received: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_all, router, topic, "slow", received, 1.0)  # a chunk a second
+        await trio.sleep(0.01)
+        began = trio.current_time()
+        with trio.fail_after(600):
+            await router.write(topic, body([chunk] * 40), who="producer", end=True)
+        # 10 MiB through a 1 MiB buffer read at 256 KiB/s: the writer waited for the reader.
+        assert trio.current_time() - began >= 40 - BOUND // len(chunk) - 1
+    assert b"".join(received) == chunk * 40
+
+
+async def test_writers_take_whole_turns_and_ndjson_records_stay_whole(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    router = TopicRouter()
+    topic = router.ensure("t", None)
+    assert topic.content_type == "application/x-ndjson"
+    received: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_all, router, topic, "reader", received)
+        await trio.sleep(0.01)
+        async with trio.open_nursery() as writers:
+            writers.start_soon(
+                partial(router.write, who="a"), topic, body([b'{"a":', b"1}\n", b'{"a":2}'], 1.0)
+            )
+            await trio.sleep(0.5)
+            writers.start_soon(partial(router.write, who="b"), topic, body([b'{"b":1}\n'], 0.1))
+        topic.end()
+    assert b"".join(received) == b'{"a":1}\n{"a":2}\n{"b":1}\n'
+
+
+async def test_ending_a_stream_starts_a_fresh_one(autojump_clock: trio.testing.MockClock) -> None:
+    router = TopicRouter()
+    topic = router.ensure("t", "text/plain")
+    first: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_all, router, topic, "first", first)
+        await trio.sleep(0.01)
+        with trio.fail_after(5):
+            await router.write(topic, body([b"one"]), who="api", end=True)
+    assert first == [b"one"]
+    with trio.fail_after(5):
+        await router.write(topic, body([b"two"]), who="api")  # kept for the next reader
+    second: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_all, router, topic, "second", second)
+        await trio.sleep(0.01)
+        topic.end()
+    assert second == [b"two"]
+
+
+async def test_deleting_a_topic_ends_its_readers_and_refuses_writers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    router = TopicRouter()
+    topic = router.ensure("t", "text/plain")
+    received: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read_all, router, topic, "reader", received)
+        await trio.sleep(0.01)
+        router.delete("t")
+    with pytest.raises(trio.ClosedResourceError):
+        await router.write(topic, body([b"late"]), who="api")
+    assert topic.providers == {}
+    with pytest.raises(NotFound):
+        router.get("t")
+
+
+def test_names_and_content_types() -> None:
+    router = TopicRouter()
+    topic = router.create("t", "text/plain; charset=utf-8")
+    assert topic.content_type == "text/plain"
+    assert router.ensure("t", None) is topic and router.ensure("t", "text/plain") is topic
+    with pytest.raises(UnsupportedMediaType):
+        router.ensure("t", "application/octet-stream")
+    with pytest.raises(UnsupportedMediaType):
+        router.ensure("u", "text/csv")
+    with pytest.raises(Conflict):
+        router.create("t", None)
+    with pytest.raises(BadRequest):
+        router.ensure("no/slash", None)
+    assert router.ensure("v", None, default="text/plain").content_type == "text/plain"
+    assert [t.name for t in router.list()] == ["t", "v"]
