@@ -9,7 +9,8 @@ is carried to the hub itself.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
+from urllib.parse import parse_qs
 
 import trio
 
@@ -57,7 +58,10 @@ def register(router: Router, manager: Manager) -> None:
             space = request.params["space"]
             # Hubs revoked while their link was down are not in the space any more.
             listed = await sessions.db(manager.registry.list_hubs, space, include_revoked=False)
-            return json_response(sessions.aggregate(space, kind, {hub.id for hub in listed}))
+            items = sessions.aggregate(space, kind, {hub.id for hub in listed})
+            if kind == "topics" or _wants_detail(request):
+                return json_response(items)
+            return json_response(original_shape(kind, items))
 
         return handler
 
@@ -68,6 +72,24 @@ def register(router: Router, manager: Manager) -> None:
     router.add("GET", f"{SPACE_BASE}/sth/:id", hub_info)
     for kind in ("sequences", "instances", "topics"):
         router.add("GET", f"{SPACE_BASE}/{kind}", aggregate(kind))
+
+
+def _wants_detail(request: Request) -> bool:
+    """``?detail=true``: our richer listing (each item whole, naming its hub)."""
+    values = parse_qs(request.scope.get("query_string", b"").decode("latin-1")).get("detail", [])
+    return any(value.lower() in ("1", "true", "yes") for value in values)
+
+
+def original_shape(kind: str, items: list[dict[str, Any]]) -> list[Any]:
+    """The Space's listings as the seeds' API reference gives them, which the original's
+    clients read: ``/sequences`` a list of ids; ``/instances`` one list per hub, holding
+    each instance's id in a list of its own (``[[["id1"], ["id2"]], [["id3"]]]``)."""
+    if kind == "sequences":
+        return [item.get("id") for item in items]
+    per_hub: dict[str, list[list[Any]]] = {}
+    for item in items:
+        per_hub.setdefault(str(item.get("hub")), []).append([item.get("id")])
+    return list(per_hub.values())
 
 
 async def proxy(manager: Manager, request: Request, send: Send, space: str, hub_id: str, rest: str) -> None:

@@ -206,6 +206,15 @@ def list_instances() -> Call:
     return Call("GET", "instances")
 
 
+def space_sequences() -> Call:
+    """The Space's sequences, whole and naming their hubs (our ``?detail=true``)."""
+    return Call("GET", "sequences?detail=true")
+
+
+def space_instances() -> Call:
+    return Call("GET", "instances?detail=true")
+
+
 def send_sequence() -> Call:
     return Call("POST", "sequence", headers={"content-type": "application/octet-stream"}, long=True)
 

@@ -71,12 +71,13 @@ class SpaceClient(_Closing):
         return HubClient._over(self._transport.at(calls.hub_base(self.url, hub_id)))
 
     def sequences(self) -> list[Any]:
-        """Sequences across the Space's hubs."""
-        return list(self._transport.call(calls.list_sequences()))
+        """Sequences across the Space's hubs, each whole and naming its ``hub`` (the Space API's
+        ``?detail=true``; without it the API answers the original's list of ids)."""
+        return list(self._transport.call(calls.space_sequences()))
 
     def instances(self) -> list[Any]:
-        """Instances across the Space's hubs."""
-        return list(self._transport.call(calls.list_instances()))
+        """Instances across the Space's hubs, each whole and naming its ``hub``."""
+        return list(self._transport.call(calls.space_instances()))
 
     def topics(self) -> list[Any]:
         return list(self._transport.call(calls.list_topics()))
@@ -153,10 +154,10 @@ class AsyncSpaceClient(_AsyncClosing):
         return AsyncHubClient._over(self._transport.at(calls.hub_base(self.url, hub_id)))
 
     async def sequences(self) -> list[Any]:
-        return list(await self._transport.call(calls.list_sequences()))
+        return list(await self._transport.call(calls.space_sequences()))
 
     async def instances(self) -> list[Any]:
-        return list(await self._transport.call(calls.list_instances()))
+        return list(await self._transport.call(calls.space_instances()))
 
     async def topics(self) -> list[Any]:
         return list(await self._transport.call(calls.list_topics()))

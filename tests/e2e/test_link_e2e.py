@@ -195,13 +195,17 @@ async def test_join_and_every_hub_route_through_the_space(tmp_path: Path) -> Non
             # The aggregates follow the hub's heartbeats, each item naming its hub.
             with trio.fail_after(20):
                 while True:
-                    instances = (await space.get("/instances")).json()
+                    instances = (await space.get("/instances?detail=true")).json()
                     if any(item["id"] == events_id for item in instances):
                         break
                     await trio.sleep(0.3)
             assert all(item["hub"] == hub_id for item in instances)
-            sequences = (await space.get("/sequences")).json()
+            sequences = (await space.get("/sequences?detail=true")).json()
             assert {sequence_id, upload.json()["id"]} <= {item["id"] for item in sequences}
+            # the seeds' shapes, which the original's clients read
+            assert {sequence_id, upload.json()["id"]} <= set((await space.get("/sequences")).json())
+            per_hub = (await space.get("/instances")).json()
+            assert [events_id] in [entry for hub_list in per_hub for entry in hub_list]
 
             killed = await space.post(f"{base}/instance/{events_id}/_kill", json={})
             assert killed.status_code in (200, 202), killed.text

@@ -381,11 +381,17 @@ async def test_join_heartbeat_proxy_and_aggregates(tmp_path: Path) -> None:
                 )
                 assert echoed.content == payload
 
+                # The seeds' shapes by default (the original's clients read these) ...
                 sequences = (await client.get(f"{base}/sequences", headers=headers)).json()
+                assert sequences == ["seq-1"]
+                instances = (await client.get(f"{base}/instances", headers=headers)).json()
+                assert instances == [[["inst-1"]]]
+                # ... and whole items naming their hub with ?detail=true.
+                sequences = (await client.get(f"{base}/sequences?detail=true", headers=headers)).json()
                 assert sequences == [{**SUMMARY["sequences"][0], "hub": hub_id}]
                 topics = (await client.get(f"{base}/topics", headers=headers)).json()
                 assert topics == [{**SUMMARY["topics"][0], "hub": hub_id}]
-                instances = (await client.get(f"{base}/instances", headers=headers)).json()
+                instances = (await client.get(f"{base}/instances?detail=1", headers=headers)).json()
                 assert instances == [{**SUMMARY["instances"][0], "hub": hub_id}]
 
         # The link is gone: the hub shows disconnected, its instances as unknown.
@@ -396,7 +402,7 @@ async def test_join_heartbeat_proxy_and_aggregates(tmp_path: Path) -> None:
         record = await hub_record(client, m.token, hub_id)
         assert record["healthy"] is False
         assert "lastDisconnected" in record["info"]
-        instances = (await client.get(f"{base}/instances", headers=headers)).json()
+        instances = (await client.get(f"{base}/instances?detail=true", headers=headers)).json()
         assert instances == [{**SUMMARY["instances"][0], "hub": hub_id, "status": "unknown"}]
         assert (await client.get(f"{base}/sequences", headers=headers)).json() == []
         proxied = await client.get(f"{base}/sth/{hub_id}/api/v1/version", headers=headers)
