@@ -141,8 +141,8 @@ BACKOFF_BASE: Final = 1.0
 #: ... up to this cap.
 BACKOFF_CAP: Final = 60.0
 #: The cap while the manager cannot be reached at all (no route, no answer, the dial timed
-#: out): the network is cut, not the manager overloaded, and the hub must be back within
-#: about 5 s of the network coming back, however long the cut lasted.
+#: out, nothing listening): the network is cut or the manager restarting, not overloaded,
+#: and the hub must be back within about 5 s of it answering again, however long it was away.
 UNREACHABLE_CAP: Final = 3.0
 #: A link up this long resets the backoff (long enough to show that it worked: a manager
 #: that drops hubs right after welcoming them still sees the backoff grow).
@@ -180,13 +180,23 @@ def backoff_delay(attempt: int, base: float = BACKOFF_BASE, cap: float = BACKOFF
 
 #: Dial errors that mean the manager could not be reached (rather than that it answered badly).
 _UNREACHABLE_ERRNOS: Final = frozenset(
-    {errno.ENETUNREACH, errno.EHOSTUNREACH, errno.ENETDOWN, errno.EHOSTDOWN, errno.ETIMEDOUT}
+    {
+        errno.ENETUNREACH,
+        errno.EHOSTUNREACH,
+        errno.ENETDOWN,
+        errno.EHOSTDOWN,
+        errno.ETIMEDOUT,
+        # Nothing listens: the manager is restarting (an upgrade, a crash, a reboot). Every hub
+        # must be back within seconds of it listening again, however long it was down.
+        errno.ECONNREFUSED,
+    }
 )
 
 
 def is_unreachable(exc: BaseException) -> bool:
     """Whether an attempt failed because the manager could not be reached: no route to it,
-    or the dial (TCP, TLS, websocket handshake) timed out. Causes and groups are searched."""
+    nothing listening (it restarts), or the dial (TCP, TLS, websocket handshake) timed out.
+    Causes and groups are searched."""
     seen: set[int] = set()
     stack: list[BaseException] = [exc]
     while stack:
@@ -294,6 +304,9 @@ class LinkClient:
         self._last_connected: float | None = None
         self._last_disconnected: float | None = None
         self._session: LinkSession | None = None
+        #: failed attempts since the last stable link that reached the manager (the backoff's
+        #: exponent); an unreachable or restarting manager does not count
+        self.backoff_attempts = 0
         #: the control conversation of the current connection (a new one per connection)
         self._conversation = Conversation(Role.HUB)
         #: the websocket of the link in use, closed normally when the hub stops
@@ -316,6 +329,8 @@ class LinkClient:
             "lastError": self._last_error,
             "lastConnected": _iso(self._last_connected),
             "lastDisconnected": _iso(self._last_disconnected),
+            # Failed attempts that reached the manager: what grows the backoff.
+            "backoffAttempts": self.backoff_attempts,
         }
 
     def _move(self, trigger: LinkTrigger) -> None:
@@ -377,7 +392,7 @@ class LinkClient:
             self._fail(exc.reason, final=True)
             self.state = LinkState.REFUSED
             return
-        attempt = 0
+        self.backoff_attempts = 0
         while True:
             connected_at: list[float] = []
             cap = self.backoff_cap
@@ -399,15 +414,15 @@ class LinkClient:
             if connected_at:
                 self._last_disconnected = time.time()
                 if trio.current_time() - connected_at[0] >= self.stable_after:
-                    attempt = 0
+                    self.backoff_attempts = 0
             self._fail(reason)
             self._move(LinkTrigger.FAILED)
-            delay = backoff_delay(attempt, self.backoff_base, cap)
+            delay = backoff_delay(self.backoff_attempts, self.backoff_base, cap)
             # An unreachable manager costs nobody anything to retry (and its delay is
             # capped short, so a cut network is rejoined within seconds of coming
             # back): only attempts that reached the manager grow the backoff.
             if not unreachable:
-                attempt += 1
+                self.backoff_attempts += 1
             logger.debug("link: next attempt in %.2f s", delay)
             await trio.sleep(delay)
             self._move(LinkTrigger.RETRY)

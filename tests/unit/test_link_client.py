@@ -11,6 +11,7 @@ out the autojump clock).
 from __future__ import annotations
 
 import base64
+import errno
 import itertools
 import json
 import stat
@@ -28,7 +29,7 @@ from websockets.http11 import Request, Response
 from websockets.trio.server import ServerConnection, serve
 
 from agent.config import ConfigError, HubConfig, load_config
-from agent.link.client import LinkClient, backoff_delay, describe_error
+from agent.link.client import LinkClient, backoff_delay, describe_error, is_unreachable
 from agent.link.state import LinkState
 from cpm.tls import ca_fingerprint, ensure_ca_and_server_cert, server_ssl_context
 from spacehub.protocol.auth import challenge_payload, make_challenge, verify_challenge
@@ -446,6 +447,37 @@ async def test_no_manager_configured_means_disabled(tmp_path: Path) -> None:
         await client.run()
     assert client.status()["state"] == "disabled"
     assert not (tmp_path / "hub.key").exists()
+
+
+async def test_a_manager_down_for_long_does_not_grow_the_backoff(tmp_path: Path) -> None:
+    """Connection refused (a restarting manager) is retried at the short cap and does not
+    count as an attempt: with a 60 s cap, the hub is back within the short cap of the
+    manager listening again, after however many refusals."""
+    manager = FakeManager()
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            async with fake_manager(manager):
+                client = make_client(tmp_path, f"ws://127.0.0.1:{manager.port}")
+                client.backoff_base, client.backoff_cap, client.unreachable_cap = 0.5, 60.0, 0.3
+                await nursery.start(client.run)
+                await until(lambda: client.status()["connected"])
+            port = manager.port
+            await trio.sleep(3)  # ten refusals and more: a growing backoff would be at 60 s by now
+            assert client.status()["lastError"]
+            assert client.status()["backoffAttempts"] <= 1  # the link's own end, at most
+            async with fake_manager(manager, port=port):
+                restarted = trio.current_time()
+                await until(lambda: client.status()["connected"])
+                assert trio.current_time() - restarted < 1.5
+            nursery.cancel_scope.cancel()
+
+
+def test_connection_refused_counts_as_unreachable() -> None:
+    refused = ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+    wrapped = OSError("all attempts to connect to 127.0.0.1:9 failed")
+    wrapped.__cause__ = ExceptionGroup("dial", [refused])
+    assert is_unreachable(refused) and is_unreachable(wrapped)
+    assert not is_unreachable(OSError(errno.EACCES, "Permission denied"))
 
 
 def test_backoff_is_full_jitter_and_capped() -> None:
