@@ -11,8 +11,10 @@ streams, requiring instances) each get every byte written after they attached;
 with no reader the broadcast keeps up to its bound and then writers wait:
 back-pressure, never a drop.
 
-A writer may end the topic (``x-end-stream: true``): its readers see the end of
-the stream, and the topic starts a fresh stream for whoever comes next.
+A topic stays open until it is deleted, as on the original platform: a writer's
+``x-end-stream: true`` ends that writer's data, not the topic, so a reader that stays
+connected gets the data of one producer after another, in order, and data posted
+before any reader arrives is kept (up to the bound) for the first one.
 """
 
 from __future__ import annotations
@@ -80,11 +82,6 @@ class Topic:
             "buffered": self.stream.buffered,
         }
 
-    def end(self) -> None:
-        """End the current stream for its readers; later users get a fresh one."""
-        self.stream.close()
-        self.stream = Broadcast(limits.TOPIC_BUFFER_BYTES)
-
 
 def _count(table: dict[str, int], who: str, delta: int) -> None:
     table[who] = table.get(who, 0) + delta
@@ -104,6 +101,12 @@ class TopicRouter:
             return self._topics[check_name(name)]
         except KeyError:
             raise NotFound(f"Topic {name} not found") from None
+
+    def ensure_any(self, name: str, content_type: str | None, default: str = DEFAULT_CONTENT_TYPE) -> Topic:
+        """The topic, created with ``content_type`` if new; an existing one whatever it carries
+        (an instance's declared type that differs is connected anyway, as on the original)."""
+        existing = self._topics.get(check_name(name))
+        return existing if existing is not None else self.ensure(name, content_type, default)
 
     def ensure(self, name: str, content_type: str | None, default: str = DEFAULT_CONTENT_TYPE) -> Topic:
         """The topic, created with ``content_type`` (or ``default``) if new; a
@@ -131,8 +134,9 @@ class TopicRouter:
         del self._topics[name]
         logger.info("topic %s deleted", name)
 
-    async def write(self, topic: Topic, body: AsyncIterable[bytes], *, who: str, end: bool = False) -> int:
-        """Write ``body`` as one whole turn; returns the bytes written."""
+    async def write(self, topic: Topic, body: AsyncIterable[bytes], *, who: str) -> int:
+        """Write ``body`` as one whole turn; returns the bytes written. The topic goes on
+        after it: the end of one producer's data is not the end of the topic."""
         written = 0
         _count(topic.providers, who, +1)
         try:
@@ -147,8 +151,6 @@ class TopicRouter:
                 # NDJSON readers must never see two writers' records glued together.
                 if topic.content_type in NDJSON_TYPES and last != b"\n":
                     await stream.write(b"\n")
-                if end and stream is topic.stream:
-                    topic.end()
         finally:
             _count(topic.providers, who, -1)
         return written

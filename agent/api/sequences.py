@@ -8,6 +8,7 @@ from spacehub.server.http import Request, Response, Router, json_response, parse
 
 from .. import limits
 from ..errors import ArchiveTooLarge, BadRequest, SequenceInUse, UnsupportedMediaType
+from ..topics import check_name
 
 if TYPE_CHECKING:
     from ..service import Hub
@@ -56,6 +57,9 @@ def _start_payload(value: Any) -> dict[str, Any]:
         if value.get(key) is not None and not isinstance(value[key], kind):
             raise BadRequest(f"{key} must be {text}")
     _check_limits(value.get("limits") or {})
+    for key in ("inputTopic", "outputTopic"):
+        if value.get(key):
+            check_name(value[key])  # 400 now, rather than a start that connects nothing
     return value
 
 

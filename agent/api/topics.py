@@ -40,8 +40,10 @@ def register(router: Router, hub: Hub) -> None:
 
     async def send(request: Request) -> Response:
         topic = topics.ensure(request.params["name"], request.content_type)
+        # x-end-stream: true ends this request's data, not the topic (later producers go
+        # on into it); it only changes the status, as on the original.
         end = parse_bool_header(request.header("x-end-stream"), False)
-        await topics.write(topic, request.stream(), who="api", end=end)
+        await topics.write(topic, request.stream(), who="api")
         return json_response({}, 200 if end else 202)
 
     async def receive(request: Request) -> StreamResponse:

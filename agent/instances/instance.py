@@ -490,13 +490,30 @@ class Instance:
             self.requires = str(self.input_topic or pang["requires"])
             self._bind_input(self.requires, content_type)
 
+    def _topic_for(self, name: str, content_type: str | None) -> Topic | None:
+        """Topic ``name`` for this instance: made with its declared type if new; an existing
+        one of another type is connected all the same, bytes passed through as they are (as
+        on the original), with a warning in the instance's log."""
+        assert self._topics is not None
+        try:
+            topic = self._topics.ensure_any(name, content_type, default=INSTANCE_TOPIC_TYPE)
+        except HubError as exc:  # an invalid name or type: nothing to connect
+            self._hub_log("error", f"topic {name} not connected: {exc.message}")
+            return None
+        declared = content_type.split(";", 1)[0].strip().lower() if content_type else None
+        if declared is not None and declared != topic.content_type:
+            self._hub_log(
+                "warn",
+                f"topic {name} carries {topic.content_type}, this sequence declared {declared}:"
+                " connected anyway, the bytes pass through unchanged",
+            )
+        return topic
+
     def _bind_output(self, name: str, content_type: str | None) -> None:
         if self._topics is None or self._nursery is None:
             return
-        try:
-            topic = self._topics.ensure(name, content_type, default=INSTANCE_TOPIC_TYPE)
-        except HubError as exc:
-            self._hub_log("error", f"output not routed to topic {name}: {exc.message}")
+        topic = self._topic_for(name, content_type)
+        if topic is None:
             return
         # Subscribed now, before any output, so the topic gets all of it.
         subscription = self.output.subscribe()
@@ -514,10 +531,8 @@ class Instance:
     def _bind_input(self, name: str, content_type: str | None) -> None:
         if self._topics is None or self._nursery is None:
             return
-        try:
-            topic = self._topics.ensure(name, content_type, default=INSTANCE_TOPIC_TYPE)
-        except HubError as exc:
-            self._hub_log("error", f"input not routed from topic {name}: {exc.message}")
+        topic = self._topic_for(name, content_type)
+        if topic is None:
             return
         # Attached now: from here on, every byte written to the topic reaches us.
         reader = self._topics.subscribe(topic, who=self.id)

@@ -142,6 +142,16 @@ async def main():
 
     await step("get_named_data", topic_lines)
 
+    # Several producers, each ending its own data (x-end-stream: True), into one topic.
+    for n, name in enumerate((b"Alice\n", b"Bob\n", b"Carol\n")):
+        send = host.send_named_data
+        await step(f"send_names_{n}", lambda name=name: send("py-names", name, "text/plain", True))
+
+    async def names():
+        return await lines(await host.get_named_data("py-names"), "Carol")
+
+    await step("get_names", names)
+
 
 async def _const(value):
     return value
@@ -280,6 +290,11 @@ def test_stop_kill_delete(results: dict[str, dict[str, Any]]) -> None:
 def test_topics(results: dict[str, dict[str, Any]]) -> None:
     assert value(results, "send_named_data") == {}
     assert "".join(value(results, "get_named_data")) == "one\ntwo\n"
+
+
+def test_a_topic_outlives_its_producers(results: dict[str, dict[str, Any]]) -> None:
+    assert [value(results, f"send_names_{n}") for n in range(3)] == [{}, {}, {}]
+    assert "".join(value(results, "get_names")) == "Alice\nBob\nCarol\n"
 
 
 def test_client_bugs_are_client_side(results: dict[str, dict[str, Any]]) -> None:

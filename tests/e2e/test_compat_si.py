@@ -295,6 +295,19 @@ def test_topic_send_then_get(si: Si) -> None:
     assert topics["compat-text"]["contentType"] == "text/plain"
 
 
+def test_topic_outlives_its_producers(si: Si) -> None:
+    """The original's scenario: `si topic send names a.txt`, then b.txt, then c.txt; what is
+    sent before the reader comes is kept for it, and the reader sees all three, in order."""
+    for name, text in (("a.txt", "Alice\n"), ("b.txt", "Bob\n"), ("c.txt", "Carol\n")):
+        (si.work / name).write_text(text)
+    si.run("topic", "send", "compat-names", "a.txt")
+    reader = si.popen("topic", "get", "compat-names")
+    time.sleep(0.7)
+    si.run("topic", "send", "compat-names", "b.txt")
+    si.run("topic", "send", "compat-names", "c.txt")
+    assert _read_until(reader, "Carol\n") == "Alice\nBob\nCarol\n"
+
+
 def test_topic_get_then_send(si: Si) -> None:
     (si.work / "data.ndjson").write_text('{"a":1}\n{"b":2}\n')
     reader = si.popen("topic", "get", "compat-json")  # creates it as application/x-ndjson

@@ -43,6 +43,14 @@ async def run(context, input, *args):
 """
 
 
+TEXT_CONSUMER = """
+requires = {"requires": "mixed", "contentType": "text/plain"}
+async def run(context, input, *args):
+    async for line in input:
+        yield f"line: {line}"
+"""
+
+
 @pytest.fixture
 async def client(hub: HubProcess) -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=hub.url, timeout=TIMEOUT) as http:
@@ -101,27 +109,35 @@ async def test_api_to_api_each_content_type(client: httpx.AsyncClient, content_t
     assert listed[name]["contentType"] == content_type
 
 
-async def test_end_stream_ends_readers_and_mismatch_is_refused(client: httpx.AsyncClient) -> None:
+async def test_a_topic_outlives_its_producers_and_mismatch_is_refused(client: httpx.AsyncClient) -> None:
+    """x-end-stream ends that request's data (200), not the topic: what is posted before any
+    reader is kept for the first one, and a reader that stays gets one producer after another."""
+    response = await client.post(
+        "/topic/names",
+        content=b'{"a":1}',
+        headers={"content-type": "application/x-ndjson", "x-end-stream": "true"},
+    )
+    assert response.status_code == 200  # nobody reads yet: kept, not thrown away
     with trio.fail_after(15):
         async with trio.open_nursery() as nursery:
             got: list[bytes] = []
 
             async def reader() -> None:
-                async with client.stream("GET", "/topic/ending") as response:
-                    got.append(await response.aread())
+                got.append(await read_until(client, "/topic/names", 24))
 
             nursery.start_soon(reader)
             await trio.sleep(0.3)
-            response = await client.post(
-                "/topic/ending",
-                content=b'{"a":1}',
-                headers={"content-type": "application/x-ndjson", "x-end-stream": "true"},
-            )
-            assert response.status_code == 200
-    assert got == [b'{"a":1}\n']  # a missing final newline is added for NDJSON
-    bad = await client.post("/topic/ending", content=b"x", headers={"content-type": "text/plain"})
+            for record, end in ((b'{"b":2}\n', "true"), (b'{"c":3}', "false")):
+                response = await client.post(
+                    "/topic/names",
+                    content=record,
+                    headers={"content-type": "application/x-ndjson", "x-end-stream": end},
+                )
+                assert response.status_code == (200 if end == "true" else 202)
+    assert got == [b'{"a":1}\n{"b":2}\n{"c":3}\n']  # a missing final newline is added for NDJSON
+    bad = await client.post("/topic/names", content=b"x", headers={"content-type": "text/plain"})
     assert bad.status_code == 415 and bad.json()["error"]
-    bad = await client.post("/topic/ending", content=b"x", headers={"content-type": "image/png"})
+    bad = await client.post("/topic/names", content=b"x", headers={"content-type": "image/png"})
     assert bad.status_code == 415
     bad = await client.post("/topic/bad name!", content=b"x")
     assert bad.status_code in (400, 404)
@@ -176,6 +192,29 @@ async def test_api_writer_to_declared_consumer_and_input_is_refused(client: http
     )
     assert refused.status_code == 405 and refused.json()["error"] == "Input provided in other way"
     await client.post(f"/instance/{instance_id}/_kill", json={})
+
+
+async def test_a_consumer_declaring_another_type_is_connected_with_a_warning(
+    client: httpx.AsyncClient,
+) -> None:
+    """As on the original: the bytes pass through, and the instance's log says why they may
+    not be what the sequence expects. A start never succeeds while connecting nothing."""
+    created = await client.post("/topics", json={"id": "mixed", "content-type": "application/x-ndjson"})
+    assert created.status_code == 200, created.text
+    instance_id = await start(client, await upload(client, TEXT_CONSUMER))
+    await client.post("/topic/mixed", content=b'{"n":1}\n', headers={"content-type": "application/x-ndjson"})
+    with trio.fail_after(15):
+        assert await read_until(client, f"/instance/{instance_id}/output", 14) == b'line: {"n":1}\n'
+        async with client.stream("GET", f"/instance/{instance_id}/log") as response:
+            async for line in response.aiter_lines():
+                if "carries application/x-ndjson" in line:
+                    assert "text/plain" in line and "connected anyway" in line
+                    break
+    listed = {t["topic"]: t for t in (await client.get("/topics")).json()}
+    assert instance_id in listed["mixed"]["consumers"]
+    await client.post(f"/instance/{instance_id}/_kill", json={})
+    bad = await client.post(f"/sequence/{await upload(client, CONSUMER)}/start", json={"inputTopic": "no/t"})
+    assert bad.status_code == 400 and "Topic name" in bad.json()["error"]
 
 
 async def test_producer_instance_to_consumer_instance(client: httpx.AsyncClient) -> None:
