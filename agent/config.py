@@ -63,6 +63,9 @@ class HubConfig:
     kill_grace: float = 5.0
     #: seconds a runner may take from spawn to handshake
     start_timeout: float = 30.0
+    #: seconds a Node.js instance lingers after its output ended (the original's exitTimeout):
+    #: events, stop handlers and keepAlive keep working meanwhile
+    node_exit_timeout: float = 10.0
     #: default stop window (ms) when a stop request names none
     stop_timeout_ms: int = 7000
     #: the interpreter that runs Python sequences
@@ -128,6 +131,7 @@ class HubConfig:
             "timings": {
                 "instanceLifetime": self.instance_lifetime,
                 "killGrace": self.kill_grace,
+                "nodeExitTimeout": self.node_exit_timeout,
                 "startTimeout": self.start_timeout,
                 "stopTimeout": self.stop_timeout_ms,
             },
@@ -154,6 +158,7 @@ _TOML_KEYS: dict[str, str] = {
     "runtime": "runtime",
     "instance_lifetime": "instance_lifetime",
     "kill_grace": "kill_grace",
+    "node_exit_timeout": "node_exit_timeout",
     "start_timeout": "start_timeout",
     "stop_timeout_ms": "stop_timeout_ms",
     "python": "python",
@@ -191,7 +196,7 @@ def _check(config: HubConfig) -> HubConfig:
     for name in ("default_memory_mb", "default_cpus", "default_pids"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} may not be negative (0 = no limit)")
-    for name in ("instance_lifetime", "kill_grace", "start_timeout"):
+    for name in ("instance_lifetime", "kill_grace", "start_timeout", "node_exit_timeout"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} may not be negative")
     if not isinstance(config.runner_env, dict) or not all(

@@ -76,6 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="time between SIGTERM and SIGKILL on kill (default 5)",
     )
+    parser.add_argument(
+        "--node-exit-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="how long a Node.js instance lingers after its output ended, events and stop handlers"
+        " still working, before it completes (the original's exitTimeout; default 10)",
+    )
     parser.add_argument("--python", help="interpreter for Python sequences (default: the one running sth)")
     parser.add_argument("--node", help="Node.js executable for Node sequences (default: node on PATH)")
     parser.add_argument(
@@ -122,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "runtime": args.runtime,
         "instance_lifetime": args.instance_lifetime,
         "kill_grace": args.kill_grace,
+        "node_exit_timeout": args.node_exit_timeout,
         "python": args.python,
         "node": args.node,
         "data_dir": args.data_dir,

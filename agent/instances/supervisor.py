@@ -148,6 +148,8 @@ class Supervisor:
             "appConfig": instance.app_config,
             "args": instance.args,
             "instanceId": instance.id,
+            # ms a Node.js sequence lingers after its output ended (its exitTimeout)
+            "exitTimeout": round(self._config.node_exit_timeout * 1000),
             "sequence": {"id": sequence.id, "config": sequence.config()},
         }
         if instance.input_topic:

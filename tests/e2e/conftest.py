@@ -35,6 +35,9 @@ def runtime(request: pytest.FixtureRequest) -> str:
 def hub(tmp_path_factory: pytest.TempPathFactory, runtime: str) -> Iterator[HubProcess]:
     """One real `sth` per test module and runtime; finished instances stay listed 30 s."""
     root: Path = tmp_path_factory.mktemp("sequences")
-    with run_sth(root, "--runtime", runtime, "--instance-lifetime", "30", "--kill-grace", "1") as process:
+    # Node.js instances linger 0.3 s after their output ended here, not the default 10 s
+    # (test_node_sequences.py has a hub of its own for that).
+    args = ("--instance-lifetime", "30", "--kill-grace", "1", "--node-exit-timeout", "0.3")
+    with run_sth(root, "--runtime", runtime, *args) as process:
         yield process
         assert process.alive(), "sth died during the tests"

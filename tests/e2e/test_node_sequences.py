@@ -12,13 +12,14 @@ import os
 import shutil
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import trio
 
-from tests.helpers import HubProcess, make_package
+from tests.helpers import HubProcess, make_package, run_sth
 
 pytestmark = pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
 
@@ -409,3 +410,36 @@ async def test_topic_from_node_producer_to_node_consumer(client: httpx.AsyncClie
     )
     assert refused.status_code == 405
     await client.post(f"/instance/{consumer_id}/_kill", json={})
+
+
+NATURAL = """
+module.exports = function () {
+    this.on('ping', (message) => this.emit('pong', message));
+    return 'all done';
+};
+"""
+
+
+async def test_natural_completion_lingers_10_s_as_the_original(tmp_path: Path) -> None:
+    """A hub with the default --node-exit-timeout: once the output ended the instance stays
+    running 10 s, events answered, then completes with "Instance completed"."""
+    with run_sth(tmp_path / "sequences", "--instance-lifetime", "30") as hub:
+        async with httpx.AsyncClient(base_url=hub.url, timeout=TIMEOUT) as client:
+            assert (await client.get("/config")).json()["timings"]["nodeExitTimeout"] == 10
+            instance_id = await start(client, node_package({"index.js": NATURAL}))
+            assert await read_stream(client, f"/instance/{instance_id}/output") == b"all done"
+            ended_output = trio.current_time()
+            assert (await client.get(f"/instance/{instance_id}")).json()["status"] == "running"
+            assert await event_reply(client, instance_id, "ping", "still here", "pong") == "still here"
+            with trio.fail_after(20):
+                final = await wait_status_long(client, instance_id, "completed", "errored")
+            assert final["status"] == "completed" and final["terminated"]["reason"] == "Instance completed"
+            assert 8 < trio.current_time() - ended_output < 15
+
+
+async def wait_status_long(client: httpx.AsyncClient, instance_id: str, *statuses: str) -> dict[str, Any]:
+    while True:
+        info = (await client.get(f"/instance/{instance_id}")).json()
+        if info["status"] in statuses:
+            return dict(info)
+        await trio.sleep(0.2)

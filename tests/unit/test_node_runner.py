@@ -58,7 +58,15 @@ class NodeInstance:
                 target.write_bytes(content)
             else:
                 target.write_text(textwrap.dedent(content))
-        runner_info = {"appConfig": {}, "args": [], "instanceId": INSTANCE_ID, "sequence": {"id": "seq"}}
+        # exitTimeout 0: these tests are about the runner's mechanics; the linger after the
+        # output ended (10 s unless the hub says otherwise) has tests of its own.
+        runner_info = {
+            "appConfig": {},
+            "args": [],
+            "instanceId": INSTANCE_ID,
+            "sequence": {"id": "seq"},
+            "exitTimeout": 0,
+        }
         runner_info.update(info or {})
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -652,6 +660,36 @@ def test_end_and_keep_alive_linger(spawn: Callable[..., NodeInstance]) -> None:
     lingering.wait_message(Code.SEQUENCE_COMPLETED)
     assert lingering.wait_exit() == 0
     assert 0.3 < time.monotonic() - started < 3
+
+
+def test_natural_completion_lingers_for_the_exit_timeout_and_stays_alive(
+    spawn: Callable[..., NodeInstance],
+) -> None:
+    """As on the original: once the output ended the instance lingers its exitTimeout (10 s
+    unless the hub says otherwise), and events still reach it meanwhile; then it exits 0."""
+    source = """
+        module.exports = function () {
+            this.on('ping', (message) => this.emit('pong', message));
+            return 'done';
+        };
+        """
+    instance = spawn(source, info={"exitTimeout": 1500})
+    instance.pong()
+    assert instance.output.wait_eof() == b"done"
+    instance.wait_message(Code.SEQUENCE_COMPLETED)
+    started = time.monotonic()
+    instance.send(Code.EVENT, {"eventName": "ping", "message": "in the window", "source": "api"})
+    assert instance.wait_message(Code.EVENT).data == {"eventName": "pong", "message": "in the window"}
+    assert instance.wait_exit() == 0
+    assert 1.0 < time.monotonic() - started < 5
+    # no exitTimeout from the hub: the original's 10 s
+    default = spawn("module.exports = function () { return 'x'; };\n", info={"exitTimeout": None})
+    default.pong()
+    default.wait_message(Code.SEQUENCE_COMPLETED)
+    with pytest.raises(subprocess.TimeoutExpired):
+        default.proc.wait(timeout=2)  # still lingering
+    default.send(Code.STOP, {"timeout": 1000, "canCallKeepalive": False})
+    assert default.wait_exit() == 0  # a stop in the window ends it at once
 
 
 # --------------------------------------------------------------------------- failures

@@ -205,6 +205,7 @@ function readEnv(environ) {
     env.args = args;
     env.inputTopic = typeof info.inputTopic === 'string' ? info.inputTopic : '';
     env.outputTopic = typeof info.outputTopic === 'string' ? info.outputTopic : '';
+    env.exitTimeout = Number.isFinite(info.exitTimeout) && info.exitTimeout >= 0 ? info.exitTimeout : 10000;
     for (const fd of [FD_CONTROL, FD_MONITORING, FD_INPUT, FD_OUTPUT, FD_LOG]) {
         try {
             fs.fstatSync(fd);
@@ -1024,8 +1025,9 @@ class AppContext {
         this.config = runner.appConfig;
         this.instanceId = runner.env.instanceId;
         this.logger = makeLogger(runner);
-        /** ms to linger after the output ended; 0 here (the original waited 10 s). */
-        this.exitTimeout = 0;
+        /** ms to linger after the output ended: the hub's --node-exit-timeout, 10 s by default
+         * as on the original; events, stop handlers and keepAlive work meanwhile. */
+        this.exitTimeout = runner.env.exitTimeout;
         this.hub = undefined;
         this.space = undefined;
     }
