@@ -443,3 +443,29 @@ async def wait_status_long(client: httpx.AsyncClient, instance_id: str, *statuse
         if info["status"] in statuses:
             return dict(info)
         await trio.sleep(0.2)
+
+
+BUSY_WITH_HEALTH_CHECK = """
+module.exports = function () {
+    this.addMonitoringHandler(async () => {
+        await new Promise((resolve) => setTimeout(resolve, 50));
+        return { healthy: true };
+    });
+    setTimeout(() => { const end = Date.now() + 3000; while (Date.now() < end) {} }, 1200);
+    return new Promise(() => {});
+};
+"""
+
+
+async def test_a_busy_instance_reports_its_last_known_health(client: httpx.AsyncClient) -> None:
+    """While its event loop is blocked the runner sends no health; the hub answers with the
+    last it had (healthy), not unhealthy at once, and the loop's return changes nothing."""
+    instance_id = await start(client, node_package({"index.js": BUSY_WITH_HEALTH_CHECK}))
+    seen: list[bool] = []
+    with trio.fail_after(30):
+        began = trio.current_time()
+        while trio.current_time() - began < 5.5:  # before, during and after the busy 3 s
+            seen.append((await client.get(f"/instance/{instance_id}/health")).json()["healthy"])
+            await trio.sleep(0.25)
+    assert seen and all(seen), seen
+    await client.post(f"/instance/{instance_id}/_kill", json={})
