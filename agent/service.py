@@ -110,6 +110,8 @@ async def run_hub(
         )
         addresses = [b.split("://", 1)[-1] for b in binds]
         logger.info("API on %s (%s)", ", ".join(addresses), speedups.describe())
+        # What a sequence's host client (context.hub, this.hub) calls: this hub, over loopback.
+        hub.supervisor.hub_url = own_api_url(addresses[0])
         if config.cpm_url:
             # Imported only when linking: websockets, cryptography and httpx cost a
             # hub that runs alone about 10 MB.
@@ -122,3 +124,11 @@ async def run_hub(
         # systemd (Type=notify): READY=1 now, the watchdog, STOPPING=1 when cancelled.
         await nursery.start(partial(notify.lifecycle, f"API on {', '.join(addresses)}"))
         task_status.started(addresses)
+
+
+def own_api_url(address: str) -> str:
+    """The URL of this hub's API for its own instances: ``host:port`` as bound, with an
+    all-interfaces bind reached over loopback."""
+    host, _, port = address.rpartition(":")
+    host = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}.get(host, host)
+    return f"http://{host}:{port}/api/v1"

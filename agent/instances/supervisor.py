@@ -68,6 +68,8 @@ class Supervisor:
         self._topics = topics
         self._runtime = runtime
         self._instances: dict[str, Instance] = {}
+        #: this hub's API as its instances reach it (context.hub, this.hub); set once it serves
+        self.hub_url = ""
         self._nursery: trio.Nursery | None = None
         self._import_roots = _import_roots()
         # Scratch directories of instances from a previous run: nothing owns them now.
@@ -165,6 +167,7 @@ class Supervisor:
                 "SPACEHUB_SEQUENCE_MAIN": sequence.package.main,
                 "SPACEHUB_INSTANCE_ID": instance.id,
                 "SPACEHUB_WORK_DIR": str(work_dir),
+                "SPACEHUB_HUB_URL": self.hub_url,
                 "SPACEHUB_RUNNER_INFO": _json(info),
             }
         )

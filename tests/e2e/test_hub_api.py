@@ -551,3 +551,49 @@ async def test_ended_instance_holds_no_pipes(client: httpx.AsyncClient, hub: Hub
     with trio.fail_after(10):
         while hub_process.num_fds() > before + 2:  # the instances stay listed, their pipes do not
             await trio.sleep(0.1)
+
+
+HUB_CLIENT = """
+import json
+async def run(context, input, *args):
+    hub = context.hub
+    version = await hub.get_version()
+    load = await hub.get_load_check()
+    status = await hub.get_status()
+    sequences = await hub.list_sequences()
+    instances = await hub.list_instances()
+    started = await hub.start_sequence(args[0], app_config={"from": "a sequence"}, args=["Hi"])
+    child = await hub.get_instance(started["id"])
+    await hub.kill_instance(started["id"])
+    try:
+        await hub.get_sequence("no-such-sequence")
+    except Exception as exc:
+        missing = getattr(exc, "status", None)
+    yield json.dumps({
+        "service": version["service"],
+        "load": sorted(load),
+        "hub": status["id"],
+        "sequences": [s["id"] for s in sequences],
+        "instances": [i["id"] for i in instances],
+        "child": child["appConfig"],
+        "missing": missing,
+    }) + "\\n"
+"""
+
+
+async def test_a_sequence_drives_its_own_hub_through_context_hub(
+    client: httpx.AsyncClient, runtime: str
+) -> None:
+    if runtime == "podman":
+        pytest.skip("a container on the default network (none) cannot reach the hub; see docs/podman.md")
+    target = await upload(client, python_package(KEEP_ALIVE))
+    driver = await upload(client, python_package(HUB_CLIENT))
+    instance_id = await start(client, driver, args=[target])
+    with trio.fail_after(20):
+        output = await read_stream(client, f"/instance/{instance_id}/output")
+    seen = json.loads(output.decode().splitlines()[0])
+    status = (await client.get("/status")).json()
+    assert seen["service"] == "@scramjet/host" and seen["hub"] == status["id"]
+    assert {"avgLoad", "memFree"} <= set(seen["load"])
+    assert {target, driver} <= set(seen["sequences"]) and instance_id in seen["instances"]
+    assert seen["child"] == {"from": "a sequence"} and seen["missing"] == 404

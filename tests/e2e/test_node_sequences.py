@@ -469,3 +469,39 @@ async def test_a_busy_instance_reports_its_last_known_health(client: httpx.Async
             await trio.sleep(0.25)
     assert seen and all(seen), seen
     await client.post(f"/instance/{instance_id}/_kill", json={})
+
+
+HOST_CLIENT = """
+module.exports = async function (_input, sequenceId) {
+    const version = await this.hub.getVersion();
+    const load = await this.hub.getLoadCheck();
+    const config = await this.hub.getConfig();
+    const status = await this.hub.getStatus();
+    const sequences = await this.hub.listSequences();
+    const instances = await this.hub.listInstances();
+    const started = await this.hub.getSequenceClient(sequenceId).start({ appConfig: { from: 'node' } });
+    const info = await started.getInfo();
+    await started.kill();
+    let missing = null;
+    try { await this.hub.getSequenceClient('nope').getInfo(); } catch (err) { missing = err.code; }
+    return JSON.stringify({
+        service: version.service, load: Object.keys(load).sort(), hasConfig: !!config.host,
+        hub: status.id, sequences: sequences.length, instances: instances.length,
+        childId: started._id, child: info.appConfig, missing,
+    }) + '\\n';
+};
+"""
+
+
+async def test_this_hub_is_the_original_host_client(client: httpx.AsyncClient, runtime: str) -> None:
+    """What the original's js-hostclient apps do: version, load, config, status, lists, and
+    starting another sequence, through `this.hub` against the hub the instance runs on."""
+    if runtime == "podman":
+        pytest.skip("a container on the default network (none) cannot reach the hub; see docs/podman.md")
+    target = await upload(client, node_package({"index.js": BUSY_LOOP}))
+    instance_id = await start(client, node_package({"index.js": HOST_CLIENT}), args=[target])
+    seen = json.loads(await read_stream(client, f"/instance/{instance_id}/output"))
+    assert seen["service"] == "@scramjet/host" and seen["hasConfig"] is True
+    assert seen["hub"] == (await client.get("/status")).json()["id"]
+    assert {"avgLoad", "fsSize"} <= set(seen["load"]) and seen["sequences"] >= 2 and seen["instances"] >= 1
+    assert seen["child"] == {"from": "node"} and seen["childId"] and seen["missing"] == 404

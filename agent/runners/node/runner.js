@@ -206,6 +206,7 @@ function readEnv(environ) {
     env.inputTopic = typeof info.inputTopic === 'string' ? info.inputTopic : '';
     env.outputTopic = typeof info.outputTopic === 'string' ? info.outputTopic : '';
     env.exitTimeout = Number.isFinite(info.exitTimeout) && info.exitTimeout >= 0 ? info.exitTimeout : 10000;
+    env.hubUrl = environ.SPACEHUB_HUB_URL || '';
     for (const fd of [FD_CONTROL, FD_MONITORING, FD_INPUT, FD_OUTPUT, FD_LOG]) {
         try {
             fs.fstatSync(fd);
@@ -1018,6 +1019,107 @@ function makeLogger(runner) {
     return logger;
 }
 
+// ------------------------------------------------------------------------- this.hub
+
+/** Longest answer of the hub read by `this.hub` (lists of a busy hub included). */
+const HUB_MAX_ANSWER_BYTES = 16 * 1024 * 1024;
+/** ms one `this.hub` call may take. */
+const HUB_CALL_TIMEOUT_MS = 30000;
+
+/**
+ * `this.hub`: the hub's API over loopback at SPACEHUB_HUB_URL, with the method names of the
+ * original's HostClient (which reached the hub through a tunnel of its own; ours is plain
+ * HTTP, so it needs the process runtime, or Podman with the host network).
+ */
+class HostClient {
+    constructor(baseUrl) {
+        this.apiBase = (baseUrl || '').replace(/\/+$/, '');
+    }
+
+    request(method, path, body) {
+        if (!this.apiBase) return Promise.reject(new Error('this instance has no hub URL (SPACEHUB_HUB_URL)'));
+        const http = require('http');
+        const data = body === undefined ? null : Buffer.from(JSON.stringify(body));
+        return new Promise((resolve, reject) => {
+            const req = http.request(`${this.apiBase}/${path}`, {
+                method,
+                timeout: HUB_CALL_TIMEOUT_MS,
+                headers: data ? { 'content-type': 'application/json', 'content-length': data.length } : {},
+            }, (res) => {
+                const chunks = [];
+                let size = 0;
+                res.on('data', (chunk) => {
+                    size += chunk.length;
+                    if (size > HUB_MAX_ANSWER_BYTES) req.destroy(new Error('the hub answered too much'));
+                    else chunks.push(chunk);
+                });
+                res.on('end', () => {
+                    const text = Buffer.concat(chunks).toString('utf8');
+                    let value = null;
+                    try {
+                        value = text.trim() ? JSON.parse(text) : null;
+                    } catch (err) {
+                        value = text;
+                    }
+                    if (res.statusCode >= 400) {
+                        const message = value && typeof value === 'object' ? value.error || value.message : text;
+                        reject(Object.assign(new Error(`${res.statusCode}: ${message}`), { code: res.statusCode, body: value }));
+                    } else {
+                        resolve(value);
+                    }
+                });
+                res.on('error', reject);
+            });
+            req.on('timeout', () => req.destroy(new Error('the hub did not answer in time')));
+            req.on('error', reject);
+            req.end(data || undefined);
+        });
+    }
+
+    getVersion() { return this.request('GET', 'version'); }
+    getLoadCheck() { return this.request('GET', 'load-check'); }
+    getConfig() { return this.request('GET', 'config'); }
+    getStatus() { return this.request('GET', 'status'); }
+    listSequences() { return this.request('GET', 'sequences'); }
+    listInstances() { return this.request('GET', 'instances'); }
+    listTopics() { return this.request('GET', 'topics'); }
+    getSequenceClient(id) { return new HubSequenceClient(id, this); }
+    getInstanceClient(id) { return new HubInstanceClient(id, this); }
+}
+
+class HubSequenceClient {
+    constructor(id, host) {
+        this.id = id;
+        Object.defineProperty(this, '_host', { value: host });
+    }
+
+    getInfo() { return this._host.request('GET', `sequence/${encodeURIComponent(this.id)}`); }
+
+    /** Start an instance; resolves to its client (`.id`, and `._id` as the original's). */
+    async start(payload) {
+        const body = payload && typeof payload === 'object' && !Array.isArray(payload) ? payload : {};
+        const started = await this._host.request('POST', `sequence/${encodeURIComponent(this.id)}/start`, body);
+        return new HubInstanceClient(started.id, this._host);
+    }
+}
+
+class HubInstanceClient {
+    constructor(id, host) {
+        this.id = id;
+        this._id = id;
+        Object.defineProperty(this, '_host', { value: host });
+    }
+
+    getInfo() { return this._host.request('GET', `instance/${encodeURIComponent(this.id)}`); }
+    stop(timeout = 7000, canCallKeepalive = false) {
+        return this._host.request('POST', `instance/${encodeURIComponent(this.id)}/_stop`, { timeout, canCallKeepalive });
+    }
+    kill() { return this._host.request('POST', `instance/${encodeURIComponent(this.id)}/_kill`, {}); }
+    sendEvent(eventName, message) {
+        return this._host.request('POST', `instance/${encodeURIComponent(this.id)}/_event`, { eventName, message });
+    }
+}
+
 /** `this` of the sequence's function(s); names follow the original platform's AppContext. */
 class AppContext {
     constructor(runner) {
@@ -1028,8 +1130,15 @@ class AppContext {
         /** ms to linger after the output ended: the hub's --node-exit-timeout, 10 s by default
          * as on the original; events, stop handlers and keepAlive work meanwhile. */
         this.exitTimeout = runner.env.exitTimeout;
-        this.hub = undefined;
         this.space = undefined;
+    }
+
+    /** A client of the hub this instance runs on, as the original's HostClient (made on first use). */
+    get hub() {
+        if (!this._hubClient) {
+            Object.defineProperty(this, '_hubClient', { value: new HostClient(this._runner.env.hubUrl) });
+        }
+        return this._hubClient;
     }
 
     on(eventName, handler) {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +14,7 @@ from spacehub.protocol.runner import (
 from .base import _as_seconds, _KeepAlive, _NdjsonHandler, _SequenceLogger
 
 if TYPE_CHECKING:
+    from .hub_client import HubClient
     from .main import _Runner
 
 
@@ -29,10 +31,20 @@ class AppContext:
         self._handlers: dict[str, list[Callable[..., Any]]] = {}
         self._stop_handlers: list[Any] = []
         self._health_check: Callable[[], Any] | None = None
+        self._hub: HubClient | None = None
 
     @property
     def instanceId(self) -> str:  # the original runner's spelling
         return self.instance_id
+
+    @property
+    def hub(self) -> HubClient:
+        """A client of the hub this instance runs on (see ``hub_client``); made on first use."""
+        if self._hub is None:
+            from .hub_client import HubClient
+
+            self._hub = HubClient(os.environ.get("SPACEHUB_HUB_URL", ""))
+        return self._hub
 
     def on(self, event_name: str, callback: Callable[..., Any] | None = None) -> Any:
         """Call ``callback(message)`` on each event ``event_name`` from the hub.
