@@ -100,6 +100,8 @@ class HubConfig:
     default_pids: int = 256
     #: what the hub found at start: can Podman run here, which limits it enforces (not an option)
     podman_status: dict[str, Any] = field(default_factory=dict)
+    #: what the process runtime enforces of a start's limits, and how (found at start)
+    process_limits: dict[str, Any] = field(default_factory=dict)
 
     def node_path(self) -> str | None:
         """The Node.js executable, or None when this machine has none."""
@@ -128,6 +130,7 @@ class HubConfig:
                 },
                 **self.podman_status,
             },
+            "processLimits": self.process_limits,
             "timings": {
                 "instanceLifetime": self.instance_lifetime,
                 "killGrace": self.kill_grace,

@@ -49,7 +49,7 @@ def _grow_pipe(fd: int) -> None:
         fcntl.fcntl(fd, _F_SETPIPE_SZ, BULK_PIPE_BYTES)
 
 
-def _child_fd_setup(child_fds: dict[int, int]) -> Callable[[], None]:
+def _child_fd_setup(child_fds: dict[int, int], also: Callable[[], None] | None = None) -> Callable[[], None]:
     """preexec_fn that moves the child's pipe ends onto their fixed numbers.
 
     Runs between fork and exec. Sources are first duplicated above every target
@@ -63,6 +63,8 @@ def _child_fd_setup(child_fds: dict[int, int]) -> Callable[[], None]:
         # Raising the score needs no privilege.
         with contextlib.suppress(OSError), open("/proc/self/oom_score_adj", "w") as score:
             score.write(str(INSTANCE_OOM_SCORE_ADJ))
+        if also is not None:
+            also()  # e.g. join the instance's cgroups before anything runs
         high = [fcntl.fcntl(child_fds[t], fcntl.F_DUPFD, 64) for t in targets]
         for target, source in zip(targets, high, strict=True):
             os.dup2(source, target)  # dup2 leaves the target inheritable
@@ -92,7 +94,11 @@ class ChannelStreams:
 
 
 async def open_with_channels(
-    argv: Sequence[str], *, env: Mapping[str, str], cwd: Path | str
+    argv: Sequence[str],
+    *,
+    env: Mapping[str, str],
+    cwd: Path | str,
+    child_setup: Callable[[], None] | None = None,
 ) -> tuple[trio.Process, ChannelStreams]:
     """Start ``argv`` in its own session with the eight channel pipes on fds 0-7."""
     hub_ends: dict[str, int] = {}
@@ -112,7 +118,7 @@ async def open_with_channels(
             start_new_session=True,
             close_fds=True,
             pass_fds=tuple(fd for fd in sorted(child_ends) if fd > 2),
-            preexec_fn=_child_fd_setup(child_ends),
+            preexec_fn=_child_fd_setup(child_ends, child_setup),
         )
     except BaseException:
         for fd in [*hub_ends.values(), *child_ends.values()]:

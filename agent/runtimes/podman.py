@@ -39,6 +39,7 @@ import trio
 
 from .. import images
 from .base import LaunchSpec, RunnerProcess, Runtime
+from .cgroups import detect as detect_cgroups
 from .pipes import EXTRA_FDS, ChannelStreams, open_with_channels
 from .process import ProcessRuntime
 
@@ -536,7 +537,17 @@ def make_runtime(config: HubConfig, hub_id: str, log: logging.Logger) -> Runtime
     Raises OSError when Podman is asked for and does not work here.
     """
     if config.runtime != "podman":
-        return ProcessRuntime()
+        limiter = detect_cgroups()
+        config.process_limits = limiter.describe()
+        enforced = [name for name, ok in limiter.enforced.items() if ok]
+        log.info(
+            "instance limits: %s enforced through %s",
+            ", ".join(enforced) or "none",
+            config.process_limits["how"],
+        )
+        if not limiter.enforced["cpu"]:
+            log.warning("instance CPU limits cannot be enforced here (no writable cpu cgroup)")
+        return ProcessRuntime(limiter)
     status = probe()
     config.podman_status = status
     if not status["available"]:

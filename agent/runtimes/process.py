@@ -11,20 +11,37 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+from functools import partial
 
 import trio
 
 from .base import LaunchSpec, RunnerProcess
+from .cgroups import MEMORY_LIMIT_REASON, CgroupLimiter, InstanceGroup, InstanceLimits, join_in_child
 from .pipes import ChannelStreams, open_with_channels
 
 
 class ProcessRunner(ChannelStreams):
     """A runner started by :class:`ProcessRuntime`."""
 
-    def __init__(self, process: trio.Process, channels: ChannelStreams) -> None:
+    def __init__(
+        self, process: trio.Process, channels: ChannelStreams, group: InstanceGroup | None = None
+    ) -> None:
         super().__init__(channels._streams)
         self._process = process
+        self._group = group
         self.pid = process.pid
+
+    @property
+    def exit_reason(self) -> str | None:
+        """Why the runner ended when its runtime knows better than its exit code."""
+        if self._group is not None and self._group.oom_killed():
+            return MEMORY_LIMIT_REASON
+        return None
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        if self._group is not None:
+            self._group.remove()
 
     @property
     def returncode(self) -> int | None:
@@ -42,8 +59,21 @@ class ProcessRunner(ChannelStreams):
 
 
 class ProcessRuntime:
+    """Bare child processes; a start's ``limits`` are enforced through ``limiter``."""
+
     name = "process"
 
+    def __init__(self, limiter: CgroupLimiter | None = None) -> None:
+        self.limiter = limiter or CgroupLimiter(0, {})
+
     async def spawn(self, spec: LaunchSpec) -> RunnerProcess:
-        process, channels = await open_with_channels(spec.argv, env=spec.env, cwd=spec.cwd)
-        return ProcessRunner(process, channels)
+        group = self.limiter.make(spec.instance_id, InstanceLimits.from_request(spec.limits))
+        try:
+            process, channels = await open_with_channels(
+                spec.argv, env=spec.env, cwd=spec.cwd, child_setup=partial(join_in_child, group)
+            )
+        except BaseException:
+            if group is not None:
+                group.remove()
+            raise
+        return ProcessRunner(process, channels, group)
