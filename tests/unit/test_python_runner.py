@@ -52,6 +52,7 @@ class Instance:
         info: dict[str, Any] | None = None,
         env: dict[str, str | None] | None = None,
         drain_stdout: bool = True,
+        collect_output: bool = True,
         files: dict[str, str] | None = None,
     ) -> None:
         package = tmp_path / "package"
@@ -103,7 +104,9 @@ class Instance:
         self.stdout = Collector(hub_ends[1]) if drain_stdout else None
         self.stderr = Collector(hub_ends[2])
         self.monitoring = Collector(hub_ends[4])
-        self.output = Collector(hub_ends[6])
+        self._output_fd = hub_ends[6]
+        # collect_output=False: nobody reads the output until close_output() (a hub gone)
+        self.output = Collector(hub_ends[6]) if collect_output else None
         self.log = Collector(hub_ends[7])
 
     # ---- hub -> runner
@@ -156,6 +159,13 @@ class Instance:
             self.close_writer({self._stdin: "stdin", self._control: "control", self._input: "input"}[fd])
         if self.stdout is None:
             os.close(self._stdout_fd)
+        self.close_output()
+
+    def close_output(self) -> None:
+        """Close the hub's end of the output (only when it is not collected)."""
+        if self.output is None and self._output_fd >= 0:
+            os.close(self._output_fd)
+            self._output_fd = -1
 
 
 @pytest.fixture
@@ -538,6 +548,37 @@ def test_stdin_read_all(spawn: Callable[..., Instance]) -> None:
     _completed(instance)
     assert instance.stdout is not None
     assert instance.stdout.wait_eof() == b"Got on stdin: python runner\n"
+
+
+#: Endless producers: one that never yields to the loop (an async generator that never
+#: awaits), a sync generator, and one that yields to the loop on every item.
+ENDLESS = {
+    "async-never-awaits": "async def run(context, input):\n    while True:\n        yield 'x' * 99 + '\\n'\n",
+    "sync": "def run(context, input):\n    while True:\n        yield 'x' * 99 + '\\n'\n",
+    "async-sleeps": (
+        "import asyncio\n"
+        "async def run(context, input):\n"
+        "    while True:\n"
+        "        await asyncio.sleep(0)\n"
+        "        yield 'x' * 99 + '\\n'\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("source", ENDLESS.values(), ids=ENDLESS.keys())
+def test_an_output_nobody_reads_any_more_ends_the_writing(
+    spawn: Callable[..., Instance], source: str
+) -> None:
+    """The hub closed its end of the output (EPIPE): the runner stops writing and completes,
+    rather than looping on a dead pipe (and logging asyncio's "pipe closed" per item)."""
+    instance = spawn(source, collect_output=False)
+    instance.close_output()
+    instance.pong()
+    instance.wait_message(Code.SEQUENCE_COMPLETED)
+    assert instance.wait_exit() == 0, instance.stderr.data
+    instance.log.wait_eof()
+    assert any("closed the output" in record["msg"] for record in instance.log_records())
+    assert b"pipe closed by peer" not in instance.stderr.wait_eof()
 
 
 # --------------------------------------------------------------------------- events, stop, kill

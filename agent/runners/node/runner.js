@@ -5,7 +5,7 @@
  *
  * One self-contained CommonJS file, standard library only, Node >= 18. It speaks the
  * runner protocol of spacehub/protocol/runner.py and behaves like the Python runner
- * (agent/runners/python/context.py); docs/node-sequences.md describes the contract.
+ * (agent/runners/python/); docs/node-sequences.md describes the contract.
  *
  * Theory of operation
  * -------------------

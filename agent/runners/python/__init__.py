@@ -8,10 +8,13 @@ importable; no trio. One module per job::
     lazy_imports    import stand-ins: loaded first, keeps rarely used modules unloaded
     base            bounds, exit codes, the monitoring and log records, stdio, environment
     input           fd 5 (input) and fd 0 (stdin) as async iterables with back-pressure
-    scramjet_input  the original's DataStream over the input
-    output          what run returns, encoded and written to fd 6 with back-pressure
+    scramjet_input  the original's DataStream API over the input (scramjet's, or a small
+                    stand-in with read/map/filter/each when scramjet is not installed)
+    output          what run returns, encoded and written to fd 6 with back-pressure;
+                    OutputGone when the hub stops reading
     context         the AppContext a sequence gets
-    main            the runner: load, handshake, run, control channel, heartbeat
+    control         fds 3/4: messages to the hub, handshake, control and heartbeat threads
+    main            the runner's main loop: load, run on the asyncio loop, output, endings
 
 Theory of operation
 -------------------

@@ -83,8 +83,9 @@ class _Exit(Exception):
         self.code = code
 
 
-class _OutputGone(Exception):
-    """The hub closed its end of the output pipe."""
+class OutputGone(Exception):
+    """The hub closed its end of the output pipe (EPIPE): whatever is left to write is
+    dropped, and the sequence's producer must stop rather than write to a dead pipe."""
 
 
 class _ControlBroken(Exception):
@@ -321,28 +322,6 @@ def _is_falsy(value: Any) -> bool:
 
 def _is_async_iterable(value: Any) -> bool:
     return hasattr(type(value), "__aiter__")
-
-
-def _encode_raw(item: Any) -> bytes:
-    """text/plain, octet-stream and unknown types: bytes as-is, everything else as UTF-8 text."""
-    if type(item) is bytes:
-        return item
-    if type(item) is str:
-        try:
-            return item.encode()
-        except UnicodeEncodeError:  # lone surrogates: keep the data visible rather than fail
-            return item.encode("utf-8", "backslashreplace")
-    if item is None:
-        return b""
-    if isinstance(item, (bytearray, memoryview)):
-        return bytes(item)
-    return str(item).encode("utf-8", "backslashreplace")
-
-
-def _encode_ndjson(item: Any) -> bytes:
-    if isinstance(item, (bytes, bytearray, memoryview)):
-        return bytes(item)  # already encoded by the sequence
-    return (json.dumps(item) + "\n").encode()
 
 
 class _KeepAlive:

@@ -14,14 +14,14 @@ from spacehub.protocol.runner import (
 from .base import _as_seconds, _KeepAlive, _NdjsonHandler, _SequenceLogger
 
 if TYPE_CHECKING:
+    from .control import ControlChannel
     from .hub_client import HubClient
-    from .main import _Runner
 
 
 class AppContext:
     """The ``context`` a sequence's ``run`` gets; names follow the original Python runner."""
 
-    def __init__(self, runner: _Runner, config: dict[str, Any]) -> None:
+    def __init__(self, runner: ControlChannel, config: dict[str, Any]) -> None:
         self._runner = runner
         self.config = config
         self.instance_id = runner.instance_id

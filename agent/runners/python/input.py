@@ -10,8 +10,8 @@ import json
 import os
 import stat
 from collections import deque
-from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 from spacehub.protocol.runner import (
     FD_INPUT,
@@ -27,13 +27,17 @@ from .base import (
     _PREAMBLE_START,
     CHUNK_SIZE,
     MAX_INPUT_LINE,
-    _End,
-    _isawaitable,
+    _Log,
     _media_type,
 )
 
-if TYPE_CHECKING:
-    from .main import _Runner
+
+class _InputOwner(Protocol):
+    """What the input needs of the runner: its log, and the declared content type."""
+
+    log: _Log
+
+    def declared_input_type(self) -> str: ...
 
 
 class _FdReader:
@@ -95,7 +99,7 @@ class _InputSource(_Source):
     bytes chunks.
     """
 
-    def __init__(self, runner: _Runner) -> None:
+    def __init__(self, runner: _InputOwner) -> None:
         self._runner = runner
         self._items: deque[Any] = deque()
         self._eof = False
@@ -259,90 +263,6 @@ class _InputSource(_Source):
         self._eof = True
         if self._reader is not None:
             self._reader.close()
-
-
-_MAP: Final = "map"
-_FILTER: Final = "filter"
-_EACH: Final = "each"
-_SKIP: Final = _End()  # internal to _TransformSource: this item is dropped
-
-
-class _TransformSource(_Source):
-    """``map``/``filter``/``each`` of another source, one item at a time, in order.
-
-    Semantics follow scramjet: a map result of None ends the stream (None is scramjet's
-    end marker), ``drop`` (scramjet's DropChunk) drops the item; an awaitable result is
-    awaited.
-    """
-
-    def __init__(
-        self, upstream: _Source, kind: str, func: Callable[..., Any], args: tuple[Any, ...], drop: Any
-    ) -> None:
-        self._upstream = upstream
-        self._kind = kind
-        self._func = func
-        self._args = args
-        self._drop = drop
-        self._ended = False
-
-    async def _apply(self, item: Any) -> Any:
-        result = self._func(item, *self._args)
-        if _isawaitable(result):
-            result = await result
-        if self._kind is _MAP:
-            if result is None:
-                self._ended = True
-                return _END
-            return _SKIP if result is self._drop else result
-        if self._kind is _FILTER:
-            return item if result else _SKIP
-        return item
-
-    async def next(self) -> Any:
-        while not self._ended:
-            item = await self._upstream.next()
-            if item is _END:
-                return _END
-            result = await self._apply(item)
-            if result is not _SKIP:
-                return result
-        return _END
-
-    async def iterate(self) -> AsyncIterator[Any]:
-        if self._ended:
-            return
-        async for item in self._upstream.iterate():
-            result = await self._apply(item)
-            if result is _END:
-                return
-            if result is not _SKIP:
-                yield result
-
-
-class _SimpleStream:
-    """The input when scramjet is not importable: just enough of its Stream API."""
-
-    def __init__(self, source: _Source) -> None:
-        self._source = source
-
-    def __aiter__(self) -> AsyncIterator[Any]:
-        return self._source.iterate()
-
-    async def read(self) -> Any:
-        item = await self._source.next()
-        return None if item is _END else item
-
-    def map(self, func: Callable[..., Any], *args: Any) -> _SimpleStream:
-        return _SimpleStream(_TransformSource(self._source, _MAP, func, args, _SKIP))
-
-    def filter(self, func: Callable[..., Any], *args: Any) -> _SimpleStream:
-        return _SimpleStream(_TransformSource(self._source, _FILTER, func, args, _SKIP))
-
-    def each(self, func: Callable[..., Any], *args: Any) -> _SimpleStream:
-        return _SimpleStream(_TransformSource(self._source, _EACH, func, args, _SKIP))
-
-    async def to_list(self) -> list[Any]:
-        return [item async for item in self]
 
 
 class _AsyncStdin:

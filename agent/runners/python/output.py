@@ -5,14 +5,23 @@ back-pressure (the hub reads the pipe as fast as the instance's readers take it)
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import stat
+from typing import Any
 
 from spacehub.protocol.runner import (
     FD_OUTPUT,
 )
 
-from .base import OUTPUT_FLUSH_BYTES, OUTPUT_HIGH_WATER, _OutputGone
+from .base import (
+    _NDJSON_TYPES,
+    OUTPUT_FLUSH_BYTES,
+    OUTPUT_HIGH_WATER,
+    SYNC_YIELD_EVERY,
+    OutputGone,
+    _is_async_iterable,
+)
 
 
 class _WriteProtocol(asyncio.BaseProtocol):
@@ -47,7 +56,7 @@ class _WriteProtocol(asyncio.BaseProtocol):
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
         if self.lost:
-            raise _OutputGone
+            raise OutputGone
 
 
 class _Output:
@@ -80,7 +89,23 @@ class _Output:
             transport.set_write_buffer_limits(high=OUTPUT_HIGH_WATER)
             self._transport, self._protocol = transport, protocol
 
+    @property
+    def gone(self) -> bool:
+        """The hub closed its end: a write failed (EPIPE) or the transport saw the hang-up.
+
+        ``is_closing`` counts too: after a failed write asyncio only schedules
+        ``connection_lost``, and a producer that never yields to the loop (an async
+        generator that never awaits) would otherwise write on forever, each write dropped
+        with a "pipe closed by peer" warning.
+        """
+        if self._protocol is None or self._closed:
+            return False
+        return self._protocol.lost or (self._transport is not None and self._transport.is_closing())
+
     def write(self, data: bytes) -> None:
+        """Queue ``data``; raises OutputGone once the hub no longer reads the output."""
+        if self.gone:
+            raise OutputGone
         if not data:
             return
         if not self._pending_size and len(data) >= OUTPUT_FLUSH_BYTES:
@@ -109,17 +134,19 @@ class _Output:
         if self._transport is None:
             self._pending.append(data)
             self._pending_size += len(data)
-        elif not self._protocol or not self._protocol.lost:
+        elif not self.gone:  # (from a call_soon flush: write() raises at the next item)
             self._transport.write(data)
 
     @property
     def must_drain(self) -> bool:
         if self._protocol is not None:
-            return self._protocol.paused or self._protocol.lost
+            return self._protocol.paused or self.gone
         return self._pending_size >= OUTPUT_FLUSH_BYTES
 
     async def drain(self) -> None:
         if self._protocol is not None:
+            if self.gone:
+                raise OutputGone
             await self._protocol.wait_writable()
             return
         data = b"".join(self._pending)
@@ -128,7 +155,7 @@ class _Output:
         try:
             await asyncio.get_running_loop().run_in_executor(None, _write_all, FD_OUTPUT, data)
         except BrokenPipeError:
-            raise _OutputGone from None
+            raise OutputGone from None
 
     async def close(self) -> None:
         """Write what is pending and close fd 6, so the hub sees the output's end."""
@@ -152,3 +179,53 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+async def write_result(out: _Output, result: Any, content_type: str) -> None:
+    """Write what ``run`` returned to fd 6 (``content_type``: its media type) and close it.
+
+    A str/bytes result is written once, as it is; an iterable (sync or async) item by
+    item, encoded for the content type; anything else as one item. Raises OutputGone
+    when the hub stops reading, so an endless producer stops too.
+    """
+    await out.open()
+    encode_item = _encode_ndjson if content_type in _NDJSON_TYPES else _encode_raw
+    if isinstance(result, (str, bytes, bytearray, memoryview)):
+        out.write(_encode_raw(result))
+    elif _is_async_iterable(result):
+        async for item in result:
+            out.write(encode_item(item))
+            if out.must_drain:
+                await out.drain()
+    elif hasattr(type(result), "__iter__") and not isinstance(result, dict):
+        for count, item in enumerate(result, 1):
+            out.write(encode_item(item))
+            if out.must_drain:
+                await out.drain()
+            elif count % SYNC_YIELD_EVERY == 0:
+                await asyncio.sleep(0)  # let event handlers and the input run
+    else:
+        out.write(encode_item(result))
+    await out.close()
+
+
+def _encode_raw(item: Any) -> bytes:
+    """text/plain, octet-stream and unknown types: bytes as-is, everything else as UTF-8 text."""
+    if type(item) is bytes:
+        return item
+    if type(item) is str:
+        try:
+            return item.encode()
+        except UnicodeEncodeError:  # lone surrogates: keep the data visible rather than fail
+            return item.encode("utf-8", "backslashreplace")
+    if item is None:
+        return b""
+    if isinstance(item, (bytearray, memoryview)):
+        return bytes(item)
+    return str(item).encode("utf-8", "backslashreplace")
+
+
+def _encode_ndjson(item: Any) -> bytes:
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return bytes(item)  # already encoded by the sequence
+    return (json.dumps(item) + "\n").encode()
