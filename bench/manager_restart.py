@@ -1,12 +1,12 @@
 """A manager restart: how soon every hub is linked again once the manager listens again.
 
-Real daemons on 127.0.0.1 (no root): one `cpm`, BENCH_HUBS `sth` joined to it. Each round
+Real daemons on 127.0.0.1 (no root): one `cpm`, BENCH_RESTART_HUBS `sth` joined to it. Each round
 kills the manager with SIGKILL, keeps it down BENCH_OUTAGE seconds (every hub meanwhile
 gets "connection refused"), starts it again on the same port and data dir, and measures
 from the moment it listens until the Space API shows each hub healthy again.
 
 .venv/bin/python -m bench.manager_restart                              # 5 hubs, 30 s down, 3 rounds
-BENCH_HUBS=20 BENCH_OUTAGE=60 BENCH_RUNS=1 .venv/bin/python -m bench.manager_restart
+BENCH_RESTART_HUBS=20 BENCH_OUTAGE=60 BENCH_RUNS=1 .venv/bin/python -m bench.manager_restart
 
 Required (issue #16): every hub linked within 5 s of the manager answering, however long it
 was down (the hub's backoff cap while it is refused: 3 s; such attempts do not grow it).
@@ -28,7 +28,7 @@ from harness.daemons import run_sth
 from harness.manager import cpm, run_cpm
 from spacehub.tls import client_ssl_context
 
-HUBS = int(os.environ.get("BENCH_HUBS", "5"))
+HUBS = int(os.environ.get("BENCH_RESTART_HUBS", "5"))
 OUTAGE = float(os.environ.get("BENCH_OUTAGE", "30"))
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 ARGS = ("--heartbeat-interval", "1")
