@@ -154,7 +154,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sth: {exc}", file=sys.stderr)
         return 2
     tune_malloc()
-    speedups.install()
+    # The hub's API is plain HTTP: the manager's websocket and TLS patches would only load
+    # websockets into a hub that runs alone.
+    speedups.install(only=("socket-reads",))
     try:
         trio.run(_serve_until_signal, config)
     except KeyboardInterrupt:

@@ -83,8 +83,8 @@ def test_a_patch_for_another_version_is_skipped_with_one_log_line(
     bare: None, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     versions = {"hypercorn": "0.99.0"}
-    real = speedups.importlib.metadata.version
-    monkeypatch.setattr(speedups.importlib.metadata, "version", lambda name: versions.get(name) or real(name))
+    real = speedups.installed_version
+    monkeypatch.setattr(speedups, "installed_version", lambda name: versions.get(name) or real(name))
     reads = hypercorn.trio.tcp_server.MAX_RECV
     with caplog.at_level(logging.INFO, logger="spacehub.speedups"):
         names = speedups.install()
@@ -99,6 +99,17 @@ def test_a_patch_for_another_version_is_skipped_with_one_log_line(
 def test_a_patch_whose_target_is_gone_is_skipped(bare: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delattr(hypercorn.trio.tcp_server, "MAX_RECV")
     assert "socket-reads" not in speedups.install()
+
+
+@pytest.mark.parametrize("distribution", ["hypercorn", "wsproto", "websockets", "trio", "no-such-thing"])
+def test_installed_version_reads_what_pip_installed(distribution: str) -> None:
+    import importlib.metadata
+
+    try:
+        expected: str | None = importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        expected = None
+    assert speedups.installed_version(distribution) == expected
 
 
 def test_each_patch_names_the_versions_installed_here() -> None:
