@@ -65,12 +65,17 @@ def run_sth(root: Path, *args: str, timeout: float = 20.0) -> Iterator[HubProces
         address = next(line for line in lines if line.startswith(b"API on ")).split()[-1].decode()
         yield HubProcess(process, address, root)
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
+        stop(process)
+
+
+def stop(process: subprocess.Popen[bytes], grace: float = 15.0) -> None:
+    """SIGTERM a daemon, SIGKILL it after ``grace`` seconds, and close its stdout."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    if process.stdout is not None:
+        process.stdout.close()

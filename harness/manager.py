@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .daemons import ROOT, read_until
+from .daemons import ROOT, read_until, stop
 
 CPM = [sys.executable, "-m", "cpm.main"]
 
@@ -87,12 +86,4 @@ def run_cpm(data_dir: Path, *args: str, port: int = 0, timeout: float = 20.0) ->
             tls="--no-tls" not in args,
         )
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if process.stdout is not None:
-            process.stdout.close()
+        stop(process)
