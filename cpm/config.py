@@ -9,9 +9,10 @@ their signatures and operators their bearer tokens over this port.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from spacehub.server.config import ConfigError, is_loopback, read_options, state_directory, user_data_home
 
@@ -41,6 +42,11 @@ class ManagerConfig:
     tls_ca: Path | None = None
     #: extra DNS names and IPs the generated server certificate carries
     public_names: list[str] = field(default_factory=list)
+    #: how new machines and hubs reach this manager, ``https://HOST[:PORT]`` (default: the
+    #: address an API call came to, or hostname and port for the command line)
+    public_url: str | None = None
+    #: the Spacehub .deb new hubs install from this manager (default: found, see cpm/joining.py)
+    package: Path | None = None
     #: spaces made at start when missing
     spaces: list[str] = field(default_factory=list)
     log_level: str = "info"
@@ -75,7 +81,10 @@ class ManagerConfig:
 
 #: TOML keys (in ``[manager]`` or at the top level), mapped to ManagerConfig fields.
 _TOML_KEYS: dict[str, str] = {f.name: f.name for f in dataclasses.fields(ManagerConfig)}
-_PATHS = ("data_dir", "tls_cert", "tls_key", "tls_ca")
+_PATHS = ("data_dir", "tls_cert", "tls_key", "tls_ca", "package")
+#: A public URL: scheme, host (name, IPv4 or [IPv6]) and optional port, nothing else (it is
+#: written into shell commands and cloud-init).
+PUBLIC_URL: Final = re.compile(r"https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")
 _FLOATS = ("heartbeat_interval", "ping_interval", "pong_timeout")
 
 
@@ -104,6 +113,11 @@ def _check(config: ManagerConfig) -> ManagerConfig:
         values = getattr(config, name)
         if not isinstance(values, list) or not all(isinstance(v, str) and v for v in values):
             raise ConfigError(f"{name} must be a list of non-empty strings")
+    if config.public_url is not None:
+        url = config.public_url
+        if not isinstance(url, str) or PUBLIC_URL.fullmatch(url.rstrip("/")) is None:
+            raise ConfigError(f"public_url must look like https://HOST[:PORT], not {config.public_url!r}")
+        config.public_url = config.public_url.rstrip("/")
     if not isinstance(config.tls, bool):
         raise ConfigError("tls must be true or false")
     return config

@@ -84,6 +84,11 @@ class TokenUsed(JoinRefused):
     default_message = "The join token was already used (join tokens are one-time); ask for a new one"
 
 
+class TokenRevoked(JoinRefused):
+    code = "token-revoked"
+    default_message = "The join token was revoked by the space's operator; ask for a new one"
+
+
 class HubRevoked(JoinRefused):
     code = "hub-revoked"
     default_message = "This hub's key was revoked by the space's operator"
@@ -115,6 +120,10 @@ class HubNotFound(NotFound):
 
 class ApiTokenNotFound(NotFound):
     default_message = "API token not found"
+
+
+class JoinTokenNotFound(NotFound):
+    default_message = "Join token not found"
 
 
 class Conflict(ManagerError):

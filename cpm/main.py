@@ -28,7 +28,8 @@ from spacehub.server.allocator import tune_malloc
 from . import __version__, admin
 from .config import LOG_LEVELS, ConfigError, ManagerConfig, load_config
 from .errors import ManagerError, SpaceNotFound
-from .registry import iso_utc
+from .joining import PackageShelf, cloud_init, configured_base_url, join_line
+from .registry import Registry, iso_utc
 from .service import open_registry, prepare, run_manager
 from .tls import ca_fingerprint
 
@@ -81,6 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="a DNS name or IP the generated server certificate carries (repeatable)",
     )
     serve.add_argument(
+        "--public-url",
+        metavar="URL",
+        help="how new machines reach this manager, https://HOST[:PORT], for join commands"
+        " (default: the address the API was called at)",
+    )
+    serve.add_argument(
+        "--package",
+        type=Path,
+        metavar="FILE",
+        help="the spacehub_<version>_all.deb new hubs install from this manager"
+        " (default: found in the data dir's packages/, apt's cache or make deb's build/)",
+    )
+    serve.add_argument(
         "--space",
         action="append",
         dest="spaces",
@@ -122,12 +136,39 @@ def build_parser() -> argparse.ArgumentParser:
     join = commands.add_parser("join-token", help="one-time join tokens").add_subparsers(
         dest="action", required=True
     )
-    create = join.add_parser("create", help="make a one-time join token; prints it")
+    create = join.add_parser(
+        "create", help="make a one-time join token; prints it (or the command that uses it)"
+    )
     create.add_argument("--space", required=True)
     create.add_argument(
         "--ttl", type=float, default=3600.0, metavar="SECONDS", help="lifetime (default 3600)"
     )
+    create.add_argument("--description", default="", help="what the hub that joins with it is shown as")
+    create.add_argument("--tags", default="", metavar="A,B", help="tags the hub that joins with it gets")
+    shown = create.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--command",
+        dest="command_line",
+        action="store_true",
+        help="print the line to paste as root on the new machine (docs/joining.md)",
+    )
+    shown.add_argument("--cloud-init", action="store_true", help="print cloud-init user-data that joins")
+    create.add_argument(
+        "--public-url",
+        metavar="URL",
+        help="how the new machine reaches this manager (default: public_url of the config,"
+        " else its hostname and port)",
+    )
+    create.add_argument("--package", type=Path, metavar="FILE", help="the .deb the manager hands out")
     _common(create)
+    listing = join.add_parser("list", help="the join tokens a hub can still use (ids, never the secrets)")
+    listing.add_argument("--space", required=True)
+    listing.add_argument("--all", action="store_true", help="used, expired and revoked ones too")
+    _common(listing)
+    revoke = join.add_parser("revoke", help="revoke a join token, given as the token or its listed id")
+    revoke.add_argument("--space", required=True)
+    revoke.add_argument("token")
+    _common(revoke)
 
     hub = commands.add_parser("hub", help="hubs").add_subparsers(dest="action", required=True)
     listing = hub.add_parser("list", help="list a space's hubs")
@@ -153,6 +194,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     overrides: dict[str, Any] = {"data_dir": args.data_dir}
+    if args.command == "join-token" and args.action == "create":
+        overrides.update(public_url=args.public_url, package=args.package)
     if args.command == "serve":
         for name in (
             "port",
@@ -163,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             "tls_key",
             "tls_ca",
             "public_names",
+            "public_url",
+            "package",
             "spaces",
             "heartbeat_interval",
             "missed_heartbeats",
@@ -285,10 +330,41 @@ def _admin_on_registry(args: argparse.Namespace, config: ManagerConfig) -> int:
                     state = f"revoked {iso_utc(token.revoked_at)}" if token.revoked_at else "active"
                     print(f"{token.id}\t{iso_utc(token.created)}\t{state}\t{token.description}")
             case ("join-token", "create"):
-                print(registry.create_join_token(args.space, args.ttl))
+                return _join_token_create(args, config, registry)
+            case ("join-token", "list"):
+                for join_token in registry.list_join_tokens(args.space, include_spent=args.all):
+                    record = join_token.record()
+                    state = next((k for k in ("revoked", "used") if k in record), "expires")
+                    tags = ",".join(join_token.tags) or "-"
+                    print(f"{join_token.id}\t{state} {record[state]}\t{tags}\t{join_token.description}")
+            case ("join-token", "revoke"):
+                print(f"revoked {registry.revoke_join_token(args.space, args.token).id}")
             case ("hub", "revoke"):
                 hub = registry.revoke_hub(args.id, args.reason)
                 print(f"revoked {hub.id}; its link is closed within seconds if the manager runs")
+    return 0
+
+
+def _join_token_create(args: argparse.Namespace, config: ManagerConfig, registry: Registry) -> int:
+    tags = [tag.strip() for tag in args.tags.split(",") if tag.strip()]
+    issued = registry.issue_join_token(args.space, args.ttl, args.description, tags)
+    if not (args.command_line or args.cloud_init):
+        print(issued.token)
+        return 0
+    shelf = PackageShelf(config.package, config.data_dir)
+    if shelf.find() is None:
+        print(f"cpm: made join token {issued.listing.id} but no command: {shelf.missing()}", file=sys.stderr)
+        print(issued.token)
+        return 1
+    base = configured_base_url(config.public_url, config.tls, config.hostname, config.port)
+    ca_path = config.ca_path if config.tls else None
+    has_ca = ca_path is not None and ca_path.exists()
+    if args.cloud_init:
+        pem = ca_path.read_bytes() if has_ca and ca_path is not None else None
+        print(cloud_init(base, pem, args.space, issued.token, args.description, tags), end="")
+    else:
+        fingerprint = ca_fingerprint(ca_path) if has_ca and ca_path is not None else None
+        print(join_line(base, fingerprint, args.space, issued.token, args.description, tags))
     return 0
 
 

@@ -49,9 +49,11 @@ from cpm.errors import (
     Conflict,
     HubNotFound,
     HubRevoked,
+    JoinTokenNotFound,
     ManagerError,
     SpaceNotFound,
     TokenExpired,
+    TokenRevoked,
     TokenUnknown,
     TokenUsed,
 )
@@ -59,10 +61,13 @@ from spacehub.models import HubRecord, SpaceRecord
 
 __all__ = [
     "API_TOKEN_PREFIX",
+    "DEFAULT_JOIN_TTL_SECONDS",
     "JOIN_TOKEN_PREFIX",
     "SCHEMA_VERSION",
     "ApiToken",
     "Hub",
+    "IssuedJoinToken",
+    "JoinToken",
     "Registry",
     "Space",
     "iso_utc",
@@ -70,7 +75,7 @@ __all__ = [
 ]
 
 #: The schema version this code writes; ``PRAGMA user_version`` of an up-to-date file.
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 #: A space name: lower-case letters, digits and dashes, not starting with a dash, 1-63 chars.
 SPACE_NAME: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -86,6 +91,8 @@ TOKEN_ID_LENGTH: Final = 16
 MAX_DESCRIPTION_LENGTH: Final = 1024
 MAX_TAGS: Final = 64
 MAX_TAG_LENGTH: Final = 128
+#: How long a join token lives unless told otherwise.
+DEFAULT_JOIN_TTL_SECONDS: Final = 3600.0
 #: Longest a join token may live.
 MAX_JOIN_TTL_SECONDS: Final = 30 * 24 * 3600
 #: How long a statement waits for another process (e.g. an admin tool) holding the write lock.
@@ -129,6 +136,12 @@ _MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             used_by_hub TEXT
         )""",
         "CREATE INDEX join_tokens_space ON join_tokens(space)",
+    ),
+    # 2: join tokens made over the API carry what the hub will be shown as, and can be revoked.
+    (
+        "ALTER TABLE join_tokens ADD COLUMN description TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE join_tokens ADD COLUMN tags TEXT NOT NULL DEFAULT '[]'",
+        "ALTER TABLE join_tokens ADD COLUMN revoked_at REAL",
     ),
 )
 assert len(_MIGRATIONS) == SCHEMA_VERSION
@@ -206,6 +219,52 @@ class ApiToken:
         if self.revoked_at is not None:
             record["revoked"] = iso_utc(self.revoked_at)
         return record
+
+
+@dataclass(frozen=True, slots=True)
+class JoinToken:
+    """A join token as listed: never the secret, only a short id derived from its hash.
+
+    ``description`` and ``tags`` are what the hub that redeems it is shown with, unless the
+    hub sends its own (its tags are added to these).
+    """
+
+    id: str
+    space: str
+    description: str
+    tags: tuple[str, ...]
+    created: float
+    expires_at: float
+    used_at: float | None = None
+    used_by_hub: str | None = None
+    revoked_at: float | None = None
+
+    def pending(self, now: float) -> bool:
+        """Whether a hub can still join with it."""
+        return self.used_at is None and self.revoked_at is None and now < self.expires_at
+
+    def record(self) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "id": self.id,
+            "created": iso_utc(self.created),
+            "expires": iso_utc(self.expires_at),
+            "description": self.description,
+            "tags": list(self.tags),
+        }
+        if self.used_at is not None:
+            record["used"] = iso_utc(self.used_at)
+            record["usedBy"] = self.used_by_hub
+        if self.revoked_at is not None:
+            record["revoked"] = iso_utc(self.revoked_at)
+        return record
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedJoinToken:
+    """A join token just made: the secret (shown this once) and its listing."""
+
+    token: str
+    listing: JoinToken
 
 
 def migrate(db: sqlite3.Connection) -> int:
@@ -399,19 +458,77 @@ class Registry:
 
     # -- join tokens and hubs -------------------------------------------------------------------
 
-    def create_join_token(self, space: str, ttl_seconds: float = 3600) -> str:
+    def create_join_token(self, space: str, ttl_seconds: float = DEFAULT_JOIN_TTL_SECONDS) -> str:
         """Make a one-time token a hub joins ``space`` with; returned once, only its hash is kept."""
-        if not 0 < ttl_seconds <= MAX_JOIN_TTL_SECONDS:
+        return self.issue_join_token(space, ttl_seconds).token
+
+    def issue_join_token(
+        self,
+        space: str,
+        ttl_seconds: float = DEFAULT_JOIN_TTL_SECONDS,
+        description: str = "",
+        tags: Iterable[str] = (),
+    ) -> IssuedJoinToken:
+        """:meth:`create_join_token` with what the joining hub is to be shown as, and the listing."""
+        if (
+            isinstance(ttl_seconds, bool)
+            or not isinstance(ttl_seconds, int | float)
+            or not 0 < ttl_seconds <= MAX_JOIN_TTL_SECONDS
+        ):
             raise BadRequest(f"a join token lives more than 0 and at most {MAX_JOIN_TTL_SECONDS} seconds")
+        _check_description(description)
+        tags = _check_tags(tags)
         token = JOIN_TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
+        digest = _hash_token(token)
         now = self._clock()
         with self._transaction() as db:
             self._space(db, space)
             db.execute(
-                "INSERT INTO join_tokens (hash, space, created, expires_at) VALUES (?, ?, ?, ?)",
-                (_hash_token(token), space, now, now + ttl_seconds),
+                "INSERT INTO join_tokens (hash, space, created, expires_at, description, tags)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (digest, space, now, now + ttl_seconds, description, json.dumps(list(tags))),
             )
-        return token
+            row = db.execute("SELECT * FROM join_tokens WHERE hash = ?", (digest,)).fetchone()
+        return IssuedJoinToken(token, _join_token(row))
+
+    def list_join_tokens(self, space: str, *, include_spent: bool = False) -> list[JoinToken]:
+        """The space's join tokens a hub can still use (all of them with ``include_spent``:
+        used, expired and revoked ones too), oldest first, without their secrets."""
+        now = self._clock()
+        with self._transaction() as db:
+            self._space(db, space)
+            rows = db.execute(
+                "SELECT * FROM join_tokens WHERE space = ? ORDER BY created, hash", (space,)
+            ).fetchall()
+        tokens = [_join_token(row) for row in rows]
+        return tokens if include_spent else [t for t in tokens if t.pending(now)]
+
+    def revoke_join_token(self, space: str, token_or_id: str) -> JoinToken:
+        """Revoke a join token of ``space`` (named by itself or its listed id) so no hub joins
+        with it; revoking again changes nothing. :class:`JoinTokenNotFound` if there is no match."""
+        with self._transaction() as db:
+            self._space(db, space)
+            if token_or_id.startswith(JOIN_TOKEN_PREFIX):
+                rows = db.execute(
+                    "SELECT * FROM join_tokens WHERE hash = ? AND space = ?",
+                    (_hash_token(token_or_id), space),
+                ).fetchall()
+            elif len(token_or_id) == TOKEN_ID_LENGTH:
+                rows = db.execute(
+                    "SELECT * FROM join_tokens WHERE substr(hash, 1, ?) = ? AND space = ?",
+                    (TOKEN_ID_LENGTH, token_or_id.lower(), space),
+                ).fetchall()
+            else:
+                rows = []
+            if len(rows) != 1:
+                raise JoinTokenNotFound()
+            digest = rows[0]["hash"]
+            db.execute(
+                "UPDATE join_tokens SET revoked_at = ? WHERE hash = ? AND revoked_at IS NULL",
+                (self._clock(), digest),
+            )
+            row = db.execute("SELECT * FROM join_tokens WHERE hash = ?", (digest,)).fetchone()
+        return _join_token(row)
 
     def redeem_join_token(
         self,
@@ -443,6 +560,8 @@ class Registry:
             if row is None or row["space"] != space:
                 raise TokenUnknown()
             now = self._clock()
+            if row["revoked_at"] is not None:
+                raise TokenRevoked()
             if row["used_at"] is not None:
                 raise TokenUsed(
                     f"{TokenUsed.default_message} (used {iso_utc(row['used_at'])} by {row['used_by_hub']})"
@@ -459,12 +578,14 @@ class Registry:
                         "This hub's key was revoked; make a new key (delete the key file) to join again"
                     )
                 raise Conflict("This public key is already registered; connect with it instead of joining")
+            # What the token was made with is the default; the hub's own tags add to its.
+            token_tags = tuple(json.loads(row["tags"]))
             hub = Hub(
                 id=self._new_hub_id(db),
                 space=space,
                 public_key=public_key,
-                description=description,
-                tags=tags,
+                description=description or row["description"],
+                tags=_check_tags(dict.fromkeys((*token_tags, *tags))),
                 created=now,
             )
             db.execute(
@@ -648,5 +769,19 @@ def _api_token(row: sqlite3.Row) -> ApiToken:
         space=row["space"],
         description=row["description"],
         created=row["created"],
+        revoked_at=row["revoked_at"],
+    )
+
+
+def _join_token(row: sqlite3.Row) -> JoinToken:
+    return JoinToken(
+        id=row["hash"][:TOKEN_ID_LENGTH],
+        space=row["space"],
+        description=row["description"],
+        tags=tuple(json.loads(row["tags"])),
+        created=row["created"],
+        expires_at=row["expires_at"],
+        used_at=row["used_at"],
+        used_by_hub=row["used_by_hub"],
         revoked_at=row["revoked_at"],
     )

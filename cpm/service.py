@@ -28,6 +28,7 @@ from .admin import serve_admin, socket_path
 from .api.app import ManagerApp
 from .config import ManagerConfig
 from .errors import Conflict
+from .joining import PackageShelf
 from .link.sessions import HubSessions
 from .registry import Registry
 from .tls import ca_fingerprint, ensure_ca_and_server_cert
@@ -61,6 +62,8 @@ class Manager:
         self.registry = registry
         self.id = manager_id(config.data_dir)
         self.sessions = HubSessions(registry, config, self.id)
+        #: the .deb new hubs install from this manager (cpm/joining.py)
+        self.packages = PackageShelf(config.package, config.data_dir)
 
     def version_info(self) -> VersionInfo:
         return {
@@ -82,6 +85,14 @@ class Manager:
             return path.read_bytes()
         except FileNotFoundError:
             return None
+
+    def ca_fingerprint(self) -> str | None:
+        """``AB:CD:...`` of the CA hubs should trust, None when the certificate is one the
+        system trusts already (or TLS is off). Reads the file: call it from a thread."""
+        path = self.config.ca_path if self.config.tls else None
+        if path is None or not path.exists():
+            return None
+        return ca_fingerprint(path)
 
 
 def prepare(config: ManagerConfig) -> tuple[Registry, str | None]:

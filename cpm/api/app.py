@@ -7,6 +7,7 @@ Paths::
     GET  /api/v1/spaces                       the spaces the bearer token opens
     WS   /api/v1/link                         a hub's link (it authenticates in the link)
     ...  /api/v1/space/:space/api/v1/...      the Space API, bearer token of that space
+    GET  /install.sh, /install/...            public: what a new hub installs (api/joining.py)
 
 A Space API call without a valid token of that space answers 403
 ``{"message": "Forbidden"}`` before any routing, so it tells nothing about what
@@ -41,6 +42,7 @@ from spacehub.server.http import (
 
 from ..errors import Forbidden
 from ..link.transport import AsgiWebSocketTransport
+from . import joining as joining_routes
 from . import space as space_routes
 from .tokens import DatabaseVersion, TokenCache
 
@@ -90,6 +92,7 @@ def build_router(manager: Manager) -> Router:
     router.add("GET", f"{API_BASE}/ca.pem", ca_pem)
     router.add("GET", f"{API_BASE}/spaces", spaces)
     space_routes.register(router, manager)
+    joining_routes.register(router, manager)
     return router
 
 

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -590,6 +591,44 @@ def space_version(ctx: Context, args: argparse.Namespace) -> None:
     ctx.out(ctx.space(args.name).version())
 
 
+# ================================================================= join-token
+def join_token_create(ctx: Context, args: argparse.Namespace) -> None:
+    _need_production(ctx, "join-token create")
+    expires: float | str | None = args.expires
+    # A number is seconds from now; anything else an ISO-8601 time for the manager to read.
+    if isinstance(expires, str) and re.fullmatch(r"[0-9]+(\.[0-9]*)?", expires):
+        expires = float(expires)
+    tags = [tag.strip() for tag in (args.tags or "").split(",") if tag.strip()]
+    made = ctx.space().create_join_token(expires=expires, description=args.description, tags=tags)
+    if ctx.format == "json":
+        ctx.out(made)
+        return
+    shown = made.get("cloudInit") if args.cloud_init else made.get("command")
+    if shown is None:
+        print(f"si: no command: {made.get('commandError')}; the token alone:", file=sys.stderr)
+        shown = made["token"]
+    print(shown.rstrip("\n"))
+
+
+_JOIN_TOKEN_COLUMNS: Final = [
+    ("ID", lambda t: t.get("id")),
+    ("EXPIRES", lambda t: t.get("expires")),
+    ("TAGS", lambda t: ",".join(t.get("tags") or []) or None),
+    ("DESCRIPTION", lambda t: t.get("description") or None),
+]
+
+
+def join_token_list(ctx: Context, args: argparse.Namespace) -> None:
+    _need_production(ctx, "join-token list")
+    print_table(ctx.space().join_tokens(), _JOIN_TOKEN_COLUMNS, ctx.format)
+
+
+def join_token_revoke(ctx: Context, args: argparse.Namespace) -> None:
+    _need_production(ctx, "join-token revoke")
+    revoked = ctx.space().revoke_join_token(args.id)
+    ctx.out(revoked if ctx.format == "json" else f"revoked {revoked.get('id')}")
+
+
 # ====================================================================== config
 def config_print(ctx: Context, args: argparse.Namespace) -> None:
     shown = ctx.config.effective()
@@ -809,6 +848,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?")
     p = _command(space, "version", space_version, "the Space's manager version")
     p.add_argument("name", nargs="?")
+
+    # join-token
+    join = _group(top, "join-token", "one-time tokens (and the command) that join new hubs to the Space")
+    p = _command(join, "create", join_token_create, "make one; prints the line to paste on the new machine")
+    p.add_argument("--expires", help="seconds from now, or an ISO-8601 time (default: 1 hour)")
+    p.add_argument("--description", help="what the hub that joins is shown as")
+    p.add_argument("--tags", metavar="A,B", help="tags the hub that joins gets")
+    p.add_argument("--cloud-init", action="store_true", help="print cloud-init user-data instead of the line")
+    _command(join, "list", join_token_list, "the tokens a hub can still use (never the secrets)", ["ls"])
+    p = _command(join, "revoke", join_token_revoke, "revoke a token by its id", ["rm"])
+    p.add_argument("id")
 
     # config
     conf = _group(top, "config", "profiles and settings (in ~/.si or $SI_CONFIG_PATH)")

@@ -373,5 +373,26 @@ def space_hub_info(hub_id: str) -> Call:
     return Call("GET", f"sth/{segment(hub_id)}/info")
 
 
+def create_join_token(
+    expires: float | str | None, description: str | None, tags: Iterable[str] | None
+) -> Call:
+    body: dict[str, Any] = {}
+    if expires is not None:
+        body["expires"] = expires
+    if description:
+        body["description"] = description
+    if tags:
+        body["tags"] = list(tags)
+    return Call("POST", "join-tokens", json=body)
+
+
+def join_tokens() -> Call:
+    return Call("GET", "join-tokens")
+
+
+def revoke_join_token(token_id: str) -> Call:
+    return Call("DELETE", f"join-tokens/{segment(token_id)}")
+
+
 def spaces() -> Call:
     return Call("GET", "spaces")

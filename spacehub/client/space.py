@@ -13,6 +13,7 @@ connections and its token.
 from __future__ import annotations
 
 import ssl
+from collections.abc import Iterable
 from typing import Any, cast
 
 import httpx
@@ -81,6 +82,25 @@ class SpaceClient(_Closing):
 
     def topics(self) -> list[Any]:
         return list(self._transport.call(calls.list_topics()))
+
+    def create_join_token(
+        self,
+        *,
+        expires: float | str | None = None,
+        description: str | None = None,
+        tags: Iterable[str] | None = None,
+    ) -> dict[str, Any]:
+        """A one-time token a new hub joins this Space with: ``{"id", "token", "expires",
+        "command", "cloudInit", ...}``; ``expires`` in seconds from now or ISO-8601 (default 1 h).
+        ``command`` is the line to paste as root on the new machine (docs/joining.md)."""
+        return dict(self._transport.call(calls.create_join_token(expires, description, tags)))
+
+    def join_tokens(self) -> list[dict[str, Any]]:
+        """The join tokens a hub can still use, without their secrets."""
+        return list(self._transport.call(calls.join_tokens()))
+
+    def revoke_join_token(self, token_id: str) -> dict[str, Any]:
+        return dict(self._transport.call(calls.revoke_join_token(token_id)))
 
 
 class ManagerClient(_Closing):
@@ -161,6 +181,25 @@ class AsyncSpaceClient(_AsyncClosing):
 
     async def topics(self) -> list[Any]:
         return list(await self._transport.call(calls.list_topics()))
+
+    async def create_join_token(
+        self,
+        *,
+        expires: float | str | None = None,
+        description: str | None = None,
+        tags: Iterable[str] | None = None,
+    ) -> dict[str, Any]:
+        """A one-time token a new hub joins this Space with: ``{"id", "token", "expires",
+        "command", "cloudInit", ...}``; ``expires`` in seconds from now or ISO-8601 (default 1 h).
+        ``command`` is the line to paste as root on the new machine (docs/joining.md)."""
+        return dict(await self._transport.call(calls.create_join_token(expires, description, tags)))
+
+    async def join_tokens(self) -> list[dict[str, Any]]:
+        """The join tokens a hub can still use, without their secrets."""
+        return list(await self._transport.call(calls.join_tokens()))
+
+    async def revoke_join_token(self, token_id: str) -> dict[str, Any]:
+        return dict(await self._transport.call(calls.revoke_join_token(token_id)))
 
 
 class AsyncManagerClient(_AsyncClosing):
