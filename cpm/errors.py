@@ -149,3 +149,23 @@ class HubLinkFailed(HubUnavailable):
 
     status = 502
     default_message = "Bad Gateway"
+
+
+class ConsoleRefused(ManagerError):
+    """A console request without a live session or without its session's CSRF token."""
+
+    status = 403
+    default_message = "Forbidden: sign in to the console (again) and retry from its page"
+
+
+class HubRefusedCall(ManagerError):
+    """A hub answered the console's call with an error of its own (not a link failure)."""
+
+    status = 502
+    default_message = "The hub refused the call"
+
+
+def hub_refusal(status: int, message: str) -> ManagerError:
+    """The manager's error for a hub's error answer: the same class of status where one fits."""
+    by_status: dict[int, type[ManagerError]] = {400: BadRequest, 404: NotFound, 409: Conflict}
+    return by_status.get(status, HubRefusedCall)(message)

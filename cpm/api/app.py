@@ -8,6 +8,8 @@ Paths::
     WS   /api/v1/link                         a hub's link (it authenticates in the link)
     ...  /api/v1/space/:space/api/v1/...      the Space API, bearer token of that space
     GET  /install.sh, /install/...            public: what a new hub installs (api/joining.py)
+    POST /api/v1/space/:space/api/v1/console-login  a one-time console login link
+    GET  /, /console/...                      the console (cpm/console/app.py)
 
 A Space API call without a valid token of that space answers 403
 ``{"message": "Forbidden"}`` before any routing, so it tells nothing about what
@@ -40,6 +42,9 @@ from spacehub.server.http import (
     json_response,
 )
 
+from ..console.app import Console
+from ..console.app import register as register_console
+from ..console.auth import LOGIN_LINK_SECONDS
 from ..errors import Forbidden
 from ..link.transport import AsgiWebSocketTransport
 from . import joining as joining_routes
@@ -119,12 +124,24 @@ class ManagerApp:
         # An in-memory registry has no file another connection could watch: no caching then.
         version = DatabaseVersion(registry.path) if registry.path != ":memory:" else (lambda: None)
         self._tokens = TokenCache(check, version, trio.current_time)
+        self.console = Console(manager, self._tokens.allows)
+        register_console(self._router, self.console)
+        self._router.add("POST", f"{API_BASE}/space/:space/api/v1/console-login", self._console_login)
         self._http = HttpDispatch(
             self._router,
             internal_error="internal error; see the manager log",
             before_route=self._before_route,
             log=logger,
         )
+
+    async def _console_login(self, request: Request) -> Response:
+        """A one-time link that signs a browser in to the console with the caller's token
+        (``make run`` prints one): the token itself never goes into a URL."""
+        token = _bearer(request)
+        if token is None:  # the gate let it through, so there is one
+            raise Forbidden()
+        code = self.console.sessions.create_login_link(request.params["space"], token)
+        return json_response({"path": f"/console/login/once/{code}", "expiresIn": LOGIN_LINK_SECONDS})
 
     # Not a coroutine function: it hands back the handler's coroutine, so a link (5,000 of
     # them idle on a fleet) does not keep one more suspended frame for its whole life.

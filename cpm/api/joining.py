@@ -34,7 +34,7 @@ from .space import SPACE_BASE
 if TYPE_CHECKING:
     from ..service import Manager
 
-__all__ = ["base_url", "register"]
+__all__ = ["base_url", "instructions", "join_ttl", "register"]
 
 #: A Host header the manager will write into a command: a name, IPv4 or [IPv6], and a port.
 HOST_HEADER: Final = re.compile(r"([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")
@@ -53,7 +53,7 @@ def base_url(manager: Manager, request: Request) -> str:
     return ("https" if manager.config.tls else "http") + "://" + host
 
 
-def _ttl(expires: Any, now: float) -> float:
+def join_ttl(expires: Any, now: float) -> float:
     """``expires``: seconds from now, or an ISO-8601 time with its zone."""
     if expires is None:
         return DEFAULT_JOIN_TTL_SECONDS
@@ -119,7 +119,7 @@ def register(router: Router, manager: Manager) -> None:
         issued = await sessions.db(
             registry.issue_join_token,
             request.params["space"],
-            _ttl(body.get("expires"), time.time()),
+            join_ttl(body.get("expires"), time.time()),
             description,
             _tags(body.get("tags")),
         )

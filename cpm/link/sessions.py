@@ -119,6 +119,7 @@ from ..errors import (
     Refusal,
     SpaceNotFound,
 )
+from ..loadhistory import LoadHistory, load_percentages
 from ..registry import Hub, Registry, iso_utc
 from .transport import (
     CLOSE_INTERNAL,
@@ -205,6 +206,8 @@ class HubReport:
     #: the last heartbeat's load, as compact JSON (a parsed one is ~2 KB per hub)
     load_json: str | None = None
     summary_items: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: _NO_ITEMS)
+    #: the last hour's load, a point a minute (the console's chart); made on the first load
+    history: LoadHistory | None = None
 
     @property
     def load(self) -> dict[str, Any] | None:
@@ -219,6 +222,9 @@ class HubReport:
         self.last_heartbeat_wall = time.time()
         if message.load is not None:
             self.load_json = json.dumps(message.load, separators=(",", ":"))
+            if self.history is None:
+                self.history = LoadHistory()
+            self.history.add(self.last_heartbeat_wall, *load_percentages(message.load))
         if message.summary is not None:
             self.summary_items = _summary_items(message.summary)
 
@@ -314,6 +320,10 @@ class HubSessions:
 
     def live(self, hub_id: str) -> HubSession | None:
         return self._live.get(hub_id)
+
+    def last_report(self, hub_id: str) -> HubReport | None:
+        """What the hub last reported (kept after its link ends, until it links again)."""
+        return self._last.get(hub_id)
 
     def record(self, hub: Hub) -> HubRecord:
         """The Space API's hub record: the registry's, plus what the link knows."""

@@ -220,6 +220,8 @@ class StreamResponse:
     #: called once the response is over, sent or not (releases what the handler
     #: attached eagerly, e.g. a topic reader, even if ``chunks`` never started)
     on_close: Callable[[], None] | None = None
+    #: more response headers (the console's security headers)
+    headers: list[tuple[str, str]] = field(default_factory=list)
 
 
 Handler = Callable[[Request], Awaitable[Response | StreamResponse]]
@@ -284,7 +286,11 @@ async def _send_stream(send: Send, request: Request, response: StreamResponse) -
         {
             "type": "http.response.start",
             "status": response.status,
-            "headers": [(b"content-type", response.content_type.encode()), (b"cache-control", b"no-store")],
+            "headers": [
+                (b"content-type", response.content_type.encode()),
+                (b"cache-control", b"no-store"),
+                *((k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers),
+            ],
         }
     )
     finished = False
