@@ -28,6 +28,7 @@ import os
 import selectors
 import shlex
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -177,6 +178,23 @@ def _hub_call(hub_port: int, method: str, path: str, body: Any = None, timeout: 
         return json.load(response)
 
 
+def _console_link(cpm_port: int, ca: Path, token: str, timeout: float = 5) -> str | None:
+    """A one-time link that signs a browser in to the console (the token stays out of URLs)."""
+    request = urllib.request.Request(
+        f"https://127.0.0.1:{cpm_port}/api/v1/space/{SPACE}/api/v1/console-login",
+        data=b"",
+        method="POST",
+        headers={"authorization": f"Bearer {token}"},
+    )
+    context = ssl.create_default_context(cafile=str(ca))
+    try:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
+            answer = json.load(response)
+    except (OSError, ValueError):
+        return None  # an older manager: the banner says how to sign in with the token
+    return f"https://127.0.0.1:{cpm_port}{answer['path']}"
+
+
 def _stop_instances(hub_port: int) -> None:
     """Kill every instance the hub runs and wait (bounded) until each has ended: stopping the
     local Space leaves no runner behind, whatever the hub does with instances on its own exit."""
@@ -237,6 +255,7 @@ def _banner(
     hub_id: str,
     cpm_port: int,
     hub_port: int,
+    console_link: str | None,
 ) -> str:
     q = shlex.quote
     space_url = f"https://127.0.0.1:{cpm_port}/api/v1/space/{SPACE}/api/v1"
@@ -259,8 +278,18 @@ def _banner(
         f"--space {SPACE} --cpm-ca {q(str(ca))} "
         f'--join-token "$({cpm} join-token create --space {SPACE} --data-dir {q(str(cpm_dir))})"'
     )
+    console = f"https://127.0.0.1:{cpm_port}/console/"
+    indent = "\n" + " " * 16
+    sign_in = (
+        f"one-time sign-in link: {console_link}"
+        + f"{indent}(it works once, for 10 minutes; later sign in with the token)"
+        if console_link
+        else "sign in with the token below"
+    )
     return f"""
 Local Space is up (its state is in {state}).
+  Console       {console}
+                {sign_in}{indent}(the browser warns about the manager's own CA; trust {ca} or accept once)
   Space API     {space_url}
   Token         {token}
   CA            {ca}   (fingerprint {fingerprint})
@@ -384,6 +413,7 @@ def main(argv: list[str] | None = None) -> int:
                 hub_id=str(link.get("hubId")),
                 cpm_port=args.cpm_port,
                 hub_port=args.hub_port,
+                console_link=_console_link(args.cpm_port, cpm_dir / "ca.pem", token),
             ),
             flush=True,
         )

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -71,6 +73,18 @@ def test_make_run_in_the_background_banner_commands_then_sigterm(tmp_path: Path)
         instance_id = sh(tried[3]).strip()  # `si seq deploy` prints the new instance's id
         info = httpx.get(f"{space.hub_api}/instance/{instance_id}", timeout=10).json()
         assert info["status"] == "running"
+
+        # The console's one-time sign-in link: it opens the fleet page once, then never again.
+        link = re.search(r"one-time sign-in link: (\S+)", space.banner)
+        assert link is not None, space.banner
+        ca = ssl.create_default_context(cafile=str(space.state / "cpm" / "ca.pem"))
+        with httpx.Client(verify=ca, follow_redirects=True, timeout=10) as browser:
+            page = browser.get(link.group(1))
+            assert page.status_code == 200 and str(page.url).endswith("/console/fleet"), page.text
+            assert hubs[0]["id"] in page.text and "healthy" in page.text
+            assert space.token not in page.text
+        again = httpx.get(link.group(1), verify=ca, timeout=10)
+        assert again.status_code == 403 and "used already" in again.text
 
         join_line, hub_list_line = space.commands("Another hub")
         second = subprocess.Popen(
