@@ -143,6 +143,10 @@ class ManagerApp:
         code = self.console.sessions.create_login_link(request.params["space"], token)
         return json_response({"path": f"/console/login/once/{code}", "expiresIn": LOGIN_LINK_SECONDS})
 
+    @property
+    def router(self) -> Router:
+        return self._router
+
     # Not a coroutine function: it hands back the handler's coroutine, so a link (5,000 of
     # them idle on a fleet) does not keep one more suspended frame for its whole life.
     # hypercorn is told it is an ASGI app (it would guess WSGI from a plain __call__).

@@ -162,6 +162,11 @@ class Console:
         self._token_allows = token_allows
         self.fleet = FleetView(manager.sessions, self._list_hubs)
         self.live_streams = 0
+        #: the stylesheet and the script, read once (a few KB)
+        self.static_files = {
+            name: resources.files("cpm.console").joinpath("static").joinpath(name).read_bytes()
+            for name in STATIC_FILES
+        }
         self._templates = jinja2.Environment(
             loader=jinja2.PackageLoader("cpm.console", "templates"),
             autoescape=True,
@@ -613,7 +618,7 @@ def register(router: Router, console: Console) -> None:
         kind = STATIC_FILES.get(name)
         if kind is None:
             raise NotFound(f"no console file {name!r}")
-        body = resources.files("cpm.console").joinpath("static", name).read_bytes()
+        body = console.static_files[name]
         headers = [h for h in SECURITY_HEADERS if h[0] != "cache-control"] + [
             ("cache-control", "max-age=300")
         ]

@@ -244,10 +244,16 @@ class Router:
     def __init__(self, prefix: str = "") -> None:
         self._prefix = prefix
         self._routes: list[tuple[str, re.Pattern[str], Handler]] = []
+        self._patterns: list[tuple[str, str]] = []
 
     def add(self, method: str, pattern: str, handler: Handler) -> None:
+        self._patterns.append((method, pattern))
         regex = re.sub(r":(\w+)", r"(?P<\1>[^/]+)", pattern)
         self._routes.append((method, re.compile(f"^{re.escape(self._prefix)}{regex}/?$"), handler))
+
+    def routes(self) -> list[tuple[str, str]]:
+        """Every ``(method, pattern)`` added, in order (tests check each route's guard)."""
+        return list(self._patterns)
 
     def resolve(self, method: str, path: str) -> tuple[Handler | None, dict[str, str], list[str]]:
         """The handler and path parameters, or None and the methods the path has."""
