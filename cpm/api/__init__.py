@@ -1,5 +1,5 @@
-"""The manager's HTTP API: ``/api/v1`` (version, spaces, CA), the Space API, the proxy to hubs."""
+"""The manager's HTTP API: ``/api/v1`` (version, spaces, CA), the Space API, the proxy to hubs.
 
-from .app import ManagerApp
-
-__all__ = ["ManagerApp"]
+``ManagerApp`` lives in :mod:`cpm.api.app`; this package imports nothing itself, so the
+console (which ``app`` registers) can use :mod:`cpm.api.joining` without an import cycle.
+"""

@@ -140,14 +140,21 @@ def _sse(event: str | None, data: str) -> bytes:
 
 
 def _chart(points: list[tuple[int, float, float, float]], now: float) -> dict[str, Any]:
-    """The load chart's polylines (SVG coordinates: 0..600 wide for the hour, 0..100 high)."""
+    """The load chart's polylines (SVG coordinates: 0..600 wide for the hour, 0..100 high).
+
+    Each point holds for its minute, so it is drawn as a step across that minute: a single
+    point is a short line, not an invisible dot.
+    """
     start = now - HISTORY_MINUTES * 60
+
+    def x(when: float) -> str:
+        return f"{min(max((when - start) / 6, 0.0), 600.0):.1f}"
+
     lines: dict[str, str] = {}
     for index, name in enumerate(("cpu", "memory", "disk"), start=1):
         lines[name] = " ".join(
-            f"{(minute - start) / 6:.1f},{100 - point[index]:.1f}"
+            f"{x(point[0])},{100 - point[index]:.1f} {x(point[0] + 60)},{100 - point[index]:.1f}"
             for point in points
-            for minute in (point[0],)
         )
     latest = points[-1] if points else None
     return {"lines": lines, "count": len(points), "latest": latest}

@@ -283,3 +283,16 @@ def test_snapshot_filters_and_counts() -> None:
         "disconnected": 1,
     }
     assert FleetSnapshot.counts([]) == {"total": 0, "healthy": 0, "unhealthy": 0, "disconnected": 0}
+
+
+def test_chart_draws_each_minute_as_a_step() -> None:
+    from cpm.console.app import _chart
+
+    now = 60.0 * 3_000_000
+    chart = _chart([(int(now) - 120, 10.0, 50.0, 90.0)], now)
+    # one point still draws a line: across its minute, 10 of 600 units, near the right end
+    assert chart["lines"]["cpu"] == "580.0,90.0 590.0,90.0"
+    assert chart["lines"]["disk"] == "580.0,10.0 590.0,10.0"
+    assert chart["count"] == 1
+    old = _chart([(int(now) - 3600, 0.0, 0.0, 0.0), (int(now) - 60, 100.0, 0.0, 0.0)], now)
+    assert old["lines"]["cpu"] == "0.0,100.0 10.0,100.0 590.0,0.0 600.0,0.0"
