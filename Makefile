@@ -56,6 +56,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.link
 	if [ -f bench/podman_start.py ]; then $(BIN)/python -m bench.podman_start; fi
 	$(BIN)/python -m bench.manager_restart
+	$(BIN)/python -m bench.console
 	if [ -f bench/link_failure.py ] && [ "$$(id -u)" = 0 ]; then $(BIN)/python -m bench.link_failure; fi
 
 clean:

@@ -41,6 +41,7 @@ from urllib.parse import parse_qs, quote, urlencode
 
 import jinja2
 import trio
+from markupsafe import Markup
 
 from spacehub.server.errors import HttpError
 from spacehub.server.http import Request, Response, Router, StreamResponse, json_response
@@ -50,7 +51,7 @@ from ..errors import BadRequest, ConsoleRefused, HubUnavailable, NotFound
 from ..loadhistory import HISTORY_MINUTES
 from ..registry import DEFAULT_JOIN_TTL_SECONDS, Hub
 from .auth import SESSION_SECONDS, ConsoleSession, ConsoleSessions, same_secret
-from .fleet import STATES, FleetSnapshot, FleetView, hub_row, row_key
+from .fleet import STATES, FleetView, hub_row
 from .hubcall import hub_json, hub_stream
 
 if TYPE_CHECKING:
@@ -167,7 +168,7 @@ class Console:
         self.manager = manager
         self.sessions = ConsoleSessions(time.time)
         self._token_allows = token_allows
-        self.fleet = FleetView(manager.sessions, self._list_hubs)
+        self.fleet = FleetView(manager.sessions, self._list_hubs, BASE)
         self.live_streams = 0
         #: the stylesheet and the script, read once (a few KB)
         self.static_files = {
@@ -302,18 +303,23 @@ class Console:
         quiet_since = trio.current_time()
         yield b"retry: 3000\n\n"
         while True:
-            rows = (await self.fleet.snapshot(space)).select(tag, state)
-            changed = [row for row in rows if sent.get(row["id"]) != row_key(row)]
-            shown = {row["id"] for row in rows}
+            snapshot = await self.fleet.snapshot(space)
+            rows = snapshot.select(tag, state)
+            changed = [row for row in rows if sent.get(row.id) != row.key]
+            shown = {row.id for row in rows}
             removed = [hub_id for hub_id in sent if hub_id not in shown]
             if changed or removed or not sent:
                 for row in changed:
-                    sent[row["id"]] = row_key(row)
+                    sent[row.id] = row.key
                 for hub_id in removed:
                     del sent[hub_id]
-                counts = FleetSnapshot.counts(rows)
-                payload = {"counts": counts, "rows": changed, "removed": removed}
-                yield _sse("hubs", json.dumps(payload, separators=(",", ":")))
+                # The rows' JSON is made once per change by the shared snapshot, not per console.
+                payload = (
+                    f'{{"counts":{json.dumps(snapshot.counts_of(rows, tag, state))},'
+                    f'"rows":[{",".join(row.json for row in changed)}],'
+                    f'"removed":{json.dumps(removed)}}}'
+                )
+                yield _sse("hubs", payload)
                 quiet_since = trio.current_time()
             elif trio.current_time() - quiet_since >= KEEPALIVE_SECONDS:
                 yield b": keep-alive\n\n"
@@ -450,10 +456,11 @@ def register(router: Router, console: Console) -> None:
         return console.page(
             "fleet.html",
             session,
-            rows=rows,
-            counts=FleetSnapshot.counts(rows),
-            all_counts=FleetSnapshot.counts(snapshot.rows),
-            tags=snapshot.tags(),
+            rows_html=Markup("".join(row.html for row in rows)),
+            shown=len(rows),
+            counts=snapshot.counts_of(rows, tag, state),
+            all_counts=snapshot.all_counts,
+            tags=snapshot.all_tags,
             tag=tag or "",
             state=state or "",
             states=list(STATES.values()),
@@ -595,7 +602,7 @@ def register(router: Router, console: Console) -> None:
             "join.html",
             session,
             tokens=[token.record() for token in tokens],
-            hubs=snapshot.rows,
+            hubs=[row.data for row in snapshot.rows],
             made=made,
             default_hours=int(DEFAULT_JOIN_TTL_SECONDS // 3600),
         )

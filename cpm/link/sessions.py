@@ -325,16 +325,22 @@ class HubSessions:
         """What the hub last reported (kept after its link ends, until it links again)."""
         return self._last.get(hub_id)
 
+    def state(self, hub_id: str) -> str:
+        """connected: linked and heartbeating; unhealthy: linked, heartbeats late; disconnected: no link."""
+        live = self._live.get(hub_id)
+        if live is None:
+            return "disconnected"
+        return "connected" if live.healthy(trio.current_time(), self.health_window) else "unhealthy"
+
     def record(self, hub: Hub) -> HubRecord:
         """The Space API's hub record: the registry's, plus what the link knows."""
         record = hub.record()
         live = self._live.get(hub.id)
         last = self._last.get(hub.id)
-        healthy = live is not None and live.healthy(trio.current_time(), self.health_window)
-        record["healthy"] = healthy
+        state = self.state(hub.id)
+        record["healthy"] = state == "connected"
         record["isConnectionActive"] = live is not None
-        # connected: linked and heartbeating; unhealthy: linked, heartbeats late; disconnected: no link.
-        record["state"] = "connected" if healthy else "unhealthy" if live is not None else "disconnected"
+        record["state"] = state
         seen = [t for t in (hub.last_connected, hub.last_disconnected) if t is not None]
         if last is not None and last.last_heartbeat_wall is not None:
             seen.append(last.last_heartbeat_wall)

@@ -89,7 +89,7 @@ def shoot(driver: WebDriver, name: str) -> None:
 
 
 def state_of(driver: WebDriver, hub_id: str) -> str:
-    cells = driver.find_elements(By.CSS_SELECTOR, f'tr[data-hub="{hub_id}"] td[data-field="state"]')
+    cells = driver.find_elements(By.CSS_SELECTOR, f'tr[id="hub-{hub_id}"] td:nth-child(2)')
     return cells[0].text.strip() if cells else ""
 
 

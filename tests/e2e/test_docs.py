@@ -67,6 +67,7 @@ EXPECTED: dict[tuple[str, str], tuple[str, ...]] = {
         "stopping after 2 lines",
     ),
     ("examples/README.md", "si config set env production"): ("Using hub sth-", "connected"),
+    ("docs/console.md", "console-login"): ("/console/login/once/", "expiresIn"),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -14,7 +15,7 @@ from cpm.console.auth import (
     ConsoleSessions,
     same_secret,
 )
-from cpm.console.fleet import FleetSnapshot, hub_row, row_key
+from cpm.console.fleet import FIELDS, FleetRow, FleetSnapshot, hub_row, row_html, row_key, shown_time
 from cpm.loadhistory import HISTORY_MINUTES, LoadHistory, load_percentages
 
 
@@ -263,26 +264,63 @@ def test_row_key_changes_with_anything_shown(change: dict[str, Any]) -> None:
     assert row_key(hub_row(record("h"))) != row_key(hub_row(record("h", **change)))
 
 
+def fleet_row(data: dict[str, Any]) -> FleetRow:
+    row = hub_row(data)
+    return FleetRow(row["id"], row, row_key(row), row_html(row, "/console"), json.dumps(row))
+
+
 def test_snapshot_filters_and_counts() -> None:
-    snapshot = FleetSnapshot(
+    snapshot = FleetSnapshot.of(
         [
-            hub_row(record("a", tags=["edge", "pi"])),
-            hub_row(record("b", "unhealthy", tags=["edge"])),
-            hub_row(record("c", "disconnected", tags=[])),
+            fleet_row(record("a", tags=["edge", "pi"])),
+            fleet_row(record("b", "unhealthy", tags=["edge"])),
+            fleet_row(record("c", "disconnected", tags=[])),
         ]
     )
-    assert [r["id"] for r in snapshot.select(None, None)] == ["a", "b", "c"]
-    assert [r["id"] for r in snapshot.select("edge", None)] == ["a", "b"]
-    assert [r["id"] for r in snapshot.select("edge", "unhealthy")] == ["b"]
-    assert [r["id"] for r in snapshot.select("pi", "disconnected")] == []
-    assert snapshot.tags() == ["edge", "pi"]
-    assert FleetSnapshot.counts(snapshot.rows) == {
-        "total": 3,
+    assert [r.id for r in snapshot.select(None, None)] == ["a", "b", "c"]
+    assert [r.id for r in snapshot.select("edge", None)] == ["a", "b"]
+    assert [r.id for r in snapshot.select("edge", "unhealthy")] == ["b"]
+    assert [r.id for r in snapshot.select("pi", "disconnected")] == []
+    assert snapshot.select(None, None) is snapshot.rows
+    assert snapshot.all_tags == ["edge", "pi"]
+    assert snapshot.all_counts == {"total": 3, "healthy": 1, "unhealthy": 1, "disconnected": 1}
+    edge = snapshot.select("edge", None)
+    assert snapshot.counts_of(edge, "edge", None) == {
+        "total": 2,
         "healthy": 1,
         "unhealthy": 1,
-        "disconnected": 1,
+        "disconnected": 0,
     }
+    assert snapshot.counts_of(snapshot.rows, None, None) is snapshot.all_counts
     assert FleetSnapshot.counts([]) == {"total": 0, "healthy": 0, "unhealthy": 0, "disconnected": 0}
+
+
+def test_row_html_has_a_cell_per_field_in_order() -> None:
+    html = row_html(hub_row(record("h1", description="press <4>")), "/console")
+    assert html.startswith(
+        '<tr id="hub-h1"><td><a href="/console/hubs/h1">h1</a><small>press &lt;4&gt;</small></td>'
+    )
+    cells = html.count("<td>")
+    assert cells == len(FIELDS)
+    assert '<span class="state healthy">healthy</span>' in html
+    assert "<td>2026-12-03 10:15</td>" in html  # the heartbeat to the minute, as the key
+    assert "<td>20%</td><td>25%</td><td>40%</td>" in html
+    assert "<td>edge</td><td>2</td><td>2026-12-03 09:00</td><td></td></tr>" in html
+
+
+def test_row_html_escapes_what_a_hub_reports() -> None:
+    nasty = '"><script>alert(1)</script>'
+    html = row_html(hub_row(record("h2", version=nasty, tags=[nasty], description=nasty)), "/console")
+    assert "<script>" not in html and html.count("&lt;script&gt;") == 3
+    assert "never" in row_html(hub_row({"id": "h3"}), "/console")
+
+
+@pytest.mark.parametrize(
+    ("stamp", "shown"),
+    [("2026-12-03T10:15:42.000Z", "2026-12-03 10:15"), (None, ""), ("", ""), ("2026-12", "")],
+)
+def test_shown_time(stamp: Any, shown: str) -> None:
+    assert shown_time(stamp) == shown
 
 
 def test_chart_draws_each_minute_as_a_step() -> None:
@@ -296,3 +334,47 @@ def test_chart_draws_each_minute_as_a_step() -> None:
     assert chart["count"] == 1
     old = _chart([(int(now) - 3600, 0.0, 0.0, 0.0), (int(now) - 60, 100.0, 0.0, 0.0)], now)
     assert old["lines"]["cpu"] == "0.0,100.0 10.0,100.0 590.0,0.0 600.0,0.0"
+
+
+class FakeSessions:
+    """What FleetView asks of HubSessions, for hubs with no link."""
+
+    def __init__(self) -> None:
+        self.records = 0
+
+    def state(self, hub_id: str) -> str:
+        return "disconnected"
+
+    def last_report(self, hub_id: str) -> None:
+        return None
+
+    def record(self, hub: Any) -> dict[str, Any]:
+        self.records += 1
+        return {**hub.record(), "state": "disconnected"}
+
+
+async def test_fleet_view_makes_a_row_again_only_when_its_hub_changed(autojump_clock: Any) -> None:
+    import dataclasses
+
+    import trio
+
+    from cpm.console.fleet import SNAPSHOT_SECONDS, FleetView
+    from cpm.registry import Hub
+
+    hubs = [Hub(f"sth-{n}", "s", b"k" * 32, f"hub {n}", ("edge",), 1_700_000_000.0) for n in range(3)]
+    sessions = FakeSessions()
+
+    async def list_hubs(space: str) -> list[Hub]:
+        return list(hubs)
+
+    view = FleetView(sessions, list_hubs, "/console")  # type: ignore[arg-type]
+    first = await view.snapshot("s")
+    assert [row.id for row in first.rows] == ["sth-0", "sth-1", "sth-2"] and sessions.records == 3
+    assert await view.snapshot("s") is first  # within SNAPSHOT_SECONDS: shared
+    await trio.sleep(SNAPSHOT_SECONDS)
+    hubs[1] = dataclasses.replace(hubs[1], description="moved")
+    del hubs[2]
+    second = await view.snapshot("s")
+    assert sessions.records == 4  # only the changed hub was made again
+    assert second.rows[0] is first.rows[0]
+    assert "moved" in second.rows[1].html and second.all_counts["total"] == 2

@@ -36,25 +36,22 @@
     });
   }
 
+  // The table's columns in order, as cpm/console/fleet.py FIELDS makes them.
   const FIELDS = ["id", "state", "heartbeat", "cpu", "memory", "disk", "version", "tags", "instances", "connected", "disconnected"];
+
+  // A timestamp to the minute, as the server renders it: "2026-12-03 23:35".
+  function minute(stamp) { return typeof stamp === "string" && stamp.length >= 16 ? stamp.slice(0, 10) + " " + stamp.slice(11, 16) : ""; }
 
   function newRow(id) {
     const row = document.createElement("tr");
     row.id = "hub-" + id;
-    row.dataset.hub = id;
-    for (const field of FIELDS) {
-      const cell = document.createElement("td");
-      cell.dataset.field = field;
-      if (["cpu", "memory", "disk", "instances"].includes(field)) cell.className = "num";
-      if (["heartbeat", "connected", "disconnected"].includes(field)) cell.className = "time";
-      row.appendChild(cell);
-    }
+    for (let i = 0; i < FIELDS.length; i++) row.appendChild(document.createElement("td"));
     return row;
   }
 
   function fill(row, hub) {
-    for (const cell of row.cells) {
-      const field = cell.dataset.field;
+    FIELDS.forEach((field, index) => {
+      const cell = row.cells[index];
       if (field === "id") {
         cell.replaceChildren();
         const link = document.createElement("a");
@@ -73,11 +70,13 @@
       } else if (field === "tags") {
         text(cell, hub.tags.join(", "));
       } else if (field === "heartbeat") {
-        text(cell, hub.heartbeat || "never");
+        text(cell, minute(hub.heartbeat) || "never");
+      } else if (field === "connected" || field === "disconnected") {
+        text(cell, minute(hub[field]));
       } else {
         text(cell, hub[field]);
       }
-    }
+    });
   }
 
   // -- tails: a hub's log, an instance's streams ----------------------------------------------
