@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 from spacehub.server.config import ConfigError as ConfigError
 from spacehub.server.config import is_loopback as is_loopback
 from spacehub.server.config import read_options, state_directory, user_data_home
+from spacehub.server.logformat import LOG_FORMATS as LOG_FORMATS
 
 LOG_LEVELS = ("trace", "debug", "info", "warn", "error", "fatal")
 RUNTIMES = ("process", "podman")
@@ -55,6 +56,8 @@ class HubConfig:
     data_dir: Path = field(default_factory=default_data_dir)
     sequences_root: Path = field(default_factory=lambda: default_data_dir() / "sequences")
     log_level: str = "info"
+    #: "text" (readable) or "json" (one object a line: spacehub/server/logformat.py)
+    log_format: str = "text"
     identify_existing: bool = False
     runtime: str = "process"
     #: seconds a finished instance stays listed
@@ -115,6 +118,7 @@ class HubConfig:
         return {
             "host": {"hostname": self.hostname, "port": self.port, "apiBase": "/api/v1"},
             "logLevel": self.log_level,
+            "logFormat": self.log_format,
             "identifyExisting": self.identify_existing,
             "runtimeAdapter": self.runtime,
             # Names, not paths: /config tells nothing of the machine's file layout.
@@ -157,6 +161,7 @@ _TOML_KEYS: dict[str, str] = {
     "port": "port",
     "sequences_root": "sequences_root",
     "log_level": "log_level",
+    "log_format": "log_format",
     "identify_existing": "identify_existing",
     "runtime": "runtime",
     "instance_lifetime": "instance_lifetime",
@@ -190,6 +195,8 @@ def _check(config: HubConfig) -> HubConfig:
         raise ConfigError(f"port must be 0..65535, not {config.port}")
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}, not {config.log_level!r}")
+    if config.log_format not in LOG_FORMATS:
+        raise ConfigError(f"log format must be one of {', '.join(LOG_FORMATS)}, not {config.log_format!r}")
     if config.runtime not in RUNTIMES:
         raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}, not {config.runtime!r}")
     if config.podman_network not in PODMAN_NETWORKS:

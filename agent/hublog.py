@@ -13,9 +13,12 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 import trio
+
+from spacehub.server.logformat import ContextFilter, JsonFormatter
 
 from .streams import RecordRing
 
@@ -117,9 +120,15 @@ def level_number(name: str) -> int:
     return _LEVELS[name]
 
 
-def setup_logging(level: str, ring: RecordRing[LogRecordDict] | None = None) -> logging.Logger:
+def setup_logging(
+    level: str,
+    ring: RecordRing[LogRecordDict] | None = None,
+    log_format: str = "text",
+    hub_id: Callable[[], str | None] | None = None,
+) -> logging.Logger:
     """Configure the ``agent`` logger; call once per process (inside Trio when a
-    ring is given, so the handler can capture the Trio token)."""
+    ring is given, so the handler can capture the Trio token). ``log_format`` "json"
+    writes one object a line, with ``hub_id()`` in each."""
     logger = logging.getLogger("agent")
     logger.setLevel(_LEVELS[level])
     logger.propagate = False
@@ -127,7 +136,16 @@ def setup_logging(level: str, ring: RecordRing[LogRecordDict] | None = None) -> 
         logger.removeHandler(handler)
     console = logging.StreamHandler(sys.stderr)
     # JOURNAL_STREAM names the journal's stream when systemd connected stderr to it.
-    console.setFormatter(_JournalFormatter() if os.environ.get("JOURNAL_STREAM") else _TextFormatter())
+    formatter: logging.Formatter
+    if log_format == "json":
+        formatter = JsonFormatter()
+        if hub_id is not None:
+            console.addFilter(ContextFilter(hub=hub_id))
+    elif os.environ.get("JOURNAL_STREAM"):
+        formatter = _JournalFormatter()
+    else:
+        formatter = _TextFormatter()
+    console.setFormatter(formatter)
     logger.addHandler(console)
     if ring is not None:
         logger.addHandler(RingHandler(ring, trio.lowlevel.current_trio_token()))

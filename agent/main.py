@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -14,7 +15,15 @@ from spacehub.server import speedups
 from spacehub.server.allocator import tune_malloc
 
 from . import __version__
-from .config import DATA_DIR_RULE, LOG_LEVELS, PODMAN_NETWORKS, RUNTIMES, ConfigError, load_config
+from .config import (
+    DATA_DIR_RULE,
+    LOG_FORMATS,
+    LOG_LEVELS,
+    PODMAN_NETWORKS,
+    RUNTIMES,
+    ConfigError,
+    load_config,
+)
 from .service import run_hub
 
 
@@ -39,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
         " else ~/.local/share/spacehub/sequences)",
     )
     parser.add_argument("-L", "--log-level", choices=LOG_LEVELS, help="log level (default info)")
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help="text (default) or json: one object a line, for log shippers",
+    )
     parser.add_argument(
         "-E",
         "--identify-existing",
@@ -125,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         "hostname": args.hostname,
         "sequences_root": args.sequences_root,
         "log_level": args.log_level,
+        "log_format": args.log_format,
         "identify_existing": args.identify_existing,
         "runtime": args.runtime,
         "instance_lifetime": args.instance_lifetime,
@@ -175,7 +190,8 @@ async def _serve_until_signal(config: Any) -> None:
             print(f"API on {', '.join(addresses)}", flush=True)
             print("Running", flush=True)
             async for signum in signals:
-                print(f"sth: {signal.Signals(signum).name}, shutting down", file=sys.stderr, flush=True)
+                # Through the log, so a JSON log stays all JSON.
+                logging.getLogger("agent").warning("%s, shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
 

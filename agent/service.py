@@ -97,8 +97,12 @@ async def run_hub(
 ) -> None:
     """Run the hub until cancelled; ``started`` with the API's bound addresses."""
     ring = RecordRing[LogRecordDict](limits.HUB_LOG_RING_RECORDS)
-    logger = setup_logging(config.log_level, ring)
+    made: list[Hub] = []  # the hub's id goes in JSON log lines once the hub is made
+    logger = setup_logging(
+        config.log_level, ring, config.log_format, hub_id=lambda: made[0].id if made else None
+    )
     hub = await trio.to_thread.run_sync(partial(Hub, config, ring, logger))
+    made.append(hub)
     if isinstance(hub.runtime, PodmanRuntime):
         await hub.runtime.remove_orphans(logger)
     async with trio.open_nursery() as nursery:

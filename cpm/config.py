@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from spacehub.server.config import ConfigError, is_loopback, read_options, state_directory, user_data_home
+from spacehub.server.logformat import LOG_FORMATS
 
 from .tls import TlsFiles
 
@@ -50,6 +51,8 @@ class ManagerConfig:
     #: spaces made at start when missing
     spaces: list[str] = field(default_factory=list)
     log_level: str = "info"
+    #: "text" (readable) or "json" (one object a line: spacehub/server/logformat.py)
+    log_format: str = "text"
     #: seconds between a hub's heartbeats (told to the hub in ``welcome``)
     heartbeat_interval: float = 10.0
     #: heartbeats a hub may miss before it is shown ``healthy: false``
@@ -93,6 +96,8 @@ def _check(config: ManagerConfig) -> ManagerConfig:
         raise ConfigError(f"port must be 0..65535, not {config.port!r}")
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}, not {config.log_level!r}")
+    if config.log_format not in LOG_FORMATS:
+        raise ConfigError(f"log format must be one of {', '.join(LOG_FORMATS)}, not {config.log_format!r}")
     if not config.tls and not is_loopback(config.hostname):
         raise ConfigError(
             f"refusing to serve plain HTTP on {config.hostname}: hubs' signatures and API tokens would "

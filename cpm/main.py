@@ -24,16 +24,18 @@ import trio
 from spacehub.models import HubRecord
 from spacehub.server import speedups
 from spacehub.server.allocator import tune_malloc
+from spacehub.server.logformat import LOG_FORMATS, JsonFormatter
 
 from . import __version__, admin
 from .config import LOG_LEVELS, ConfigError, ManagerConfig, load_config
 from .errors import ManagerError, SpaceNotFound
 from .joining import PackageShelf, cloud_init, configured_base_url, join_line
+from .metrics import metrics_token
 from .registry import Registry, iso_utc
 from .service import open_registry, prepare, run_manager
 from .tls import ca_fingerprint
 
-COMMANDS = ("serve", "space", "token", "join-token", "hub", "ca-fingerprint")
+COMMANDS = ("serve", "space", "token", "join-token", "hub", "ca-fingerprint", "metrics-token")
 _LOG_LEVELS = {
     "trace": logging.DEBUG,
     "debug": logging.DEBUG,
@@ -68,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("-P", "--port", type=int, help="API port (default 9000; 0 picks a free one)")
     serve.add_argument("-H", "--hostname", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("-L", "--log-level", choices=LOG_LEVELS, help="log level (default info)")
+    serve.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        help="text (default) or json: one object a line, for log shippers",
+    )
     serve.add_argument("--tls-cert", type=Path, help="serve this certificate instead of the generated one")
     serve.add_argument("--tls-key", type=Path, help="the key of --tls-cert")
     serve.add_argument("--tls-ca", type=Path, help="the CA of --tls-cert, served at /api/v1/ca.pem")
@@ -181,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(revoke)
 
     _common(commands.add_parser("ca-fingerprint", help="print the SHA-256 fingerprint of the manager's CA"))
+    _common(
+        commands.add_parser(
+            "metrics-token", help="print the token Prometheus scrapes /metrics with (made if missing)"
+        )
+    )
     return parser
 
 
@@ -201,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             "port",
             "hostname",
             "log_level",
+            "log_format",
             "tls",
             "tls_cert",
             "tls_key",
@@ -231,9 +244,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-def _setup_logging(level: str) -> None:
+def _setup_logging(level: str, log_format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for name in ("cpm", "spacehub"):
         logger = logging.getLogger(name)
         logger.setLevel(_LOG_LEVELS[level])
@@ -249,7 +265,7 @@ GC_THRESHOLDS: Final = (20_000, 20, 100)
 
 
 def _serve(config: ManagerConfig) -> int:
-    _setup_logging(config.log_level)
+    _setup_logging(config.log_level, config.log_format)
     gc.set_threshold(*GC_THRESHOLDS)
     tune_malloc()
     speedups.install()
@@ -273,12 +289,17 @@ async def _serve_until_signal(config: ManagerConfig, fingerprint: str | None) ->
                 print("CA fingerprint: none (TLS is off)" if not config.tls else "CA fingerprint: unknown")
             print("Running", flush=True)
             async for signum in signals:
-                print(f"cpm: {signal.Signals(signum).name}, shutting down", file=sys.stderr, flush=True)
+                # Through the log, so a JSON log stays all JSON.
+                logging.getLogger("cpm").warning("%s, shutting down", signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
 
 
 def _admin(args: argparse.Namespace, config: ManagerConfig) -> int:
+    if args.command == "metrics-token":
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        print(metrics_token(config.data_dir))
+        return 0
     if args.command == "ca-fingerprint":
         path = config.ca_path
         if path is None or not path.exists():

@@ -118,7 +118,11 @@ class Instance:
         self._on_removed = on_removed
         self._topics = topics
         self._nursery: trio.Nursery | None = None
-        self._logger = logging.getLogger(f"agent.instance.{instance_id[:8]}")
+        # The full id goes with every record (the JSON log's "instance"); the text log shows
+        # the logger's short name.
+        self._logger = logging.LoggerAdapter(
+            logging.getLogger(f"agent.instance.{instance_id[:8]}"), {"instance": instance_id}
+        )
 
         self.status = Status.INITIALIZING
         self.created = iso_now()

@@ -44,9 +44,10 @@ from spacehub.server.http import (
 
 from ..console.app import Console
 from ..console.app import register as register_console
-from ..console.auth import LOGIN_LINK_SECONDS
+from ..console.auth import LOGIN_LINK_SECONDS, same_secret
 from ..errors import Forbidden
 from ..link.transport import AsgiWebSocketTransport
+from ..metrics import ManagerMetrics, metrics_token
 from . import joining as joining_routes
 from . import space as space_routes
 from .tokens import DatabaseVersion, TokenCache
@@ -57,6 +58,8 @@ if TYPE_CHECKING:
 __all__ = ["LINK_PATH", "ManagerApp"]
 
 logger = logging.getLogger("cpm.api")
+#: Prometheus's default scrape path
+METRICS_PATH: Final = "/metrics"
 
 API_BASE: Final = "/api/v1"
 LINK_PATH: Final = "/api/v1/link"
@@ -127,12 +130,23 @@ class ManagerApp:
         self.console = Console(manager, self._tokens.allows)
         register_console(self._router, self.console)
         self._router.add("POST", f"{API_BASE}/space/:space/api/v1/console-login", self._console_login)
+        self.metrics = ManagerMetrics(manager)
+        self._metrics_token = metrics_token(manager.config.data_dir)
+        self._router.add("GET", METRICS_PATH, self._scrape)
         self._http = HttpDispatch(
             self._router,
             internal_error="internal error; see the manager log",
             before_route=self._before_route,
             log=logger,
+            metrics=self.metrics.http,
         )
+
+    async def _scrape(self, request: Request) -> Response:
+        """Prometheus's scrape, with the metrics token (cpm/metrics.py says why a token)."""
+        if not same_secret(_bearer(request), self._metrics_token):
+            raise Forbidden()
+        body, content_type = await self.metrics.scrape(request.header("accept") or "")
+        return Response(200, body, content_type)
 
     async def _console_login(self, request: Request) -> Response:
         """A one-time link that signs a browser in to the console with the caller's token
@@ -176,6 +190,7 @@ class ManagerApp:
         if space_match is None:
             return None
         space = space_match.group(1)
+        request.route = f"{API_BASE}/space/:space/*"  # until routed; metrics label by it
         token = _bearer(request)
         if token is None or not await self._tokens.allows(space, token):
             raise Forbidden()
@@ -183,6 +198,7 @@ class ManagerApp:
         proxied = space_routes.PROXY_PATH.match(raw_path)
         if proxied is None:
             return None
+        request.route = f"{API_BASE}/space/:space/api/v1/sth/:id/*"
         hub_id = unquote(proxied.group(2).decode("latin-1"))
         rest = (proxied.group(3) or b"").decode("latin-1")
         await space_routes.proxy(self._manager, request, send, space, hub_id, rest)

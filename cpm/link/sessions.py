@@ -302,6 +302,11 @@ class HubSessions:
         self._wakeup = trio.Event()
         #: the registry's PRAGMA data_version when the watchdog last read the hubs
         self._seen_version: int | None = None
+        #: links accepted and ended since start (metrics)
+        self.links_opened = 0
+        self.links_closed = 0
+        #: told each registry call's name and seconds (metrics)
+        self.on_db: Callable[[str, float], None] | None = None
 
     @property
     def health_window(self) -> float:
@@ -314,7 +319,21 @@ class HubSessions:
 
     async def db(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a registry call in a worker thread: another process may hold the write lock."""
-        return await trio.to_thread.run_sync(partial(call, *args, **kwargs))
+        began = time.monotonic()
+        try:
+            return await trio.to_thread.run_sync(partial(call, *args, **kwargs))
+        finally:
+            if self.on_db is not None:
+                self.on_db(getattr(call, "__name__", "call"), time.monotonic() - began)
+
+    def heartbeat_ages(self) -> list[float]:
+        """Seconds since each linked hub's last heartbeat (hubs yet to send one left out)."""
+        now = trio.current_time()
+        return [
+            now - session.report.last_heartbeat
+            for session in self._live.values()
+            if session.report.last_heartbeat is not None
+        ]
 
     # -- queries for the API ----------------------------------------------------------------
 
@@ -401,22 +420,32 @@ class HubSessions:
         self._live[hub_id] = session
         self._last[hub_id] = session.report
         self._schedule(session, now)  # the first ping goes out at once
-        logger.info("hub %s connected (space %s, sth %s)", hub_id, space, version or "?")
+        self.links_opened += 1
+        logger.info(
+            "hub %s connected (space %s, sth %s)",
+            hub_id,
+            space,
+            version or "?",
+            extra={"hub": hub_id, "space": space},
+        )
         try:
             if old is not None:
                 await old.close("replaced by a newer link of the same hub")
             await link.run()
         finally:
             session.connected = False
+            self.links_closed += 1
             with trio.CancelScope(shield=True):
                 link.close()
                 await transport.aclose()
                 if self._live.get(hub_id) is session:
                     del self._live[hub_id]
+                    context = {"hub": hub_id, "space": space}
                     if session.leaving is not None:
-                        logger.info("hub %s left: %s", hub_id, session.leaving)
+                        logger.info("hub %s left: %s", hub_id, session.leaving, extra=context)
                     else:
-                        logger.info("hub %s disconnected: %s", hub_id, link.close_reason or "closed")
+                        reason = link.close_reason or "closed"
+                        logger.info("hub %s disconnected: %s", hub_id, reason, extra=context)
                     with trio.move_on_after(NOTICE_TIMEOUT):
                         try:
                             await self.db(self.registry.mark_disconnected, hub_id)

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import re
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -23,6 +24,7 @@ import trio
 
 from . import limits
 from .errors import HttpError, InvalidJSON, MethodNotAllowed, NotFound, PayloadTooLarge, UnsupportedMediaType
+from .metrics import HttpMetrics
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -58,6 +60,10 @@ class Request:
         for raw_name, raw_value in scope.get("headers", []):
             self.headers[raw_name.decode("latin-1").lower()] = raw_value.decode("latin-1")
         self._body_done = False
+        #: the route pattern that answered, for metrics ("unmatched" until routed)
+        self.route = "unmatched"
+        #: request body bytes read so far
+        self.bytes_read = 0
 
     @property
     def body_read(self) -> bool:
@@ -84,6 +90,7 @@ class Request:
             self._body_done = not message.get("more_body", False)
             chunk = message.get("body", b"")
             if chunk:
+                self.bytes_read += len(chunk)
                 yield chunk
 
     async def body(self, limit: int) -> bytes:
@@ -245,11 +252,14 @@ class Router:
         self._prefix = prefix
         self._routes: list[tuple[str, re.Pattern[str], Handler]] = []
         self._patterns: list[tuple[str, str]] = []
+        #: each route's full pattern, what metrics label it by
+        self._route_names: list[str] = []
 
     def add(self, method: str, pattern: str, handler: Handler) -> None:
         self._patterns.append((method, pattern))
         regex = re.sub(r":(\w+)", r"(?P<\1>[^/]+)", pattern)
         self._routes.append((method, re.compile(f"^{re.escape(self._prefix)}{regex}/?$"), handler))
+        self._route_names.append(f"{self._prefix}{pattern}")
 
     def routes(self) -> list[tuple[str, str]]:
         """Every ``(method, pattern)`` added, in order (tests check each route's guard)."""
@@ -257,15 +267,20 @@ class Router:
 
     def resolve(self, method: str, path: str) -> tuple[Handler | None, dict[str, str], list[str]]:
         """The handler and path parameters, or None and the methods the path has."""
+        handler, params, allowed, _ = self.match(method, path)
+        return handler, params, allowed
+
+    def match(self, method: str, path: str) -> tuple[Handler | None, dict[str, str], list[str], str]:
+        """:meth:`resolve`, and the matching route's full pattern ("unmatched" for none)."""
         allowed: list[str] = []
-        for route_method, regex, handler in self._routes:
+        for index, (route_method, regex, handler) in enumerate(self._routes):
             match = regex.match(path)
             if match is None:
                 continue
             if route_method == method or (method == "HEAD" and route_method == "GET"):
-                return handler, match.groupdict(), []
+                return handler, match.groupdict(), [], self._route_names[index]
             allowed.append(route_method)
-        return None, {}, allowed
+        return None, {}, allowed, "unmatched"
 
 
 async def send_response(send: Send, response: Response) -> None:
@@ -351,14 +366,42 @@ class HttpDispatch:
         internal_error: str = "internal error; see the log",
         before_route: BeforeRoute | None = None,
         log: logging.Logger = logger,
+        metrics: HttpMetrics | None = None,
     ) -> None:
         self._router = router
         self._internal_error = internal_error
         self._before_route = before_route
         self._log = log
+        self._metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._metrics is None:
+            await self._serve(Request(scope, receive, {}), send)
+            return
+        metrics = self._metrics
         request = Request(scope, receive, {})
+        began = time.monotonic()
+        sent = 0
+
+        async def counted(message: dict[str, Any]) -> None:
+            nonlocal sent
+            if message["type"] == "http.response.start":
+                metrics.answered(request.route, request.method, int(message["status"]), began)
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        metrics.open_streams += 1
+        try:
+            await self._serve(request, counted)
+        finally:
+            metrics.open_streams -= 1
+            if request.bytes_read:
+                metrics.received.inc(request.route, amount=request.bytes_read)
+            if sent:
+                metrics.sent.inc(request.route, amount=sent)
+
+    async def _serve(self, request: Request, send: Send) -> None:
         response: Response | StreamResponse | object
         try:
             response = await self._respond(request, send)
@@ -386,7 +429,7 @@ class HttpDispatch:
             early = await self._before_route(request, send)
             if early is not None:
                 return early
-        handler, params, allowed = self._router.resolve(request.method, request.path)
+        handler, params, allowed, request.route = self._router.match(request.method, request.path)
         if handler is None:
             if allowed:
                 raise MethodNotAllowed(

@@ -1,0 +1,53 @@
+"""The hub's metrics, served at ``GET /metrics`` on its API port (Prometheus text format).
+
+The hub's API port is its trust boundary (loopback by default; docs/api.md), so /metrics
+has no token of its own. Gauges are read from the hub's state at scrape time; the HTTP
+families are counted by the dispatch (spacehub/server/metrics.py).
+"""
+
+from __future__ import annotations
+
+from collections import Counter as Tally
+from typing import TYPE_CHECKING
+
+from spacehub.server.metrics import HttpMetrics, Metrics
+
+from .instances.lifecycle import Status
+
+if TYPE_CHECKING:
+    from .service import Hub
+
+__all__ = ["PREFIX", "hub_metrics"]
+
+PREFIX = "spacehub_hub"
+
+
+def hub_metrics(hub: Hub) -> tuple[Metrics, HttpMetrics]:
+    metrics = Metrics(PREFIX)
+    http = HttpMetrics(metrics)
+
+    def instances() -> dict[tuple[str, ...], float]:
+        tally = Tally(instance.status.value for instance in hub.supervisor.list())
+        return {(status.value,): float(tally.get(status.value, 0)) for status in Status}
+
+    metrics.gauge_read("instances", "Instances listed, by status", instances, ("status",))
+    metrics.gauge_read("sequences", "Sequences kept", lambda: {(): float(len(hub.store.list()))})
+    metrics.gauge_read("topics", "Topics on this hub", lambda: {(): float(len(hub.topics.list()))})
+    metrics.gauge_read(
+        "topic_buffered_bytes",
+        "Bytes waiting in this hub's topics for a consumer",
+        lambda: {(): float(sum(topic.stream.buffered for topic in hub.topics.list()))},
+    )
+
+    def link_connected() -> dict[tuple[str, ...], float]:
+        link = hub.link
+        return {(): 1.0 if link is not None and link.status()["connected"] else 0.0}
+
+    metrics.gauge_read("link_connected", "1 while the link to the manager is up", link_connected)
+    metrics.counter_read(
+        "link_connections_total",
+        "Links to the manager made since start (reconnections included)",
+        lambda: {(): float(hub.link.connections if hub.link is not None else 0)},
+    )
+    metrics.gauge_read("uptime_seconds", "Seconds since the hub started", lambda: {(): hub.uptime()})
+    return metrics, http
