@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -73,7 +74,7 @@ def test_hub_metrics(tmp_path: Path) -> None:
 async def test_manager_metrics(tmp_path: Path) -> None:
     data = tmp_path / "cpm"
     token, join = setup_space(data)
-    with run_cpm(data, *FAST) as manager, run_linked_sth(tmp_path, manager, "--join-token", join):
+    with run_cpm(data, *FAST) as manager, run_linked_sth(tmp_path, manager, "--join-token", join) as hub:
         scrape_token = cpm(data, "metrics-token")
         assert scrape_token.startswith("shm_") and cpm(data, "metrics-token") == scrape_token
         assert (data / "metrics.token").stat().st_mode & 0o777 == 0o600
@@ -82,6 +83,12 @@ async def test_manager_metrics(tmp_path: Path) -> None:
             answer = await space.get(f"/sth/{hub_id}/api/v1/version")
             assert answer.status_code == 200
             assert (await space.get("/list")).status_code == 200
+            posted = await space.post(
+                f"/sth/{hub_id}/api/v1/topic/metrics-test",
+                content=b"one\ntwo\n",
+                headers={"content-type": "text/plain"},
+            )
+            assert posted.status_code in (200, 202), posted.text
             await trio.sleep(1.5)  # a heartbeat after the first
         async with httpx.AsyncClient(
             base_url=manager.base, verify=ssl_context(manager), timeout=20
@@ -105,11 +112,24 @@ async def test_manager_metrics(tmp_path: Path) -> None:
         proxy = "/api/v1/space/:space/api/v1/sth/:id/*"
         assert value(found, "spacehub_cpm_http_requests_total", route=proxy, method="GET", status="200") == 1
         assert value(found, "spacehub_cpm_http_response_body_bytes_total", route=proxy) > 0
+        assert value(found, "spacehub_cpm_http_request_body_bytes_total", route=proxy) == 8
         assert value(found, "spacehub_cpm_http_requests_total", route="/api/v1/space/:space/api/v1/list") >= 1
         assert value(found, "spacehub_cpm_http_requests_total", route="/metrics", status="403") == 3
         assert value(found, "spacehub_cpm_registry_query_duration_seconds_count") >= 1
         assert value(found, "process_cpu_seconds_total") > 0
         assert manager.process.poll() is None
+
+        # The dashboard in docs/ asks only for what the daemons serve.
+        with httpx.Client(base_url=f"http://{hub.address}", timeout=20) as api:
+            found.update(samples(api.get("/metrics").text))
+        dashboard = json.loads((ROOT / "docs" / "grafana" / "spacehub.json").read_text())
+        asked = {
+            name
+            for panel in dashboard["panels"]
+            for target in panel["targets"]
+            for name in re.findall(r"\b(?:spacehub|process)_\w+", target["expr"])
+        }
+        assert len(asked) > 10 and asked <= set(found), sorted(asked - set(found))
 
 
 def test_json_logs(tmp_path: Path) -> None:
