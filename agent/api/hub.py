@@ -82,3 +82,10 @@ def register(router: Router, hub: Hub) -> None:
     router.add("GET", "/load-check", load)
     router.add("GET", "/log", log)
     router.add("GET", "/entities", entities)
+
+    async def openapi(request: Request) -> Response:
+        from .openapi import hub_openapi
+
+        return json_response(hub_openapi())
+
+    router.add("GET", "/openapi.json", openapi)

@@ -133,6 +133,7 @@ class ManagerApp:
         self.metrics = ManagerMetrics(manager)
         self._metrics_token = metrics_token(manager.config.data_dir)
         self._router.add("GET", METRICS_PATH, self._scrape)
+        self._router.add("GET", f"{API_BASE}/openapi.json", self._openapi)
         self._http = HttpDispatch(
             self._router,
             internal_error="internal error; see the manager log",
@@ -140,6 +141,11 @@ class ManagerApp:
             log=logger,
             metrics=self.metrics.http,
         )
+
+    async def _openapi(self, request: Request) -> Response:
+        from .openapi import manager_openapi
+
+        return json_response(manager_openapi())
 
     async def _scrape(self, request: Request) -> Response:
         """Prometheus's scrape, with the metrics token (cpm/metrics.py says why a token)."""
