@@ -89,6 +89,8 @@ class HubConfig:
     cpm_fingerprint: str = ""
     #: allow plain ws:// to a manager that is not on loopback
     cpm_insecure: bool = False
+    #: the longest wait between two attempts to link to a manager that answered (seconds)
+    link_backoff_cap: float = 60.0
     #: shown by the manager
     description: str = ""
     tags: list[str] = field(default_factory=list)
@@ -179,6 +181,7 @@ _TOML_KEYS: dict[str, str] = {
     "cpm_ca": "cpm_ca",
     "cpm_fingerprint": "cpm_fingerprint",
     "cpm_insecure": "cpm_insecure",
+    "link_backoff_cap": "link_backoff_cap",
     "description": "description",
     "tags": "tags",
     "runner_image_py": "runner_image_py",
@@ -195,6 +198,8 @@ def _check(config: HubConfig) -> HubConfig:
         raise ConfigError(f"port must be 0..65535, not {config.port}")
     if config.log_level not in LOG_LEVELS:
         raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}, not {config.log_level!r}")
+    if not 0.1 <= config.link_backoff_cap <= 3600:
+        raise ConfigError(f"link_backoff_cap is 0.1 to 3600 seconds, not {config.link_backoff_cap!r}")
     if config.log_format not in LOG_FORMATS:
         raise ConfigError(f"log format must be one of {', '.join(LOG_FORMATS)}, not {config.log_format!r}")
     if config.runtime not in RUNTIMES:

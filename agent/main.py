@@ -118,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="allow plain ws:// to a manager that is not on this machine (unencrypted!)",
     )
+    link.add_argument(
+        "--link-backoff-cap",
+        type=float,
+        metavar="SECONDS",
+        help="longest wait between attempts to link to a manager that answered (default 60;"
+        " failures double the wait up to it)",
+    )
     link.add_argument("--description", help="shown by the manager")
     link.add_argument("--tags", metavar="A,B", help="comma-separated tags, shown by the manager")
     return parser
@@ -154,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpm_ca": args.cpm_ca,
         "cpm_fingerprint": args.cpm_fingerprint,
         "cpm_insecure": args.cpm_insecure,
+        "link_backoff_cap": args.link_backoff_cap,
         "description": args.description,
         "tags": None if args.tags is None else [t.strip() for t in args.tags.split(",") if t.strip()],
         "runner_image_py": args.runner_image_py,

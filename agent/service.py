@@ -122,7 +122,12 @@ async def run_hub(
             from .link.client import LinkClient
 
             hub.link = LinkClient(
-                config, app, load=hub.link_load, summary=hub.link_summary, on_hub_id=hub.adopt_id
+                config,
+                app,
+                load=hub.link_load,
+                summary=hub.link_summary,
+                on_hub_id=hub.adopt_id,
+                backoff_cap=config.link_backoff_cap,
             )
             await nursery.start(hub.link.run)
         # systemd (Type=notify): READY=1 now, the watchdog, STOPPING=1 when cancelled.

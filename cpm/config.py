@@ -53,6 +53,8 @@ class ManagerConfig:
     log_level: str = "info"
     #: "text" (readable) or "json" (one object a line: spacehub/server/logformat.py)
     log_format: str = "text"
+    #: serve POST/DELETE /api/v1/faults to loopback callers (cpm/faults.py); off in production
+    fault_injection: bool = False
     #: seconds between a hub's heartbeats (told to the hub in ``welcome``)
     heartbeat_interval: float = 10.0
     #: heartbeats a hub may miss before it is shown ``healthy: false``

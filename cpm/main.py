@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("-H", "--hostname", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("-L", "--log-level", choices=LOG_LEVELS, help="log level (default info)")
     serve.add_argument(
+        "--fault-injection",
+        action="store_true",
+        default=None,
+        help="serve POST /api/v1/faults to loopback callers: cut, partition or delay hub links, fail"
+        " registry writes (tests and rehearsals; docs/operations.md)",
+    )
+    serve.add_argument(
         "--log-format",
         choices=LOG_FORMATS,
         help="text (default) or json: one object a line, for log shippers",
@@ -214,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             "hostname",
             "log_level",
             "log_format",
+            "fault_injection",
             "tls",
             "tls_cert",
             "tls_key",

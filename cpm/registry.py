@@ -300,6 +300,8 @@ class Registry:
         self.path = str(path)
         self._clock = clock
         self._lock = threading.Lock()
+        #: when it answers True, a transaction that wrote fails (fault injection, cpm/faults.py)
+        self.fail_writes: Callable[[], bool] | None = None
         if self.path != ":memory:" and not os.path.exists(self.path):
             # Create it private; SQLite gives the -wal and -shm files the same mode.
             os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
@@ -692,8 +694,11 @@ class Registry:
         read-then-write (e.g. redeeming a token) cannot be overtaken by another process."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
+            changes = self._db.total_changes
             try:
                 yield self._db
+                if self.fail_writes is not None and self._db.total_changes != changes and self.fail_writes():
+                    raise sqlite3.OperationalError("fault injected: the registry refuses writes")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise

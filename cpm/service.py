@@ -28,6 +28,7 @@ from .admin import serve_admin, socket_path
 from .api.app import ManagerApp
 from .config import ManagerConfig
 from .errors import Conflict
+from .faults import Faults
 from .joining import PackageShelf
 from .link.sessions import HubSessions
 from .registry import Registry
@@ -64,6 +65,11 @@ class Manager:
         self.sessions = HubSessions(registry, config, self.id)
         #: the .deb new hubs install from this manager (cpm/joining.py)
         self.packages = PackageShelf(config.package, config.data_dir)
+        #: with --fault-injection only (cpm/faults.py)
+        self.faults: Faults | None = None
+        if config.fault_injection:
+            self.faults = Faults()
+            registry.fail_writes = self.faults.registry_writes_fail
 
     def version_info(self) -> VersionInfo:
         return {

@@ -28,6 +28,7 @@ from urllib.parse import unquote
 import trio
 
 from spacehub.models import SpaceRecord
+from spacehub.server.config import is_loopback
 from spacehub.server.http import (
     ANSWERED,
     HttpDispatch,
@@ -46,6 +47,7 @@ from ..console.app import Console
 from ..console.app import register as register_console
 from ..console.auth import LOGIN_LINK_SECONDS, same_secret
 from ..errors import Forbidden
+from ..faults import Faults
 from ..link.transport import AsgiWebSocketTransport
 from ..metrics import ManagerMetrics, metrics_token
 from . import joining as joining_routes
@@ -134,6 +136,9 @@ class ManagerApp:
         self._metrics_token = metrics_token(manager.config.data_dir)
         self._router.add("GET", METRICS_PATH, self._scrape)
         self._router.add("GET", f"{API_BASE}/openapi.json", self._openapi)
+        if manager.faults is not None:
+            self._router.add("POST", f"{API_BASE}/faults", self._inject_fault)
+            self._router.add("DELETE", f"{API_BASE}/faults", self._clear_faults)
         self._http = HttpDispatch(
             self._router,
             internal_error="internal error; see the manager log",
@@ -142,10 +147,29 @@ class ManagerApp:
             metrics=self.metrics.http,
         )
 
+    def _faults(self, request: Request) -> Faults:
+        """The faults, for a caller on loopback only (cpm/faults.py)."""
+        client = request.scope.get("client")
+        if self._manager.faults is None or not client or not is_loopback(str(client[0])):
+            raise Forbidden()
+        return self._manager.faults
+
+    async def _inject_fault(self, request: Request) -> Response:
+        faults = self._faults(request)
+        applied = faults.apply(await request.json(default={}))
+        cut = await self._manager.sessions.cut(applied["hub"]) if applied["cut"] else []
+        logger.warning("fault injected: %s", applied)
+        return json_response({**applied, "cutHubs": cut})
+
+    async def _clear_faults(self, request: Request) -> Response:
+        self._faults(request).clear()
+        logger.warning("faults cleared")
+        return json_response({"cleared": True})
+
     async def _openapi(self, request: Request) -> Response:
         from .openapi import manager_openapi
 
-        return json_response(manager_openapi())
+        return json_response(manager_openapi(self._manager.faults is not None))
 
     async def _scrape(self, request: Request) -> Response:
         """Prometheus's scrape, with the metrics token (cpm/metrics.py says why a token)."""
@@ -186,7 +210,9 @@ class ManagerApp:
             return _refuse_websocket(receive, send)
         client = scope.get("client")
         peer = f"{client[0]}:{client[1]}" if client else "?"
-        return self._manager.sessions.serve(AsgiWebSocketTransport(receive, send), peer)
+        transport = AsgiWebSocketTransport(receive, send)
+        transport.faults = self._manager.faults
+        return self._manager.sessions.serve(transport, peer)
 
     async def _before_route(self, request: Request, send: Send) -> object | None:
         """The Space API's gate: a bearer token of the space, checked before any routing,

@@ -15,7 +15,7 @@ from spacehub.server.openapi import Operation, document, json_body, op
 
 from .. import __version__
 
-__all__ = ["FORWARDED", "OPERATIONS", "manager_openapi"]
+__all__ = ["FAULT_OPERATIONS", "FORWARDED", "OPERATIONS", "manager_openapi"]
 
 SPACE: Final = "/api/v1/space/:space/api/v1"
 #: The forwarding to a hub: every method, any hub route after it.
@@ -212,15 +212,45 @@ OPERATIONS: Final[list[Operation]] = [
 ]
 
 
+#: Served only with ``cpm serve --fault-injection``, to loopback callers (cpm/faults.py).
+FAULT_OPERATIONS: Final[list[Operation]] = [
+    (
+        "POST",
+        "/api/v1/faults",
+        op(
+            "Inject a fault: cut, partition or delay hub links, fail registry writes",
+            schema=_OBJECT,
+            body=json_body(
+                {
+                    "type": "object",
+                    "properties": {
+                        "hub": {"type": "string", "description": 'a hub id, or "*"'},
+                        "cut": {"type": "boolean"},
+                        "partition": {"type": "number", "minimum": 0, "maximum": 3600},
+                        "delay": {"type": "number", "minimum": 0, "maximum": 3600},
+                        "for": {"type": "number", "minimum": 0, "maximum": 3600},
+                        "registryWrites": {"type": "number", "minimum": 0, "maximum": 3600},
+                    },
+                    "additionalProperties": False,
+                }
+            ),
+            tag="faults",
+            errors=(400, 403),
+        ),
+    ),
+    ("DELETE", "/api/v1/faults", op("Clear every fault", schema=_OBJECT, tag="faults", errors=(403,))),
+]
+
+
 @cache
-def manager_openapi() -> dict[str, Any]:
+def manager_openapi(faults: bool = False) -> dict[str, Any]:
     doc = document(
         "Spacehub manager API",
         __version__,
         "The manager (docs/manager.md): spaces, the Space API and its forwarding to hubs,"
         " joining, metrics, the console.",
         "/",
-        OPERATIONS,
+        [*OPERATIONS, *(FAULT_OPERATIONS if faults else [])],
     )
     doc["components"]["securitySchemes"] = {
         "spaceToken": {

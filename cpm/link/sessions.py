@@ -326,6 +326,14 @@ class HubSessions:
             if self.on_db is not None:
                 self.on_db(getattr(call, "__name__", "call"), time.monotonic() - began)
 
+    async def cut(self, hub: str) -> list[str]:
+        """Close the links of ``hub`` ("*": all) at once, as a failing network would (fault
+        injection, cpm/faults.py); the ids of the hubs cut."""
+        chosen = [s for s in list(self._live.values()) if hub in ("*", s.hub_id)]
+        for session in chosen:
+            await session.close("fault injected: link cut", code=CLOSE_INTERNAL)
+        return [session.hub_id for session in chosen]
+
     def heartbeat_ages(self) -> list[float]:
         """Seconds since each linked hub's last heartbeat (hubs yet to send one left out)."""
         now = trio.current_time()
@@ -412,6 +420,7 @@ class HubSessions:
         if admitted is None:
             return
         hub_id, space, version, batching = admitted
+        transport.hub_id = hub_id
         now = trio.current_time()
         session = HubSession(hub_id, space, transport, now, HubReport(hub_id, space, version))
         link = session.link = LinkSession(connection, transport, on_control_nowait=session.on_control)

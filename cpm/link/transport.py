@@ -10,13 +10,16 @@ the hub's socket while we do not call ``receive`` (its queue to the app is bound
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
 from spacehub.server.link.session import LinkClosed
 
-__all__ = ["CLOSE_NORMAL", "CLOSE_POLICY", "CLOSE_PROTOCOL", "AsgiWebSocketTransport"]
+if TYPE_CHECKING:
+    from ..faults import Faults
+
+__all__ = ["CLOSE_INTERNAL", "CLOSE_NORMAL", "CLOSE_POLICY", "CLOSE_PROTOCOL", "AsgiWebSocketTransport"]
 
 Message = dict[str, Any]
 
@@ -47,6 +50,10 @@ class AsgiWebSocketTransport:
         self._send_lock = trio.Lock()
         #: trio time a message last came from the hub (the manager's liveness check reads it)
         self.last_received = trio.current_time()
+        #: the faults in force, with ``cpm serve --fault-injection`` (cpm/faults.py); the hub's
+        #: id is set once it is admitted
+        self.faults: Faults | None = None
+        self.hub_id = ""
 
     @property
     def closed(self) -> bool:
@@ -64,6 +71,8 @@ class AsgiWebSocketTransport:
     async def send(self, message: bytes) -> None:
         if self._closed:
             raise LinkClosed("the link is closed")
+        if self.faults is not None:
+            await self._suffer_faults()
         async with self._send_lock:
             # Shielded so that a cancelled caller cannot tear a message in half, but bounded:
             # a hub that stops reading for SEND_TIMEOUT is dead, and its link is given up.
@@ -76,6 +85,8 @@ class AsgiWebSocketTransport:
     async def receive(self) -> bytes:
         if self._closed:
             raise LinkClosed("the link is closed")
+        if self.faults is not None:
+            await self._suffer_faults()  # held before it is read: TCP back-pressure, as a partition
         message = await self._receive()
         kind = message["type"]
         if kind == "websocket.receive":
@@ -89,6 +100,17 @@ class AsgiWebSocketTransport:
         self._closed = True
         code = message.get("code", CLOSE_NORMAL) if kind == "websocket.disconnect" else None
         raise LinkClosed(f"the hub closed the link (code {code})")
+
+    async def _suffer_faults(self) -> None:
+        """Wait out the partition and the delay injected for this hub, if any."""
+        assert self.faults is not None
+        while (fault := self.faults.for_hub(self.hub_id)) is not None:
+            held = fault.held(trio.current_time())
+            if not held:
+                if delay := fault.delaying(trio.current_time()):
+                    await trio.sleep(delay)
+                return
+            await trio.sleep(held)
 
     async def aclose(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
         """Close the websocket (once); safe to call from any task, also when cancelled."""

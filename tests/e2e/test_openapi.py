@@ -18,7 +18,7 @@ from agent.config import HubConfig
 from agent.service import Hub
 from agent.streams import RecordRing
 from cpm.api.app import ManagerApp
-from cpm.api.openapi import FORWARDED
+from cpm.api.openapi import FAULT_OPERATIONS, FORWARDED
 from cpm.api.openapi import OPERATIONS as MANAGER_OPERATIONS
 from cpm.config import ManagerConfig
 from cpm.registry import Registry
@@ -66,9 +66,12 @@ def test_hub_document_matches_its_router(tmp_path: Path) -> None:
     assert not unserved, f"documented but not served: {sorted(unserved)}"
 
 
-async def test_manager_document_matches_its_router(tmp_path: Path) -> None:
-    app = ManagerApp(Manager(ManagerConfig(data_dir=tmp_path), Registry(tmp_path / "r.sqlite3")))
-    documented = [(m, p) for m, p, _ in MANAGER_OPERATIONS if p != FORWARDED]
+@pytest.mark.parametrize("faults", [False, True])
+async def test_manager_document_matches_its_router(tmp_path: Path, faults: bool) -> None:
+    config = ManagerConfig(data_dir=tmp_path, fault_injection=faults)
+    app = ManagerApp(Manager(config, Registry(tmp_path / "r.sqlite3")))
+    operations = [*MANAGER_OPERATIONS, *(FAULT_OPERATIONS if faults else [])]
+    documented = [(m, p) for m, p, _ in operations if p != FORWARDED]
     undocumented, unserved = mismatches(documented, app.router.routes())
     assert not undocumented, f"routes with no entry in cpm/api/openapi.py: {sorted(undocumented)}"
     assert not unserved, f"documented but not served: {sorted(unserved)}"
@@ -111,7 +114,7 @@ def test_manager_serves_its_document(tmp_path: Path) -> None:
             assert got.status_code == 403, (method, path, got.status_code)
 
 
-@pytest.mark.parametrize("name", ["hub", "manager"])
+@pytest.mark.parametrize("name", ["hub", "manager", "manager with faults"])
 def test_documents_are_valid_openapi(name: str, tmp_path: Path) -> None:
     import openapi_spec_validator as validator
 
@@ -122,5 +125,5 @@ def test_documents_are_valid_openapi(name: str, tmp_path: Path) -> None:
     else:
         from cpm.api.openapi import manager_openapi
 
-        doc = manager_openapi()
+        doc = manager_openapi(name.endswith("faults"))
     validator.validate(doc)
