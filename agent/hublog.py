@@ -18,6 +18,7 @@ from typing import Any, Final
 
 import trio
 
+from spacehub.server.http import REQUEST_ID
 from spacehub.server.logformat import ContextFilter, JsonFormatter
 
 from .streams import RecordRing
@@ -139,8 +140,7 @@ def setup_logging(
     formatter: logging.Formatter
     if log_format == "json":
         formatter = JsonFormatter()
-        if hub_id is not None:
-            console.addFilter(ContextFilter(hub=hub_id))
+        console.addFilter(ContextFilter(hub=hub_id or (lambda: None), request=REQUEST_ID.get))
     elif os.environ.get("JOURNAL_STREAM"):
         formatter = _JournalFormatter()
     else:

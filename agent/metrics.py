@@ -39,6 +39,21 @@ def hub_metrics(hub: Hub) -> tuple[Metrics, HttpMetrics]:
         lambda: {(): float(sum(topic.stream.buffered for topic in hub.topics.list()))},
     )
 
+    totals = hub.topics.totals
+    metrics.counter_read(
+        "topic_bytes_in_total", "Bytes written into this hub's topics", lambda: {(): float(totals.bytes_in)}
+    )
+    metrics.counter_read(
+        "topic_records_in_total",
+        "Newline-ended records (lines, NDJSON records) written into this hub's topics",
+        lambda: {(): float(totals.records_in)},
+    )
+    metrics.counter_read(
+        "topic_bytes_out_total",
+        "Bytes read from this hub's topics, each reader counted",
+        lambda: {(): float(totals.bytes_out)},
+    )
+
     def link_connected() -> dict[tuple[str, ...], float]:
         link = hub.link
         return {(): 1.0 if link is not None and link.status()["connected"] else 0.0}

@@ -89,9 +89,20 @@ def _count(table: dict[str, int], who: str, delta: int) -> None:
         del table[who]
 
 
+@dataclass(slots=True)
+class TopicTotals:
+    """What went through this hub's topics since start (the metrics read it)."""
+
+    bytes_in: int = 0
+    #: newline-ended records written (lines of text, NDJSON records)
+    records_in: int = 0
+    bytes_out: int = 0
+
+
 class TopicRouter:
     def __init__(self) -> None:
         self._topics: dict[str, Topic] = {}
+        self.totals = TopicTotals()
 
     def list(self) -> list[Topic]:
         return list(self._topics.values())
@@ -143,14 +154,18 @@ class TopicRouter:
             async with topic.turn:
                 stream = topic.stream
                 last = b"\n"
+                totals = self.totals
                 async for chunk in body:
                     if chunk:
                         await stream.write(chunk)
                         written += len(chunk)
+                        totals.bytes_in += len(chunk)
+                        totals.records_in += chunk.count(b"\n")
                         last = chunk[-1:]
                 # NDJSON readers must never see two writers' records glued together.
                 if topic.content_type in NDJSON_TYPES and last != b"\n":
                     await stream.write(b"\n")
+                    totals.records_in += 1
         finally:
             _count(topic.providers, who, -1)
         return written
@@ -158,13 +173,16 @@ class TopicRouter:
     def subscribe(self, topic: Topic, *, who: str) -> TopicReader:
         """Attach a reader now (bytes written from here on reach it)."""
         _count(topic.consumers, who, +1)
-        return TopicReader(topic, who, topic.stream.subscribe())
+        return TopicReader(topic, who, topic.stream.subscribe(), self.totals)
 
 
 class TopicReader:
     """A topic reader: its bytes until the topic's stream ends; close it when done."""
 
-    def __init__(self, topic: Topic, who: str, subscription: Subscription) -> None:
+    def __init__(
+        self, topic: Topic, who: str, subscription: Subscription, totals: TopicTotals | None = None
+    ) -> None:
+        self._totals = totals
         self._topic = topic
         self._who = who
         self._subscription = subscription
@@ -174,7 +192,10 @@ class TopicReader:
         return self
 
     async def __anext__(self) -> bytes:
-        return await self._subscription.__anext__()
+        chunk = await self._subscription.__anext__()
+        if self._totals is not None:
+            self._totals.bytes_out += len(chunk)
+        return chunk
 
     def close(self) -> None:
         if not self._closed:

@@ -24,7 +24,8 @@ import trio
 from spacehub.models import HubRecord
 from spacehub.server import speedups
 from spacehub.server.allocator import tune_malloc
-from spacehub.server.logformat import LOG_FORMATS, JsonFormatter
+from spacehub.server.http import REQUEST_ID
+from spacehub.server.logformat import LOG_FORMATS, ContextFilter, JsonFormatter
 
 from . import __version__, admin
 from .config import LOG_LEVELS, ConfigError, ManagerConfig, load_config
@@ -256,6 +257,7 @@ def _setup_logging(level: str, log_format: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
+        handler.addFilter(ContextFilter(request=REQUEST_ID.get))
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     for name in ("cpm", "spacehub"):

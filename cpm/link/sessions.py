@@ -706,8 +706,10 @@ def _request_headers(request: Request) -> list[tuple[str, str]]:
     headers: list[tuple[str, str]] = []
     for raw_name, raw_value in request.scope.get("headers", []):
         name = raw_name.decode("latin-1").lower()
-        if name not in DROP_REQUEST_HEADERS:
+        if name not in DROP_REQUEST_HEADERS and name != "x-request-id":
             headers.append((name, raw_value.decode("latin-1")))
+    # The call's id goes on to the hub: one id in both daemons' logs.
+    headers.append(("x-request-id", request.id))
     return headers
 
 

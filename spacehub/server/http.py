@@ -14,8 +14,10 @@ import json
 import logging
 import math
 import re
+import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -49,6 +51,20 @@ logger = logging.getLogger("spacehub.http")
 JSON_TYPES: Final = frozenset({"application/json", "text/json"})
 
 
+#: The request being served, for log records (``request`` in JSON logs): from the caller's
+#: ``X-Request-Id`` when it is a sane one, else made here; sent back in the answer, and on to
+#: the hub when the manager forwards the call, so one id follows a call through both daemons.
+REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
+_REQUEST_ID_SHAPE: Final = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def request_id(given: str | None) -> str:
+    """The caller's id if it is 1-64 of ``[A-Za-z0-9._:-]``, else a new one."""
+    if given is not None and _REQUEST_ID_SHAPE.fullmatch(given):
+        return given
+    return secrets.token_hex(8)
+
+
 class Request:
     def __init__(self, scope: Scope, receive: Receive, params: dict[str, str]) -> None:
         self.scope = scope
@@ -64,6 +80,8 @@ class Request:
         self.route = "unmatched"
         #: request body bytes read so far
         self.bytes_read = 0
+        #: see REQUEST_ID
+        self.id = request_id(self.headers.get("x-request-id"))
 
     @property
     def body_read(self) -> bool:
@@ -375,31 +393,38 @@ class HttpDispatch:
         self._metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self._metrics is None:
-            await self._serve(Request(scope, receive, {}), send)
-            return
-        metrics = self._metrics
         request = Request(scope, receive, {})
         began = time.monotonic()
+        metrics = self._metrics
         sent = 0
+        id_header = (b"x-request-id", request.id.encode())
 
-        async def counted(message: dict[str, Any]) -> None:
+        async def answer(message: dict[str, Any]) -> None:
             nonlocal sent
             if message["type"] == "http.response.start":
-                metrics.answered(request.route, request.method, int(message["status"]), began)
+                headers = list(message.get("headers", []))
+                if not any(name.lower() == b"x-request-id" for name, _ in headers):  # a hub's, forwarded
+                    headers.append(id_header)
+                message = {**message, "headers": headers}
+                if metrics is not None:
+                    metrics.answered(request.route, request.method, int(message["status"]), began)
             elif message["type"] == "http.response.body":
                 sent += len(message.get("body", b""))
             await send(message)
 
-        metrics.open_streams += 1
+        context = REQUEST_ID.set(request.id)
+        if metrics is not None:
+            metrics.open_streams += 1
         try:
-            await self._serve(request, counted)
+            await self._serve(request, answer)
         finally:
-            metrics.open_streams -= 1
-            if request.bytes_read:
-                metrics.received.inc(request.route, amount=request.bytes_read)
-            if sent:
-                metrics.sent.inc(request.route, amount=sent)
+            REQUEST_ID.reset(context)
+            if metrics is not None:
+                metrics.open_streams -= 1
+                if request.bytes_read:
+                    metrics.received.inc(request.route, amount=request.bytes_read)
+                if sent:
+                    metrics.sent.inc(request.route, amount=sent)
 
     async def _serve(self, request: Request, send: Send) -> None:
         response: Response | StreamResponse | object
@@ -410,7 +435,9 @@ class HttpDispatch:
         except trio.BrokenResourceError:
             return  # the client went away while sending its body; nobody to answer
         except Exception:  # noqa: BLE001 - any bug answers 500 and is logged, the daemon goes on
-            self._log.exception("internal error on %s %s", request.method, request.path)
+            self._log.exception(
+                "internal error on %s %s", request.method, request.path, extra={"request": request.id}
+            )
             response = error_response(500, self._internal_error)
         if isinstance(response, StreamResponse):
             await send_stream(send, request, response)

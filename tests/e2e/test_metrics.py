@@ -45,6 +45,8 @@ def test_hub_metrics(tmp_path: Path) -> None:
             assert api.get("/api/v1/version").status_code == 200
         assert api.get("/api/v1/instance/nope").status_code == 404
         assert api.get("/api/v1/no-such-route").status_code == 404
+        sent = api.post("/api/v1/topic/metrics", content=b"a\nb\n", headers={"content-type": "text/plain"})
+        assert sent.status_code == 202
         scraped = api.get("/metrics")
         assert scraped.status_code == 200
         assert scraped.headers["content-type"].startswith("text/plain; version=0.0.4")
@@ -62,6 +64,11 @@ def test_hub_metrics(tmp_path: Path) -> None:
         assert value(found, "spacehub_hub_instances", status="running") == 0
         assert value(found, "spacehub_hub_link_connected") == 0
         assert value(found, "spacehub_hub_sequences") == 0
+        assert value(found, "spacehub_hub_topic_bytes_in_total") == 4
+        assert value(found, "spacehub_hub_topic_records_in_total") == 2
+        assert value(found, "spacehub_hub_topic_bytes_out_total") == 0
+        assert value(found, "spacehub_hub_topic_buffered_bytes") == 4
+        assert value(found, "spacehub_hub_topics") == 1
         assert value(found, "process_resident_memory_bytes") > 10_000_000
         assert value(found, "process_open_fds") > 3
         # Scrapes count too, and the hub is still serving.
@@ -80,8 +87,10 @@ async def test_manager_metrics(tmp_path: Path) -> None:
         assert (data / "metrics.token").stat().st_mode & 0o777 == 0o600
         async with space_client(manager, token) as space:
             hub_id = (await wait_hub(space))["id"]
-            answer = await space.get(f"/sth/{hub_id}/api/v1/version")
+            answer = await space.get(f"/sth/{hub_id}/api/v1/version", headers={"x-request-id": "call-7"})
             assert answer.status_code == 200
+            # The id went on to the hub, which answered with it: once, not twice.
+            assert answer.headers.get_list("x-request-id") == ["call-7"]
             assert (await space.get("/list")).status_code == 200
             posted = await space.post(
                 f"/sth/{hub_id}/api/v1/topic/metrics-test",
@@ -155,9 +164,14 @@ def test_json_logs(tmp_path: Path) -> None:
         with httpx.Client(base_url=f"http://{address}/api/v1", timeout=20) as api:
             from tests.console_helpers import package_bytes
 
-            sequence = api.post(
-                "/sequence", content=package_bytes(), headers={"content-type": "application/octet-stream"}
-            ).json()["id"]
+            uploaded = api.post(
+                "/sequence",
+                content=package_bytes(),
+                headers={"content-type": "application/octet-stream", "x-request-id": "upload-1"},
+            )
+            assert uploaded.headers["x-request-id"] == "upload-1"
+            sequence = uploaded.json()["id"]
+            assert len(api.get("/version").headers["x-request-id"]) == 16  # made when not given
             instance = api.post(f"/sequence/{sequence}/start", json={}).json()["id"]
             api.post(f"/instance/{instance}/_kill", json={})
             time.sleep(1.0)
@@ -173,6 +187,8 @@ def test_json_logs(tmp_path: Path) -> None:
     hub_ids = {record.get("hub") for record in records}
     assert len(hub_ids - {None}) == 1  # every record after the hub was made names it
     assert any(record.get("instance") == instance for record in records)
+    # A record made while serving a call names the call.
+    assert any(r.get("request") == "upload-1" and "uploaded" in r["message"] for r in records), records
 
 
 def test_manager_json_logs(tmp_path: Path) -> None:
