@@ -59,6 +59,14 @@ def hub_metrics(hub: Hub) -> tuple[Metrics, HttpMetrics]:
         return {(): 1.0 if link is not None and link.status()["connected"] else 0.0}
 
     metrics.gauge_read("link_connected", "1 while the link to the manager is up", link_connected)
+
+    def link_streams() -> dict[tuple[str, ...], float]:
+        session = hub.link.session if hub.link is not None else None
+        return {(): float(session.open_streams if session is not None else 0)}
+
+    metrics.gauge_read(
+        "link_streams_open", "Streams open on the link now (the manager's calls)", link_streams
+    )
     metrics.counter_read(
         "link_connections_total",
         "Links to the manager made since start (reconnections included)",

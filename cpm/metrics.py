@@ -83,6 +83,11 @@ class ManagerMetrics:
             "links_closed_total", "Hub links ended since start", lambda: {(): float(sessions.links_closed)}
         )
         self.metrics.gauge_read(
+            "link_streams_open",
+            "Streams open on the hub links now: calls being forwarded, live tails",
+            lambda: {(): float(sessions.open_streams())},
+        )
+        self.metrics.gauge_read(
             "links_open",
             "Hub links up now",
             lambda: {(): float(sessions.links_opened - sessions.links_closed)},

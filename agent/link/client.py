@@ -316,6 +316,11 @@ class LinkClient:
         #: connections made so far (for tests and the log)
         self.connections = 0
 
+    @property
+    def session(self) -> LinkSession | None:
+        """The link's session while it is up (metrics read its open streams)."""
+        return self._session
+
     # --- what /status shows ----------------------------------------------------
 
     def status(self) -> dict[str, Any]:

@@ -334,6 +334,10 @@ class HubSessions:
             await session.close("fault injected: link cut", code=CLOSE_INTERNAL)
         return [session.hub_id for session in chosen]
 
+    def open_streams(self) -> int:
+        """Streams open on every link now (calls being forwarded, tails)."""
+        return sum(session.link.open_streams for session in self._live.values())
+
     def heartbeat_ages(self) -> list[float]:
         """Seconds since each linked hub's last heartbeat (hubs yet to send one left out)."""
         now = trio.current_time()

@@ -414,6 +414,11 @@ class LinkSession:
         """True once :meth:`close` was called or :meth:`run` ended."""
         return self._closed
 
+    @property
+    def open_streams(self) -> int:
+        """Streams open on this link now, either way (metrics)."""
+        return len(self._streams)
+
     def close(self) -> None:
         """End :meth:`run` soon (cancels its nursery)."""
         self._end("closed by this end")
