@@ -483,6 +483,13 @@ async def _unless_disconnected(request: Request, handler: Handler) -> Response |
             nursery.cancel_scope.cancel()
 
         nursery.start_soon(watch)
-        result = await outcome.acapture(handler, request)
+        # Exceptions only: a Cancelled (the client went, or the daemon stops) must stay
+        # inside its cancel scope. Captured and re-raised after the nursery, it escaped its
+        # scope and took hypercorn's whole server down with it (the console's pages, slow
+        # under load, left by a browser that navigated on).
+        try:
+            result = outcome.Value(await handler(request))
+        except Exception as exc:  # noqa: BLE001 - re-raised as is below, outside the nursery
+            result = outcome.Error(exc)
         nursery.cancel_scope.cancel()
     return None if result is None else result.unwrap()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -77,7 +78,11 @@ def test_fuzz_the_space_api_and_a_hub_through_its_link(tmp_path: Path) -> None:
         with httpx.Client(
             verify=ssl_context(manager), headers={"Authorization": f"Bearer {token}"}
         ) as client:
-            hub_id = next(h["id"] for h in client.get(f"{space_api}/list", timeout=20).json())
+            deadline = time.monotonic() + 30
+            while not (listed := client.get(f"{space_api}/list", timeout=20).json()):
+                assert time.monotonic() < deadline, "the hub never joined"
+                time.sleep(0.2)  # it is still joining
+            hub_id = listed[0]["id"]
 
         # The Space API: every /api/v1 route of the manager's document, with the space's token,
         # in its space (other spaces' calls are all refused alike).
