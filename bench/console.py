@@ -24,7 +24,6 @@ import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -35,18 +34,17 @@ from typing import Any
 
 import httpx
 
-from bench.common import ROOT, report, summary
+from bench.common import report, summary
 from bench.link import (
     HEARTBEAT,
     TLS,
-    WORKERS,
     Manager,
     Worker,
-    _env,
     _stop,
     cpu_seconds,
     manager,
     raise_fd_limit,
+    start_workers,
 )
 
 HUBS = int(os.environ.get("BENCH_CONSOLE_HUBS", "5000"))
@@ -112,31 +110,6 @@ class ConsoleReader:
                 self.error = repr(exc)
 
 
-def start_fleet(root: Path, mgr: Manager, tokens: list[str]) -> list[Worker]:
-    workers = []
-    for index in range(WORKERS):
-        config = {
-            "url": mgr.link_url(),
-            "ca": str(mgr.ca) if TLS else "",
-            "space": SPACE,
-            "tokens": tokens[index::WORKERS],
-        }
-        path = root / f"worker{index}.json"
-        path.write_text(json.dumps(config))
-        process = subprocess.Popen(
-            [sys.executable, "-m", "bench.link", "_worker", str(path)],
-            stdout=subprocess.PIPE,
-            stdin=subprocess.DEVNULL,
-            env=_env(),
-            cwd=ROOT,
-            preexec_fn=raise_fd_limit,
-        )
-        worker = Worker(process)
-        threading.Thread(target=worker.follow, daemon=True).start()
-        workers.append(worker)
-    return workers
-
-
 def cpm_cpu(mgr: Manager, seconds: float) -> float:
     """``cpm``'s CPU over ``seconds``, % of one core."""
     c0, t0 = cpu_seconds(mgr.daemon.pid), time.monotonic()
@@ -161,7 +134,7 @@ def main() -> None:
             ]
         args = ("--heartbeat-interval", f"{HEARTBEAT:g}", "--ping-interval", f"{HEARTBEAT:g}")
         with manager(root, *args) as mgr:
-            workers = start_fleet(root, mgr, tokens)
+            workers = start_workers(root, mgr, SPACE, tokens)
             try:
                 rows = measure(mgr, workers, api_token)
             finally:

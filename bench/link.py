@@ -825,6 +825,32 @@ class Worker:
                 self.last = json.loads(line)
 
 
+def start_workers(root: Path, mgr: Manager, space: str, tokens: list[str]) -> list[Worker]:
+    """``WORKERS`` processes running the simulated hubs of ``tokens`` (split evenly)."""
+    workers = []
+    for index in range(WORKERS):
+        config = {
+            "url": mgr.link_url(),
+            "ca": str(mgr.ca) if TLS else "",
+            "space": space,
+            "tokens": tokens[index::WORKERS],
+        }
+        path = root / f"worker{index}.json"
+        path.write_text(json.dumps(config))
+        process = subprocess.Popen(
+            [sys.executable, "-m", "bench.link", "_worker", str(path)],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=_env(),
+            cwd=ROOT,
+            preexec_fn=raise_fd_limit,
+        )
+        worker = Worker(process)
+        threading.Thread(target=worker.follow, daemon=True).start()
+        workers.append(worker)
+    return workers
+
+
 def fleet_one(n: int) -> tuple[list[tuple[str, Any, str, str]], dict[str, Any]]:
     from cpm.registry import Registry
 
@@ -845,26 +871,7 @@ def fleet_one(n: int) -> tuple[list[tuple[str, Any, str, str]], dict[str, Any]]:
             workers: list[Worker] = []
             try:
                 began = time.monotonic()
-                for index in range(WORKERS):
-                    config = {
-                        "url": mgr.link_url(),
-                        "ca": str(mgr.ca) if TLS else "",
-                        "space": "fleet",
-                        "tokens": tokens[index::WORKERS],
-                    }
-                    path = root / f"worker{index}.json"
-                    path.write_text(json.dumps(config))
-                    process = subprocess.Popen(
-                        [sys.executable, "-m", "bench.link", "_worker", str(path)],
-                        stdout=subprocess.PIPE,
-                        stdin=subprocess.DEVNULL,
-                        env=_env(),
-                        cwd=ROOT,
-                        preexec_fn=raise_fd_limit,
-                    )
-                    worker = Worker(process)
-                    threading.Thread(target=worker.follow, daemon=True).start()
-                    workers.append(worker)
+                workers += start_workers(root, mgr, "fleet", tokens)
 
                 def connected() -> int:
                     return sum(int(w.last.get("connected", 0)) for w in workers)

@@ -9,25 +9,23 @@ from __future__ import annotations
 from functools import cache
 from typing import Any, Final
 
-from spacehub.server.openapi import JSON, Operation, binary_body, document, json_body, op
+from spacehub.server.openapi import (
+    JSON,
+    LIST,
+    OBJECT,
+    VERSION,
+    Operation,
+    binary_body,
+    document,
+    json_body,
+    op,
+)
 
 from .. import __version__
 
 __all__ = ["OPERATIONS", "hub_openapi"]
 
-_OBJECT: Final = {"type": "object"}
-_LIST: Final = {"type": "array", "items": {"type": "object"}}
 _STRINGS: Final = {"type": "array", "items": {"type": "string"}}
-_VERSION: Final = {
-    "type": "object",
-    "properties": {
-        "service": {"type": "string"},
-        "apiVersion": {"type": "string"},
-        "version": {"type": "string"},
-        "build": {"type": "string"},
-    },
-    "required": ["service", "apiVersion", "version", "build"],
-}
 _INSTANCE: Final = {
     "type": "object",
     "properties": {
@@ -72,21 +70,21 @@ _STREAM_TYPES: Final = ("application/octet-stream", "text/plain", "application/x
 _TEXT: Final = "text/plain"
 
 OPERATIONS: Final[list[Operation]] = [
-    ("GET", "/version", op("The hub's version, as the original's", schema=_VERSION, tag="hub")),
-    ("GET", "/config", op("The running configuration: no secrets, no paths", schema=_OBJECT, tag="hub")),
+    ("GET", "/version", op("The hub's version, as the original's", schema=VERSION, tag="hub")),
+    ("GET", "/config", op("The running configuration: no secrets, no paths", schema=OBJECT, tag="hub")),
     (
         "GET",
         "/status",
-        op("Id, product, version, the link to the manager, uptime, tasks", schema=_OBJECT, tag="hub"),
+        op("Id, product, version, the link to the manager, uptime, tasks", schema=OBJECT, tag="hub"),
     ),
-    ("GET", "/load-check", op("CPU, memory and disk use", schema=_OBJECT, tag="hub")),
+    ("GET", "/load-check", op("CPU, memory and disk use", schema=OBJECT, tag="hub")),
     (
         "GET",
         "/log",
         op("The hub's log: the last records, then live (NDJSON)", media="application/x-ndjson", tag="hub"),
     ),
-    ("GET", "/entities", op("Sequences and instances", schema=_OBJECT, tag="hub")),
-    ("GET", "/openapi.json", op("This document", schema=_OBJECT, tag="hub")),
+    ("GET", "/entities", op("Sequences and instances", schema=OBJECT, tag="hub")),
+    ("GET", "/openapi.json", op("This document", schema=OBJECT, tag="hub")),
     (
         "GET",
         "/sequences",
@@ -115,7 +113,7 @@ OPERATIONS: Final[list[Operation]] = [
             errors=(400, 404, 409),
         ),
     ),
-    ("DELETE", "/sequence/:id", op("Delete a sequence", schema=_OBJECT, tag="sequences", errors=(404, 409))),
+    ("DELETE", "/sequence/:id", op("Delete a sequence", schema=OBJECT, tag="sequences", errors=(404, 409))),
     (
         "GET",
         "/sequence/:id/instances",
@@ -141,7 +139,7 @@ OPERATIONS: Final[list[Operation]] = [
     (
         "GET",
         "/instance/:id/health",
-        op("Its health, as its runner reports it", schema=_OBJECT, tag="instances"),
+        op("Its health, as its runner reports it", schema=OBJECT, tag="instances"),
     ),
     *(
         (
@@ -157,7 +155,7 @@ OPERATIONS: Final[list[Operation]] = [
         "/instance/:id/input",
         op(
             "Write to its input",
-            schema=_OBJECT,
+            schema=OBJECT,
             body=binary_body(*_STREAM_TYPES, required=False),
             headers=(_END_STREAM,),
             tag="instances",
@@ -168,7 +166,7 @@ OPERATIONS: Final[list[Operation]] = [
         "/instance/:id/stdin",
         op(
             "Write to its stdin",
-            schema=_OBJECT,
+            schema=OBJECT,
             body=binary_body(_TEXT, "application/octet-stream", required=False),
             headers=(_END_STREAM,),
             tag="instances",
@@ -177,7 +175,7 @@ OPERATIONS: Final[list[Operation]] = [
     (
         "POST",
         "/instance/:id/_event",
-        op("Send it an event", schema=_OBJECT, body=json_body(_EVENT), tag="instances"),
+        op("Send it an event", schema=OBJECT, body=json_body(_EVENT), tag="instances"),
     ),
     ("GET", "/instance/:id/event/:name", op("The last event of that name", tag="instances")),
     ("GET", "/instance/:id/event", op("The last event", tag="instances")),
@@ -196,16 +194,16 @@ OPERATIONS: Final[list[Operation]] = [
     (
         "POST",
         "/instance/:id/_stop",
-        op("Stop it, with its stop handler", schema=_OBJECT, body=json_body(_STOP), tag="instances"),
+        op("Stop it, with its stop handler", schema=OBJECT, body=json_body(_STOP), tag="instances"),
     ),
-    ("POST", "/instance/:id/_kill", op("Kill it", schema=_OBJECT, body=json_body(_OBJECT), tag="instances")),
-    ("GET", "/topics", op("Every topic", schema=_LIST, tag="topics")),
+    ("POST", "/instance/:id/_kill", op("Kill it", schema=OBJECT, body=json_body(OBJECT), tag="instances")),
+    ("GET", "/topics", op("Every topic", schema=LIST, tag="topics")),
     (
         "POST",
         "/topics",
         op(
             "Make a topic",
-            schema=_OBJECT,
+            schema=OBJECT,
             body=json_body(
                 {
                     "type": "object",
@@ -218,14 +216,14 @@ OPERATIONS: Final[list[Operation]] = [
             errors=(400,),
         ),
     ),
-    ("DELETE", "/topics/:name", op("Delete a topic", schema=_OBJECT, tag="topics", errors=(404,))),
+    ("DELETE", "/topics/:name", op("Delete a topic", schema=OBJECT, tag="topics", errors=(404,))),
     (
         "POST",
         "/topic/:name",
         op(
             "Send data to a topic (made if missing)",
             ok=202,
-            schema=_OBJECT,
+            schema=OBJECT,
             body=binary_body(*_STREAM_TYPES, required=False),
             headers=(_END_STREAM,),
             tag="topics",
@@ -247,5 +245,5 @@ def hub_openapi() -> dict[str, Any]:
     )
     # POST /topic answers 200 too (x-end-stream: true).
     topic_post = doc["paths"]["/topic/{name}"]["post"]
-    topic_post["responses"]["200"] = {"description": "done", "content": {JSON: {"schema": _OBJECT}}}
+    topic_post["responses"]["200"] = {"description": "done", "content": {JSON: {"schema": OBJECT}}}
     return doc

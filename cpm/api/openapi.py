@@ -11,7 +11,7 @@ from __future__ import annotations
 from functools import cache
 from typing import Any, Final
 
-from spacehub.server.openapi import Operation, document, json_body, op
+from spacehub.server.openapi import LIST, OBJECT, VERSION, Operation, document, json_body, op
 
 from .. import __version__
 
@@ -20,19 +20,7 @@ __all__ = ["FAULT_OPERATIONS", "FORWARDED", "OPERATIONS", "manager_openapi"]
 SPACE: Final = "/api/v1/space/:space/api/v1"
 #: The forwarding to a hub: every method, any hub route after it.
 FORWARDED: Final = f"{SPACE}/sth/:id/api/v1/:path"
-_OBJECT: Final = {"type": "object"}
-_LIST: Final = {"type": "array", "items": {"type": "object"}}
 _HTML: Final = "text/html"
-_VERSION: Final = {
-    "type": "object",
-    "properties": {
-        "service": {"type": "string"},
-        "apiVersion": {"type": "string"},
-        "version": {"type": "string"},
-        "build": {"type": "string"},
-    },
-    "required": ["service", "apiVersion", "version", "build"],
-}
 _HUB: Final = {
     "type": "object",
     "properties": {
@@ -83,26 +71,26 @@ OPERATIONS: Final[list[Operation]] = [
     (
         "GET",
         "/api/v1/version",
-        op("The manager's version, as the original's", schema=_VERSION, tag="manager"),
+        op("The manager's version, as the original's", schema=VERSION, tag="manager"),
     ),
     (
         "GET",
         "/api/v1/status",
-        op("Which manager this is: id, product, version", schema=_OBJECT, tag="manager"),
+        op("Which manager this is: id, product, version", schema=OBJECT, tag="manager"),
     ),
     (
         "GET",
         "/api/v1/ca.pem",
         op("The CA hubs trust this manager by", media="application/x-pem-file", tag="manager", errors=(404,)),
     ),
-    ("GET", "/api/v1/openapi.json", op("This document", schema=_OBJECT, tag="manager")),
+    ("GET", "/api/v1/openapi.json", op("This document", schema=OBJECT, tag="manager")),
     (
         "GET",
         "/api/v1/spaces",
         {
             **op(
                 "The spaces the token opens",
-                schema=_LIST,
+                schema=LIST,
                 tag="manager",
                 errors=(403,),
                 error_schemas={403: FORBIDDEN},
@@ -110,8 +98,8 @@ OPERATIONS: Final[list[Operation]] = [
             "security": [{"spaceToken": []}],
         },
     ),
-    ("GET", f"{SPACE}/version", _space("The manager's version", schema=_VERSION)),
-    ("GET", f"{SPACE}/load", _space("The manager machine's load", schema=_OBJECT)),
+    ("GET", f"{SPACE}/version", _space("The manager's version", schema=VERSION)),
+    ("GET", f"{SPACE}/load", _space("The manager machine's load", schema=OBJECT)),
     ("GET", f"{SPACE}/list", _space("The space's hubs", schema={"type": "array", "items": _HUB})),
     ("GET", f"{SPACE}/sth/:id/info", _space("One hub", schema=_HUB, errors=(404,))),
     ("GET", f"{SPACE}/sth/:id", _space("One hub", schema=_HUB, errors=(404,))),
@@ -132,14 +120,14 @@ OPERATIONS: Final[list[Operation]] = [
         f"{SPACE}/join-tokens",
         _space(
             "Make a join token, its line and cloud-init",
-            schema=_OBJECT,
+            schema=OBJECT,
             body=json_body(_JOIN_TOKEN),
             errors=(400,),
         ),
     ),
-    ("GET", f"{SPACE}/join-tokens", _space("The pending join tokens (no secrets)", schema=_LIST)),
-    ("DELETE", f"{SPACE}/join-tokens/:id", _space("Revoke a join token", schema=_OBJECT, errors=(404,))),
-    ("POST", f"{SPACE}/console-login", _space("A one-time console sign-in link", schema=_OBJECT)),
+    ("GET", f"{SPACE}/join-tokens", _space("The pending join tokens (no secrets)", schema=LIST)),
+    ("DELETE", f"{SPACE}/join-tokens/:id", _space("Revoke a join token", schema=OBJECT, errors=(404,))),
+    ("POST", f"{SPACE}/console-login", _space("A one-time console sign-in link", schema=OBJECT)),
     *(
         (
             method,
@@ -219,7 +207,7 @@ FAULT_OPERATIONS: Final[list[Operation]] = [
         "/api/v1/faults",
         op(
             "Inject a fault: cut, partition or delay hub links, fail registry writes",
-            schema=_OBJECT,
+            schema=OBJECT,
             body=json_body(
                 {
                     "type": "object",
@@ -238,7 +226,7 @@ FAULT_OPERATIONS: Final[list[Operation]] = [
             errors=(400, 403),
         ),
     ),
-    ("DELETE", "/api/v1/faults", op("Clear every fault", schema=_OBJECT, tag="faults", errors=(403,))),
+    ("DELETE", "/api/v1/faults", op("Clear every fault", schema=OBJECT, tag="faults", errors=(403,))),
 ]
 
 

@@ -15,6 +15,9 @@ from typing import Any, Final
 __all__ = [
     "ERROR",
     "JSON",
+    "LIST",
+    "OBJECT",
+    "VERSION",
     "Operation",
     "binary_body",
     "document",
@@ -30,6 +33,21 @@ ERROR: Final[dict[str, Any]] = {
     "type": "object",
     "properties": {"error": {"type": "string"}},
     "required": ["error"],
+}
+
+#: Shapes both documents use.
+OBJECT: Final[dict[str, Any]] = {"type": "object"}
+LIST: Final[dict[str, Any]] = {"type": "array", "items": {"type": "object"}}
+#: ``GET /version`` of either daemon: exactly the original's keys.
+VERSION: Final[dict[str, Any]] = {
+    "type": "object",
+    "properties": {
+        "service": {"type": "string"},
+        "apiVersion": {"type": "string"},
+        "version": {"type": "string"},
+        "build": {"type": "string"},
+    },
+    "required": ["service", "apiVersion", "version", "build"],
 }
 
 Operation = tuple[str, str, dict[str, Any]]

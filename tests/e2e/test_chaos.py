@@ -7,16 +7,14 @@ daemon holds more descriptors, tasks or memory than before.
 
 from __future__ import annotations
 
-import io
-import json
 import os
-import tarfile
 from pathlib import Path
 from typing import Any
 
 import httpx
 import trio
 
+from tests.console_helpers import package_bytes
 from tests.cpm_helpers import run_cpm
 from tests.e2e.test_link_e2e import run_linked_sth, setup_space, space_client, ssl_context, wait_hub
 
@@ -65,20 +63,6 @@ async def run(context, input, *args):
 """
 
 
-def package() -> bytes:
-    files = {
-        "package.json": json.dumps({"name": "counting", "version": "1.0.0", "main": "main.py"}).encode(),
-        "main.py": COUNTING_PY.encode(),
-    }
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
-
-
 def fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -86,6 +70,17 @@ def fds(pid: int) -> int:
 def rss_mb(pid: int) -> float:
     with open(f"/proc/{pid}/statm") as statm:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+
+async def footprint(hub_pid: int, cpm_pid: int, hub_url: str) -> dict[str, float]:
+    """What both daemons hold now."""
+    return {
+        "hub fds": fds(hub_pid),
+        "cpm fds": fds(cpm_pid),
+        "hub tasks": await hub_tasks(hub_url),
+        "cpm rss": rss_mb(cpm_pid),
+        "hub rss": rss_mb(hub_pid),
+    }
 
 
 async def retry(call: Any, what: str, seconds: float = 60.0) -> httpx.Response:
@@ -127,17 +122,13 @@ async def test_link_flaps_for_two_minutes_nothing_acknowledged_is_lost(tmp_path:
         ):
             hub_id = (await wait_hub(space))["id"]
             api = f"/sth/{hub_id}/api/v1"
-            sequence = (await space.post(f"{api}/sequence", content=package())).json()["id"]
+            sequence = (
+                await space.post(f"{api}/sequence", content=package_bytes(COUNTING_PY, name="counting"))
+            ).json()["id"]
             # What the daemons hold, linked and warmed up, before any instance or fault.
             assert (await space.get(f"{api}/instances")).status_code == 200
             await trio.sleep(2)
-            before = {
-                "hub fds": fds(hub.process.pid),
-                "cpm fds": fds(manager.process.pid),
-                "hub tasks": await hub_tasks(hub.url),
-                "cpm rss": rss_mb(manager.process.pid),
-                "hub rss": rss_mb(hub.process.pid),
-            }
+            before = await footprint(hub.process.pid, manager.process.pid, hub.url)
 
             instances = [
                 (await space.post(f"{api}/sequence/{sequence}/start", json={})).json()["id"]
@@ -221,13 +212,7 @@ async def test_link_flaps_for_two_minutes_nothing_acknowledged_is_lost(tmp_path:
                 while (await retry(lambda: space.get(f"{api}/instances"), "instances")).json():
                     await trio.sleep(1)
             await trio.sleep(3)
-            after = {
-                "hub fds": fds(hub.process.pid),
-                "cpm fds": fds(manager.process.pid),
-                "hub tasks": await hub_tasks(hub.url),
-                "cpm rss": rss_mb(manager.process.pid),
-                "hub rss": rss_mb(hub.process.pid),
-            }
+            after = await footprint(hub.process.pid, manager.process.pid, hub.url)
             print(
                 f"chaos: {len(injected)} faults, {failed_posts} failed posts, {acknowledged};"
                 f" {before} -> {after}"
