@@ -64,6 +64,9 @@ class HubConfig:
     instance_lifetime: float = 180.0
     #: seconds between SIGTERM and SIGKILL when an instance is killed
     kill_grace: float = 5.0
+    #: end every instance when the hub stops (instead of leaving them running for the
+    #: next hub): for a hub run by hand (make run) and for tests
+    end_instances_on_exit: bool = False
     #: seconds a runner may take from spawn to handshake
     start_timeout: float = 30.0
     #: seconds a Node.js instance lingers after its output ended (the original's exitTimeout):
@@ -168,6 +171,7 @@ _TOML_KEYS: dict[str, str] = {
     "runtime": "runtime",
     "instance_lifetime": "instance_lifetime",
     "kill_grace": "kill_grace",
+    "end_instances_on_exit": "end_instances_on_exit",
     "node_exit_timeout": "node_exit_timeout",
     "start_timeout": "start_timeout",
     "stop_timeout_ms": "stop_timeout_ms",

@@ -136,6 +136,12 @@ class PayloadTooLarge(HubError):
     status = 413
 
 
+class RangeNotSatisfiable(HubError):
+    """A stream offset past what the stream has carried so far."""
+
+    status = 416
+
+
 class ArchiveTooLarge(PayloadTooLarge):
     pass
 

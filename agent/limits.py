@@ -45,6 +45,13 @@ MAX_LIMITS: Final = {"memory": 1024 * 1024, "cpu": 1024, "cpus": 1024, "pids": 4
 #: (and the most any reader can lag behind the fastest one); past it the
 #: instance is back-pressured, never dropped.
 INSTANCE_STREAM_BUFFER_BYTES: Final = 256 * KiB
+#: Bytes of each of an instance's output/stdout/stderr kept on disk behind the
+#: stream's end (agent/instances/spool.py): what a hub that ended had read but not
+#: handed on, and what a reader resuming with ``?offset=`` may ask again. At least
+#: the buffer above, one chunk past it, and one chunk in flight to a reader.
+INSTANCE_SPOOL_KEEP_BYTES: Final = 1 * MiB
+#: Segment files the kept bytes are cut into (the oldest is deleted whole).
+INSTANCE_SPOOL_SEGMENTS: Final = 4
 #: Longest control/monitoring message line (an event with its payload).
 MAX_CONTROL_LINE_BYTES: Final = 1 * MiB
 #: Log records kept per instance for replay to late /log readers.

@@ -91,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="time between SIGTERM and SIGKILL on kill (default 5)",
     )
     parser.add_argument(
+        "--end-instances-on-exit",
+        action="store_true",
+        default=None,
+        help="stop every instance when the hub stops (by default they run on, and the next hub"
+        " takes them back)",
+    )
+    parser.add_argument(
         "--node-exit-timeout",
         type=float,
         metavar="SECONDS",
@@ -136,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         from .images import main as images_main
 
         return images_main(argv[1:])
+    if argv[:1] == ["stop-instances"]:  # `sth stop-instances` (agent/instances/offline.py)
+        from .instances.offline import main as stop_main
+
+        return stop_main(argv[1:])
     if argv[:1] == ["join"]:  # `sth join ...` writes the link settings (agent/join.py)
         from .join import main as join_main
 
@@ -151,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         "runtime": args.runtime,
         "instance_lifetime": args.instance_lifetime,
         "kill_grace": args.kill_grace,
+        "end_instances_on_exit": args.end_instances_on_exit,
         "node_exit_timeout": args.node_exit_timeout,
         "python": args.python,
         "node": args.node,

@@ -39,6 +39,19 @@ def hub_metrics(hub: Hub) -> tuple[Metrics, HttpMetrics]:
         lambda: {(): float(sum(topic.stream.buffered for topic in hub.topics.list()))},
     )
 
+    metrics.counter_read(
+        "instance_restarts_total",
+        "Instances started again by their restart policy (since this hub started)",
+        lambda: {(): float(hub.supervisor.restarts_total)},
+    )
+
+    def taken_back() -> dict[tuple[str, ...], float]:
+        return {(): float(hub.supervisor.taken_back)}
+
+    metrics.gauge_read(
+        "instances_taken_back", "Instances this hub took back from the hub before it", taken_back
+    )
+
     totals = hub.topics.totals
     metrics.counter_read(
         "topic_bytes_in_total", "Bytes written into this hub's topics", lambda: {(): float(totals.bytes_in)}

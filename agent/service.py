@@ -29,7 +29,7 @@ from .hublog import LogRecordDict, setup_logging
 from .identity import hub_id
 from .instances.supervisor import Supervisor
 from .runtimes.base import Runtime
-from .runtimes.podman import PodmanRuntime, make_runtime
+from .runtimes.podman import make_runtime
 from .sequences.store import SequenceStore
 from .streams import RecordRing
 from .topics import TopicRouter
@@ -56,7 +56,7 @@ class Hub:
         logger.info("%d sequence(s) in %s", len(self.store.list()), config.sequences_root)
         self.runtime: Runtime = make_runtime(config, self.id, logger)
         self.topics = TopicRouter()
-        self.supervisor = Supervisor(config, self.runtime, self.topics)
+        self.supervisor = Supervisor(config, self.runtime, self.topics, self.store)
         #: the link to the manager, when one is configured
         self.link: LinkClient | None = None
 
@@ -103,8 +103,6 @@ async def run_hub(
     )
     hub = await trio.to_thread.run_sync(partial(Hub, config, ring, logger))
     made.append(hub)
-    if isinstance(hub.runtime, PodmanRuntime):
-        await hub.runtime.remove_orphans(logger)
     async with trio.open_nursery() as nursery:
         await nursery.start(hub.supervisor.run)
         # hypercorn types the app as a union of ASGI/WSGI callables; ours is ASGI 3.

@@ -14,7 +14,7 @@ reader that falls more than N records behind is told how many it missed.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Generic, TypeVar
 
 import trio
@@ -37,7 +37,7 @@ class Broadcast:
     (with no reader attached, nothing is dropped and the writer waits at the bound).
     """
 
-    def __init__(self, bound: int) -> None:
+    def __init__(self, bound: int, on_mark: Callable[[int], None] | None = None) -> None:
         if bound <= 0:
             raise ValueError("bound must be positive")
         self._bound = bound
@@ -47,6 +47,29 @@ class Broadcast:
         self._readers: set[_Cursor] = set()
         self._closed = False
         self._changed = trio.lowlevel.ParkingLot()
+        #: told the mark (every reader has taken the stream up to it) as it moves
+        self._on_mark = on_mark
+        self._mark = 0
+
+    def restore(self, start: int, data: bytes) -> None:
+        """Begin at offset ``start`` holding ``data`` (not yet taken by any reader):
+        a stream taken back from a hub that ended (agent/instances/spool.py)."""
+        if self._end or self._readers:
+            raise RuntimeError("only a new broadcast can be restored")
+        self._start = self._end = self._mark = start
+        if data:
+            self._chunks.append(bytes(data))
+            self._end += len(data)
+
+    @property
+    def start(self) -> int:
+        """The oldest offset held in memory."""
+        return self._start
+
+    @property
+    def end(self) -> int:
+        """The offset the next byte written gets."""
+        return self._end
 
     @property
     def closed(self) -> bool:
@@ -65,6 +88,10 @@ class Broadcast:
         low = self._low_mark()
         while self._chunks and self._start + len(self._chunks[0]) <= low:
             self._start += len(self._chunks.popleft())
+        if self._readers and low != self._mark:
+            self._mark = low
+            if self._on_mark is not None:
+                self._on_mark(low)
 
     async def write(self, data: bytes | bytearray) -> None:
         """Append ``data``; waits while the slowest reader lags the bound."""
@@ -102,14 +129,19 @@ class Broadcast:
             offset += len(chunk)
         raise AssertionError("cursor outside the buffered range")
 
-    def subscribe(self) -> Subscription:
+    def subscribe(self, position: int | None = None) -> Subscription:
         """Attach a reader now; iterate it for the bytes until the stream ends.
 
         The first reader attached gets what was kept while nobody read; a reader
-        joining others starts at the live end. Close it (``async with``) as soon
-        as it is no longer read, or it holds the writer back.
+        joining others starts at the live end; one given ``position`` (between
+        :attr:`start` and :attr:`end`) starts there. Close it (``async with``) as
+        soon as it is no longer read, or it holds the writer back.
         """
-        cursor = _Cursor(self._end if self._readers else self._start)
+        if position is None:
+            position = self._end if self._readers else max(self._start, self._mark)
+        elif not self._start <= position <= self._end:
+            raise ValueError(f"offset {position} is not held (held: {self._start}-{self._end})")
+        cursor = _Cursor(position)
         self._readers.add(cursor)
         return Subscription(self, cursor)
 

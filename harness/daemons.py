@@ -55,9 +55,16 @@ def read_until(process: subprocess.Popen[bytes], pattern: bytes, deadline: float
 
 
 @contextmanager
-def run_sth(root: Path, *args: str, timeout: float = 20.0) -> Iterator[HubProcess]:
-    """Start the real `sth` on a free port; stop it (SIGTERM) afterwards."""
-    command = [sys.executable, "-m", "agent.main", "-P", "0", "-D", str(root), *args]
+def run_sth(
+    root: Path, *args: str, timeout: float = 20.0, keep_instances: bool = False
+) -> Iterator[HubProcess]:
+    """Start the real `sth` on a free port; stop it (SIGTERM) afterwards.
+
+    Its instances end with it unless ``keep_instances`` (then they run on, as under a
+    service, for the next hub on ``root``); either way none outlives the test: what
+    is left under ``root`` afterwards is ended as ``sth stop-instances`` ends it."""
+    extra = [] if keep_instances else ["--end-instances-on-exit"]
+    command = [sys.executable, "-m", "agent.main", "-P", "0", "-D", str(root), *extra, *args]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, cwd=ROOT)
     try:
@@ -66,6 +73,23 @@ def run_sth(root: Path, *args: str, timeout: float = 20.0) -> Iterator[HubProces
         yield HubProcess(process, address, root)
     finally:
         stop(process)
+        if not keep_instances:
+            stop_instances(root)
+
+
+def stop_instances(sequences_root: Path) -> None:
+    """End every instance a hub left under ``sequences_root`` (`sth stop-instances`)."""
+    state = sequences_root / ".state"
+    if not state.is_dir() or not any(state.iterdir()):
+        return
+    subprocess.run(
+        [sys.executable, "-m", "agent.main", "stop-instances", "-D", str(sequences_root), "--grace", "2"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
 
 
 def stop(process: subprocess.Popen[bytes], grace: float = 15.0) -> None:

@@ -377,6 +377,9 @@ def main(argv: list[str] | None = None) -> int:
             SPACE,
             "--cpm-ca",
             str(cpm_dir / "ca.pem"),
+            # A Space run by hand ends with its terminal: instances too (a hub run as a
+            # service leaves them running for the next hub; see docs/architecture.md).
+            "--end-instances-on-exit",
         ]
         if not (hub_dir / "link.json").exists():
             # The one-time token goes in a private file, not on the command line (where `ps`

@@ -93,6 +93,9 @@ class InstanceInfo(TypedDict):
     provides: NotRequired[str]
     requires: NotRequired[str]
     terminated: NotRequired[Termination]
+    #: the restart policy ("never", "on-failure", "always") and restarts so far
+    restart: NotRequired[str]
+    restarts: NotRequired[int]
 
 
 class TopicInfo(TypedDict):

@@ -381,6 +381,9 @@ class FakeProcess:
             elif action == "die":
                 self._exit(-signal.SIGTERM)
 
+    async def detach(self) -> None:
+        await self.aclose()
+
     async def aclose(self) -> None:
         for stream in (self.stdin, self.control, self.input):
             await trio.aclose_forcefully(stream)
@@ -441,6 +444,9 @@ class FakeRuntime:
         self._nursery.start_soon(process._live)
         return process
 
+    async def adopt(self, instance_id: str, state_dir: Path, limits: dict[str, object]) -> FakeProcess:
+        raise OSError("fake runners end with their test")
+
 
 # ------------------------------------------------------------------ hub-side helpers
 def make_config(root: Path, **options: Any) -> HubConfig:
@@ -467,6 +473,7 @@ def make_instance(
             env={},
             cwd=config.sequences_root / ".instances" / instance.id,  # never created: nothing to remove
             package_dir=sequence.directory,
+            state_dir=config.sequences_root / ".state" / instance.id,  # no state dir given: unused
         )
 
     return Instance(

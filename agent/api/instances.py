@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
 
 from spacehub.server.http import Request, Response, Router, StreamResponse, json_response, parse_bool_header
 
@@ -12,7 +13,6 @@ from .. import limits
 from ..errors import BadRequest, UnsupportedMediaType
 from ..hublog import encode_record
 from ..instances.instance import Instance
-from ..streams import Broadcast
 
 if TYPE_CHECKING:
     from ..service import Hub
@@ -63,10 +63,15 @@ def _stop_body(value: Any, default_timeout: int) -> tuple[int, bool]:
     return int(timeout), keep_alive
 
 
-async def _bytes(broadcast: Broadcast) -> AsyncIterator[bytes]:
-    async with broadcast.subscribe() as chunks:
-        async for chunk in chunks:
-            yield chunk
+def _offset(request: Request) -> int | None:
+    """``?offset=N``: read a stream from its byte N (a reader resuming after a cut)."""
+    values = parse_qs(request.scope.get("query_string", b"").decode("latin-1")).get("offset")
+    if not values:
+        return None
+    value = values[-1]
+    if not value.isdigit() or len(value) > 18:
+        raise BadRequest("offset must be a whole number of bytes, 0 or more")
+    return int(value)
 
 
 def _ndjson(value: Any) -> bytes:
@@ -90,8 +95,7 @@ def register(router: Router, hub: Hub) -> None:
 
     def stream_route(name: str) -> Any:
         async def handler(request: Request) -> StreamResponse:
-            broadcast: Broadcast = getattr(instance(request), name)
-            return StreamResponse(_bytes(broadcast))
+            return StreamResponse(instance(request).read_stream(name, _offset(request)))
 
         return handler
 

@@ -40,6 +40,8 @@ _INSTANCE: Final = {
             "enum": ["initializing", "starting", "running", "stopping", "killing", "completed", "errored"]
         },
         "terminated": {"type": "object"},
+        "restart": {"enum": ["never", "on-failure", "always"]},
+        "restarts": {"type": "integer", "minimum": 0},
     },
     "required": ["id", "status"],
 }
@@ -55,6 +57,10 @@ _START: Final = {
         "args": {"type": "array"},
         "instanceId": {"type": "string"},
         "limits": {"type": "object"},
+        "restart": {
+            "enum": ["never", "on-failure", "always"],
+            "description": "restart it when it ends, after a reboot too (default never)",
+        },
     },
 }
 _STOP: Final = {
@@ -145,7 +151,20 @@ OPERATIONS: Final[list[Operation]] = [
         (
             "GET",
             f"/instance/:id/{name}",
-            op(f"Its {name}, live, from where it is", media="application/octet-stream", tag="instances"),
+            op(
+                f"Its {name}, live: from where its readers left off, or from byte `offset`",
+                media="application/octet-stream",
+                tag="instances",
+                query=(
+                    (
+                        "offset",
+                        {"type": "integer", "minimum": 0},
+                        "the byte to start from, counted from the instance's start across hub restarts"
+                        " (410: no longer kept; 416: not written yet)",
+                    ),
+                ),
+                errors=(400, 404, 410, 416),
+            ),
         )
         for name in ("output", "stdout", "stderr")
     ),

@@ -37,10 +37,19 @@ from spacehub.models import InstanceInfo
 from spacehub.protocol import runner as proto
 
 from .. import limits
-from ..errors import Conflict, Gone, HubError, InstanceNotRunning, MethodNotAllowed, SequenceStartFailed
+from ..errors import (
+    Conflict,
+    Gone,
+    HubError,
+    InstanceNotRunning,
+    MethodNotAllowed,
+    RangeNotSatisfiable,
+    SequenceStartFailed,
+)
 from ..hublog import LogRecordDict
 from ..streams import Broadcast, RecordRing, Subscription
 from .lifecycle import FINAL, LIVE, Status, Trigger, next_status
+from .spool import PartialLine, StreamSpool, write_json_atomic
 
 if TYPE_CHECKING:
     from ..config import HubConfig
@@ -65,6 +74,13 @@ EXIT_REASONS: Final = {
     22: "Sequence failed on start",
     23: "Sequence failed during execution",
 }
+
+#: The file in an instance's state directory a hub after this one reads.
+STATE_FILE: Final = "state.json"
+#: The streams kept on disk for the seam between two hubs (agent/instances/spool.py).
+SPOOLED_STREAMS: Final = ("stdout", "stderr", "output")
+#: Restart policies a start may ask for.
+RESTART_POLICIES: Final = ("never", "on-failure", "always")
 
 #: Content type of a topic first named by an instance that declared none: what
 #: the runners write by default.
@@ -102,7 +118,13 @@ class Instance:
         limits_request: dict[str, Any] | None = None,
         on_event: EventCallback | None = None,
         on_removed: Callable[[Instance], None] | None = None,
+        on_ended: Callable[[Instance], None] | None = None,
         topics: TopicRouter | None = None,
+        state_dir: Path | None = None,
+        restart: str = "never",
+        restarts: int = 0,
+        adopted: RunnerProcess | None = None,
+        restored: dict[str, Any] | None = None,
     ) -> None:
         self.id = instance_id
         self.sequence = sequence
@@ -116,7 +138,29 @@ class Instance:
         self._launch = launch
         self._on_event = on_event
         self._on_removed = on_removed
+        self._on_ended = on_ended
         self._topics = topics
+        #: where the instance's state, its holder's files and its spools live
+        self.state_dir = state_dir
+        #: restart policy (RESTART_POLICIES) and how many times it restarted
+        self.restart = restart
+        self.restarts = restarts
+        #: the runner a hub before left running, taken back; or None to start one
+        self._adopted = adopted
+        #: what a hub before saved (state.json), when taking it back or listing its end
+        self._restored = restored or {}
+        #: the hub stops and leaves the runner running (see detach)
+        self._detaching = False
+        #: a stop or kill was asked for: a restart policy does not apply to this end
+        self.stop_requested = bool(self._restored.get("desired") == "stopped")
+        self._spools: dict[str, StreamSpool] = {}
+        self._input_content_type: str | None = None
+        #: set by the supervisor while a restart waits for its backoff (a stop cancels it)
+        self.restart_scope: trio.CancelScope | None = None
+        self.restart_due: float | None = None
+        self._started_at: float | None = None
+        self._replaced = False
+        self._ended_at: float | None = None
         self._nursery: trio.Nursery | None = None
         # The full id goes with every record (the JSON log's "instance"); the text log shows
         # the logger's short name.
@@ -134,9 +178,9 @@ class Instance:
         self.requires: str | None = None
         self.pid: int | None = None
 
-        self.output = Broadcast(limits.INSTANCE_STREAM_BUFFER_BYTES)
-        self.stdout = Broadcast(limits.INSTANCE_STREAM_BUFFER_BYTES)
-        self.stderr = Broadcast(limits.INSTANCE_STREAM_BUFFER_BYTES)
+        self.output = Broadcast(limits.INSTANCE_STREAM_BUFFER_BYTES, self._marker("output"))
+        self.stdout = Broadcast(limits.INSTANCE_STREAM_BUFFER_BYTES, self._marker("stdout"))
+        self.stderr = Broadcast(limits.INSTANCE_STREAM_BUFFER_BYTES, self._marker("stderr"))
         self.log = RecordRing[LogRecordDict](limits.INSTANCE_LOG_RING_RECORDS)
 
         self._process: RunnerProcess | None = None
@@ -197,7 +241,97 @@ class Instance:
             info["requires"] = self.requires
         if self.exitcode is not None or self.reason is not None:
             info["terminated"] = {"exitcode": self.exitcode, "reason": self.reason}
+        info["restart"] = self.restart
+        info["restarts"] = self.restarts
         return cast(InstanceInfo, {k: v for k, v in info.items() if v is not None})
+
+    # ------------------------------------------------------------------ state on disk
+    def _marker(self, name: str) -> Callable[[int], None]:
+        def mark(position: int) -> None:
+            spool = self._spools.get(name)
+            if spool is not None:
+                spool.set_mark(position)
+
+        return mark
+
+    def saved_state(self) -> dict[str, Any]:
+        """What a hub after this one needs to take the instance back or start it again."""
+        return {
+            "id": self.id,
+            "sequence": self.sequence.id,
+            "appConfig": self.app_config,
+            "args": self.args,
+            "inputTopic": self.input_topic,
+            "outputTopic": self.output_topic,
+            "limits": self.limits_request,
+            "created": self.created,
+            "started": self.started,
+            "status": self.status.value,
+            "provides": self.provides,
+            "requires": self.requires,
+            "inputContentType": self._input_content_type,
+            "inputPreambleSent": self._input_preamble_sent,
+            "inputEnded": self._input_ended,
+            "stdinEnded": self._stdin_ended,
+            "restart": self.restart,
+            "restarts": self.restarts,
+            "desired": "stopped" if self.stop_requested else "running",
+            "pid": self.pid,
+            "ended": self.ended,
+            "exitcode": self.exitcode,
+            "reason": self.reason,
+        }
+
+    def save_state(self) -> None:
+        """Write state.json (atomically, synced: it outlives power losses)."""
+        if self.state_dir is None or self._detaching:
+            return
+        write_json_atomic(self.state_dir / STATE_FILE, self.saved_state())
+
+    def _open_spools(self, *, fresh: bool = False) -> None:
+        if self.state_dir is None:
+            return
+        for name in SPOOLED_STREAMS:
+            self._spools[name] = StreamSpool(self.state_dir, name, fresh=fresh)
+        if fresh:
+            for name in ("monitoring", "log"):
+                PartialLine(self.state_dir, name).clear()
+
+    def _restore_streams(self) -> None:
+        """Put back into each stream what the hub before had read and no reader taken."""
+        for name, spool in self._spools.items():
+            broadcast: Broadcast = getattr(self, name)
+            broadcast.restore(spool.mark, spool.read(spool.mark, spool.end))
+
+    def _restore_fields(self) -> None:
+        saved = self._restored
+        self.created = saved.get("created") or self.created
+        self.started = saved.get("started")
+        self._input_preamble_sent = bool(saved.get("inputPreambleSent"))
+        self._input_ended = bool(saved.get("inputEnded"))
+        self._stdin_ended = bool(saved.get("stdinEnded"))
+        self._input_content_type = saved.get("inputContentType")
+
+    def ran_seconds(self) -> float | None:
+        """How long the runner ran under this hub (None if it never ran here)."""
+        if self._started_at is None:
+            return None
+        return (self._ended_at or trio.current_time()) - self._started_at
+
+    def forget_now(self) -> None:
+        """Stop listing this ended instance: its restart replaces it (and takes over
+        its scratch directory)."""
+        self._replaced = True
+        self._remove_now.set()
+
+    @property
+    def removed(self) -> bool:
+        return self._removed.is_set()
+
+    def detach(self) -> None:
+        """The hub stops and this instance stays: its runner goes on, taken back by
+        the next hub. Cancel the instance's task after this."""
+        self._detaching = True
 
     def _set_status(self, trigger: Trigger) -> None:
         new = next_status(self.status, trigger)
@@ -221,7 +355,11 @@ class Instance:
         Raises :class:`SequenceStartFailed` (before ``started``) when the runner
         ends or times out before its handshake.
         """
+        if self._adopted is not None:
+            await self._run_adopted(self._adopted, task_status)
+            return
         spec = self._launch(self)
+        self._open_spools(fresh=True)  # a restart's streams begin again at 0
         try:
             process = await self._runtime.spawn(spec)
         except OSError as exc:
@@ -256,24 +394,120 @@ class Instance:
                         proto.Message(proto.Code.PONG, {"appConfig": self.app_config, "args": self.args})
                     )
                     self._hub_log("info", f"Instance started (pid {process.pid})")
+                    self.save_state()
                     task_status.started()
-                    await self._exited.wait()
-                    # Stragglers the sequence left behind must not outlive it.
-                    process.signal_group(signal.SIGKILL)
-                    with trio.move_on_after(self._config.instance_lifetime):
-                        await self._remove_now.wait()
+                    await self._live_then_listed()
                     nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
-                process.signal_group(signal.SIGKILL)
-                await process.aclose()
-                await _remove_work_dir(spec.cwd)
-            self._close_streams()
-            self._removed.set()
-            if self._on_removed is not None:
-                self._on_removed(self)
+                await self._let_go(process, spec.cwd)
         if start_failure is not None:
             raise SequenceStartFailed(start_failure)
+
+    async def _live_then_listed(self) -> None:
+        """Wait for the end, then stay listed for the instance lifetime."""
+        self._started_at = self._started_at or trio.current_time()
+        await self._exited.wait()
+        self._ended_at = trio.current_time()
+        self.save_state()
+        if self._on_ended is not None:
+            self._on_ended(self)
+        with trio.move_on_after(self._config.instance_lifetime):
+            await self._remove_now.wait()
+
+    async def _let_go(self, process: RunnerProcess, work_dir: Path | None) -> None:
+        """The instance's task ends: keep the runner for the next hub (detaching) or
+        let it go for good (it ended, or its start failed)."""
+        if self._detaching and self._handshake.is_set() and not self._exited.is_set():
+            await process.detach()
+        else:
+            process.signal_group(signal.SIGKILL)
+            await process.aclose()
+            if work_dir is not None and not self._replaced:
+                await _remove_work_dir(work_dir)
+        for spool in self._spools.values():
+            spool.close()
+        self._close_streams()
+        self._removed.set()
+        if self._on_removed is not None and not self._detaching:
+            self._on_removed(self)
+
+    async def _run_adopted(self, process: RunnerProcess, task_status: trio.TaskStatus[None]) -> None:
+        """The life of an instance taken back from a hub before: no spawn, no handshake."""
+        self._restore_fields()
+        self._open_spools()
+        self._restore_streams()
+        self._process = process
+        self.pid = process.pid
+        self._handshake.set()
+        self._set_status(Trigger.ADOPTED)
+        work_dir = self._config.sequences_root / ".instances" / self.id
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._pump_bytes, process.stdout, self.stdout, False)
+                nursery.start_soon(self._pump_bytes, process.stderr, self.stderr, True)
+                nursery.start_soon(self._pump_bytes, process.output, self.output, False)
+                nursery.start_soon(self._pump_log, process.log)
+                nursery.start_soon(self._pump_monitoring, process.monitoring)
+                nursery.start_soon(self._watch_exit, process)
+                nursery.start_soon(self._enforce_kill, process)
+                # Its topics, bound again as the runner named them to the hub before.
+                if self._restored.get("provides"):
+                    self.provides = str(self._restored["provides"])
+                    self._bind_output(self.provides, None)
+                if self._restored.get("requires"):
+                    self.requires = str(self._restored["requires"])
+                    self._bind_input(self.requires, self._input_content_type)
+                self._hub_log("info", f"Instance taken back from the hub before (pid {process.pid})")
+                if self.stop_requested and process.returncode is None:
+                    # The hub before was ending it when it went: finish the job.
+                    self._set_status(Trigger.KILL)
+                    self._kill_requested.set()
+                task_status.started()
+                await self._live_then_listed()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._let_go(process, work_dir)
+
+    async def run_ended(
+        self,
+        *,
+        exitcode: int | None,
+        ended: str | None,
+        reason: str,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """List an instance that ended while no hub ran (its holder gone too), with
+        what its streams last carried, for the instance lifetime."""
+        self._restore_fields()
+        self._open_spools()
+        self._restore_streams()
+        self._handshake.set()
+        self._set_status(Trigger.ADOPTED)
+        self.exitcode = exitcode
+        self.ended = ended or iso_now()
+        self.reason = reason
+        clean = exitcode == 0 or self._restored.get("status") == Status.COMPLETED.value
+        self._set_status(Trigger.EXITED_CLEAN if clean else Trigger.EXITED_FAILED)
+        self._hub_log("info", f"Instance ended while no hub ran: {reason}")
+        self._exited.set()
+        self._monitoring_done.set()
+        for stream in (self.output, self.stdout, self.stderr):
+            stream.close()
+        self.log.close()
+        task_status.started()
+        try:
+            await self._live_then_listed()
+        finally:
+            with trio.CancelScope(shield=True):
+                for spool in self._spools.values():
+                    spool.close()
+                self._close_streams()
+                self._removed.set()
+                if self._on_removed is not None and not self._detaching:
+                    self._on_removed(self)
 
     def _finish_without_process(self, reason: str) -> None:
         self.reason = reason
@@ -314,7 +548,8 @@ class Instance:
         with trio.move_on_after(MONITORING_DRAIN_WAIT):
             await self._monitoring_done.wait()
         self.exitcode = code if code >= 0 else 128 - code
-        self.ended = iso_now()
+        # A runner that ended while no hub ran: its holder noted when.
+        self.ended = getattr(process, "ended_at", None) or iso_now()
         self.reason = self._exit_reason(code)
         # The table decides what an exit means in each state (a SIGKILL asked for
         # by a kill request still completes the instance).
@@ -371,8 +606,12 @@ class Instance:
 
     # ------------------------------------------------------------------ pumps
     async def _pump_bytes(self, stream: trio.abc.ReceiveStream, target: Broadcast, keep_tail: bool) -> None:
+        spool = next((self._spools[n] for n in self._spools if getattr(self, n) is target), None)
         try:
             while chunk := await stream.receive_some(limits.STREAM_CHUNK_BYTES):
+                if spool is not None:
+                    # On disk before any reader sees it: a hub that ends now loses nothing.
+                    spool.append(chunk)
                 if keep_tail and not self._handshake.is_set():
                     self._stderr_tail.append(bytes(chunk))
                     self._stderr_tail_size += len(chunk)
@@ -387,7 +626,8 @@ class Instance:
             await trio.aclose_forcefully(stream)
 
     async def _pump_log(self, stream: trio.abc.ReceiveStream) -> None:
-        buffer = bytearray()
+        tail = PartialLine(self.state_dir, "log")
+        buffer = bytearray(tail.restore() if self._restored else b"")
         try:
             while chunk := await stream.receive_some(limits.STREAM_CHUNK_BYTES):
                 buffer += chunk
@@ -396,8 +636,11 @@ class Instance:
                     line = bytes(buffer[:cut])
                     del buffer[: cut + (1 if newline >= 0 else 0)]
                     self._append_runner_log(line)
+                tail.save(buffer)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+        finally:
+            tail.close()
         if buffer:
             self._append_runner_log(bytes(buffer))
         await trio.aclose_forcefully(stream)
@@ -424,12 +667,31 @@ class Instance:
 
     async def _pump_monitoring(self, stream: trio.abc.ReceiveStream) -> None:
         reader = proto.MessageReader(limits.MAX_CONTROL_LINE_BYTES)
+        tail = PartialLine(self.state_dir, "monitoring")
+        # Taken back from a hub before: its partial line first. A hub killed between
+        # reading a chunk and noting its partial line leaves the next line cut: that
+        # one line is skipped, not held against the runner.
+        forgive = bool(self._restored)
+        if forgive and (partial := tail.restore()):
+            reader.receive_data(partial)
         try:
             while True:
                 chunk = await stream.receive_some(limits.STREAM_CHUNK_BYTES)
                 reader.receive_data(bytes(chunk))
-                for message in reader:
+                while True:
+                    try:
+                        message = reader.next_message()
+                    except proto.ProtocolError as exc:
+                        if not forgive:
+                            raise
+                        forgive = False
+                        self._hub_log("warn", f"skipped a line cut when the hub before ended: {exc}")
+                        continue
+                    if message is None:
+                        break
+                    forgive = False
                     self._handle_runner_message(message)
+                tail.save(reader.pending)
                 if not chunk:
                     return
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -444,6 +706,7 @@ class Instance:
                 while await stream.receive_some(limits.STREAM_CHUNK_BYTES):
                     pass
         finally:
+            tail.close()
             self._monitoring_done.set()
             await trio.aclose_forcefully(stream)
 
@@ -490,9 +753,12 @@ class Instance:
         if pang.get("provides") and self.provides is None:
             self.provides = str(self.output_topic or pang["provides"])
             self._bind_output(self.provides, content_type)
+            self.save_state()
         if pang.get("requires") and self.requires is None:
             self.requires = str(self.input_topic or pang["requires"])
+            self._input_content_type = content_type
             self._bind_input(self.requires, content_type)
+            self.save_state()
 
     def _topic_for(self, name: str, content_type: str | None) -> Topic | None:
         """Topic ``name`` for this instance: made with its declared type if new; an existing
@@ -557,8 +823,10 @@ class Instance:
             nursery.start_soon(release_on_exit)
             try:
                 with reader:
-                    await stream.send_all(proto.encode_preamble(topic.content_type))
-                    self._input_preamble_sent = True
+                    if not self._input_preamble_sent:  # a hub before may have sent it
+                        await stream.send_all(proto.encode_preamble(topic.content_type))
+                        self._input_preamble_sent = True
+                        self.save_state()
                     async for chunk in reader:
                         await stream.send_all(chunk)
                 self._input_ended = True
@@ -586,9 +854,13 @@ class Instance:
     async def stop(self, timeout_ms: int, can_keep_alive: bool) -> None:
         """Ask the sequence to stop; returns when it ended, or when the window
         closed (the instance kept alive, or killed if it did not answer)."""
+        if self._cancel_restart():
+            return
         if self.status not in (Status.RUNNING, Status.STOPPING):
             raise InstanceNotRunning(f"Instance {self.id} is not running (status {self.status.value})")
         self._set_status(Trigger.STOP)
+        self.stop_requested = True
+        self.save_state()
         self._keep_alive_seen = False
         await self._send_control(
             proto.Message(proto.Code.STOP, {"timeout": timeout_ms, "canCallKeepalive": can_keep_alive})
@@ -609,6 +881,8 @@ class Instance:
         """End the instance: KILL message, SIGTERM to the group, SIGKILL after the
         grace. A second kill while killing sends SIGKILL at once. With
         ``remove_immediately`` the instance is not kept listed once it ended."""
+        if self._cancel_restart() and not remove_immediately:
+            return
         if remove_immediately:
             self._remove_now.set()
             if not self.is_live:
@@ -621,8 +895,20 @@ class Instance:
                 self._process.signal_group(signal.SIGKILL)
             return
         self._set_status(Trigger.KILL)
+        self.stop_requested = True
+        self.save_state()
         self._kill_requested.set()
         await self._send_control(proto.Message(proto.Code.KILL, {}))
+
+    def _cancel_restart(self) -> bool:
+        """A stop or kill of an ended instance waiting to restart: it stays ended."""
+        if self.is_live or self.restart_scope is None:
+            return False
+        self.restart_scope.cancel()
+        self.stop_requested = True
+        self.save_state()
+        self._hub_log("info", "restart cancelled: the instance was stopped")
+        return True
 
     def terminate(self) -> None:
         """SIGTERM to the runner's process group, through its runtime (hub shutdown)."""
@@ -726,6 +1012,44 @@ class Instance:
             self._event_streams.discard(send)
             send.close()
 
+    # ------------------------------------------------------------------ output streams
+    def read_stream(self, name: str, offset: int | None = None) -> AsyncGenerator[bytes, None]:
+        """A reader of ``output``, ``stdout`` or ``stderr``: from where the readers
+        before left off, or from byte ``offset`` of the stream (counted from the
+        instance's start, across hub restarts) while it is kept. Refuses at once:
+        :class:`Gone` for bytes no longer kept, :class:`RangeNotSatisfiable` past the end."""
+        broadcast: Broadcast = getattr(self, name)
+        if offset is not None and offset > broadcast.end:
+            raise RangeNotSatisfiable(
+                f"offset {offset} is past the end of {name} ({broadcast.end} bytes so far)"
+            )
+        spool = self._spools.get(name)
+        if offset is not None and offset < broadcast.start and (spool is None or offset < spool.start):
+            kept = spool.start if spool is not None else broadcast.start
+            raise Gone(f"bytes of {name} before offset {kept} are no longer kept (asked from {offset})")
+        return self._read_from(broadcast, spool, offset)
+
+    async def _read_from(
+        self, broadcast: Broadcast, spool: StreamSpool | None, offset: int | None
+    ) -> AsyncGenerator[bytes, None]:
+        # Attached at the first read (a reader never read holds nothing back).
+        first = b""
+        if offset is None or offset >= broadcast.start:
+            subscription = broadcast.subscribe(offset)
+        else:
+            start = broadcast.start
+            subscription = broadcast.subscribe(start)  # holds the stream from here on
+            if spool is not None and offset >= spool.start:
+                first = spool.read(offset, start)
+            else:  # dropped from the disk since the request was checked (a slow start)
+                subscription.close()
+                return
+        with subscription:
+            for begin in range(0, len(first), limits.STREAM_CHUNK_BYTES):
+                yield first[begin : begin + limits.STREAM_CHUNK_BYTES]
+            async for chunk in subscription:
+                yield chunk
+
     # ------------------------------------------------------------------ input
     async def write_input(self, body: AsyncIterable[bytes], content_type: str | None, end: bool) -> None:
         if self.requires or self.input_topic:
@@ -740,10 +1064,12 @@ class Instance:
                 if not self._input_preamble_sent:
                     await stream.send_all(proto.encode_preamble(content_type or "application/octet-stream"))
                     self._input_preamble_sent = True
+                    self.save_state()
                 async for chunk in body:
                     await stream.send_all(chunk)
                 if end:
                     self._input_ended = True
+                    self.save_state()
                     await stream.aclose()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 raise Gone(f"Instance {self.id} stopped reading its input") from None
@@ -760,6 +1086,7 @@ class Instance:
                     await stream.send_all(chunk)
                 if end:
                     self._stdin_ended = True
+                    self.save_state()
                     await stream.aclose()
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 raise Gone(f"Instance {self.id} stopped reading its stdin") from None

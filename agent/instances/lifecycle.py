@@ -12,6 +12,10 @@ makes it ``completed`` or ``errored``: which one depends on how it ended
 anything else) and on the state it was in; for example a kill that ends the process
 with SIGKILL still counts as ``completed``, as the user asked for it.
 
+A hub that starts takes back the instances a hub before it left running: they
+are created ``initializing`` and ``ADOPTED`` makes them ``running`` at once (their
+handshake happened under the hub before); one that ended meanwhile then takes the
+exit it had.
 ``completed`` and ``errored`` are final. ``unknown`` is never held by a hub: the
 manager shows it for instances of a hub whose link is down.
 
@@ -55,6 +59,8 @@ class Trigger(enum.Enum):
     KILL = enum.auto()
     EXITED_CLEAN = enum.auto()
     EXITED_FAILED = enum.auto()
+    #: a hub took back an instance a hub before it left running (its handshake was then)
+    ADOPTED = enum.auto()
 
 
 class InvalidTransition(errors.InvalidTransition):
@@ -71,6 +77,7 @@ T = Trigger
 
 TRANSITIONS: Final[dict[tuple[Status, Trigger], Status]] = {
     (S.INITIALIZING, T.SPAWNED): S.STARTING,
+    (S.INITIALIZING, T.ADOPTED): S.RUNNING,
     (S.INITIALIZING, T.KILL): S.KILLING,
     (S.INITIALIZING, T.EXITED_CLEAN): S.ERRORED,
     (S.INITIALIZING, T.EXITED_FAILED): S.ERRORED,

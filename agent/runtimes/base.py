@@ -30,6 +30,8 @@ class LaunchSpec:
     cwd: Path
     #: the unpacked package, read-only for the instance where the runtime can enforce it
     package_dir: Path
+    #: the instance's state directory: its holder's launch and exit, its spools
+    state_dir: Path
     #: per-instance limits from the start request (memory in MB, ...); runtimes
     #: that cannot enforce one say so in the hub log
     limits: dict[str, object] = field(default_factory=dict)
@@ -60,7 +62,12 @@ class RunnerProcess(Protocol):
         ...
 
     async def aclose(self) -> None:
-        """Close the hub's ends of every channel."""
+        """The runner has ended or is given up: close the hub's ends of every
+        channel and let go of everything kept for it."""
+        ...
+
+    async def detach(self) -> None:
+        """The hub stops, the runner goes on: close the hub's ends only."""
         ...
 
 
@@ -68,3 +75,7 @@ class Runtime(Protocol):
     name: str
 
     async def spawn(self, spec: LaunchSpec) -> RunnerProcess: ...
+
+    async def adopt(self, instance_id: str, state_dir: Path, limits: dict[str, object]) -> RunnerProcess:
+        """Take back a runner a hub before left running (``HolderGone`` if it is gone)."""
+        ...

@@ -16,8 +16,14 @@ Before the pidfile exists the client is signalled (it proxies the signal).
 The end: the client's exit status is the container's. The container is not
 ``--rm``: once the client has exited we read ``State.OOMKilled`` (memory limit
 exceeded is a reason the instance reports) and then remove it. Every container
-carries the labels ``spacehub.hub`` and ``spacehub.instance``, and a hub removes
-its own leftovers (a killed hub's) when it starts: :func:`remove_orphans`.
+carries the labels ``spacehub.hub`` and ``spacehub.instance``.
+
+The hub ending: the client is the child of the instance's holder
+(agent/runners/holder.py), not of the hub, so the client, its pipes and the
+container all go on while no hub runs, and the next hub takes them back through
+the holder as under the subprocess runtime. Containers of this hub that nobody
+took back (their holder gone: a reboot) are removed when it starts:
+:func:`remove_orphans`.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
@@ -40,7 +47,8 @@ import trio
 from .. import images
 from .base import LaunchSpec, RunnerProcess, Runtime
 from .cgroups import detect as detect_cgroups
-from .pipes import EXTRA_FDS, ChannelStreams, open_with_channels
+from .held import HeldRunner, adopt, start_held
+from .pipes import EXTRA_FDS
 from .process import ProcessRuntime
 
 if TYPE_CHECKING:
@@ -118,10 +126,10 @@ def probe() -> dict[str, Any]:
     }
 
 
-async def remove_orphans(hub_id: str) -> list[str]:
-    """Remove every container this hub left behind (a hub killed with -9); their names."""
+async def remove_orphans(hub_id: str, keep: Collection[str] = ()) -> list[str]:
+    """Remove every container this hub left behind and did not take back; their names."""
     listed = await podman("ps", "-a", "--filter", f"label={LABEL_HUB}={hub_id}", "--format", "{{.Names}}")
-    names = [n for n in listed.stdout.decode().split() if n]
+    names = [n for n in listed.stdout.decode().split() if n and n not in keep]
     if names:
         await podman("rm", "--force", "--time", "0", *names)
     return names
@@ -262,13 +270,21 @@ def container_name(hub_id: str, instance_id: str) -> str:
     return f"spacehub-{hub_id}-{instance_id}"
 
 
-class PodmanRunner(ChannelStreams):
-    """A runner in a container; ``pid`` is the podman client's."""
+class PodmanRunner:
+    """A runner in a container; ``pid`` is the podman client's, which its holder keeps
+    (agent/runners/holder.py), so the container and its pipes outlive the hub."""
 
-    def __init__(self, process: trio.Process, channels: ChannelStreams, name: str, pidfile: Path) -> None:
-        super().__init__(channels._streams)
-        self._process = process
-        self.pid = process.pid
+    def __init__(self, held: HeldRunner, name: str, pidfile: Path) -> None:
+        self._process = held
+        self.pid = held.pid
+        self.stdin = held.stdin
+        self.stdout = held.stdout
+        self.stderr = held.stderr
+        self.control = held.control
+        self.monitoring = held.monitoring
+        self.input = held.input
+        self.output = held.output
+        self.log = held.log
         self.name = name
         self._pidfile = pidfile
         self._container_pid: int | None = None
@@ -280,6 +296,10 @@ class PodmanRunner(ChannelStreams):
     @property
     def returncode(self) -> int | None:
         return self._process.returncode
+
+    @property
+    def ended_at(self) -> str | None:
+        return self._process.ended_at
 
     def _init_pid(self) -> int | None:
         if self._container_pid is None:
@@ -329,8 +349,7 @@ class PodmanRunner(ChannelStreams):
                     os.close(fd)
         await trio.sleep(CLIENT_DRAIN_GRACE)
         self._client_ended = True
-        with contextlib.suppress(ProcessLookupError):
-            self._process.kill()
+        self._process.signal_group(signal.SIGKILL)
 
     async def _collect(self, code: int) -> int:
         """Learn how the container ended (memory limit? its exit code when the
@@ -353,11 +372,11 @@ class PodmanRunner(ChannelStreams):
         if self._process.returncode is not None:
             return  # the container ended with its client; its pid namespace is gone
         target = self._init_pid()
+        if target is None:
+            self._process.signal_group(sig)  # the client: podman proxies it once the container runs
+            return
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            if target is not None:
-                os.kill(target, sig)
-            else:
-                os.killpg(self.pid, sig)  # podman proxies it once the container runs
+            os.kill(target, sig)
 
     async def stats(self) -> dict[str, Any]:
         """Memory and CPU of the container, as ``podman stats`` reports them."""
@@ -376,8 +395,11 @@ class PodmanRunner(ChannelStreams):
             "pids": entry.get("pids", ""),
         }
 
+    async def detach(self) -> None:
+        """The hub goes: the container, its client and its holder stay."""
+        await self._process.detach()
+
     async def aclose(self) -> None:
-        await super().aclose()
         if self._process.returncode is None:
             # The hub is giving up on it (shutdown, failed start): the container must not leak.
             with trio.move_on_after(PODMAN_COMMAND_TIMEOUT):
@@ -389,12 +411,15 @@ class PodmanRunner(ChannelStreams):
                 self._removed = True
         with contextlib.suppress(OSError):
             self._pidfile.unlink()
+        await self._process.aclose()
 
 
 class PodmanRuntime:
     """Runs each runner with ``podman run``; see the module docstring."""
 
     name = "podman"
+    #: its containers outlive the hub (their clients held by agent/runners/holder.py)
+    keeps_instances = True
 
     def __init__(self, config: HubConfig, hub_id: str) -> None:
         self._config = config
@@ -519,12 +544,19 @@ class PodmanRuntime:
         # The client's own environment: the hub's (podman needs it) plus the
         # runner's variables, which ``--env NAME`` passes on into the container.
         env = {**os.environ, **{k: v for k, v in spec.env.items() if k not in ("PATH", "HOME")}}
-        process, channels = await open_with_channels(argv, env=env, cwd=spec.cwd)
-        return PodmanRunner(process, channels, name, pidfile)
+        argv[0] = shutil.which("podman") or "/usr/bin/podman"
+        held = await start_held(spec.state_dir, argv=argv, env=env, cwd=spec.cwd, cgroup_procs=[], rlimits=[])
+        return PodmanRunner(held, name, pidfile)
 
-    async def remove_orphans(self, log: logging.Logger) -> None:
-        """Remove the containers a previous run of this hub left behind."""
-        removed = await remove_orphans(self._hub_id)
+    async def adopt(self, instance_id: str, state_dir: Path, limits: dict[str, object]) -> RunnerProcess:
+        """Take back a container a hub before left running, through its client's holder."""
+        name = container_name(self._hub_id, instance_id)
+        return PodmanRunner(await adopt(state_dir), name, self._state / f"{name}.pid")
+
+    async def remove_orphans(self, log: logging.Logger, keep: Collection[str] = ()) -> None:
+        """Remove the containers a previous run of this hub left behind, but those of
+        the instances in ``keep`` (taken back)."""
+        removed = await remove_orphans(self._hub_id, {container_name(self._hub_id, i) for i in keep})
         if removed:
             log.warning(
                 "removed %d container(s) left by a previous run: %s", len(removed), ", ".join(removed)

@@ -1,35 +1,39 @@
-"""The subprocess runtime: each runner is a bare child process in its own session.
+"""The subprocess runtime: each runner is a bare process, kept by a holder.
 
 The runner's channels are OS pipes placed on fixed descriptors (0-7, see
 ``spacehub.protocol.runner`` and :mod:`.pipes`), so every channel has its own
-kernel buffer and back-pressure. The child is a session leader
-(``start_new_session``), so one ``killpg`` reaches everything it started.
+kernel buffer and back-pressure. The runner is the child of its holder
+(:mod:`agent.runners.holder`), not of the hub, and leads a session of its own, so
+one ``killpg`` reaches everything it started and the hub may end and come back
+while it runs (:mod:`.held`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
-from functools import partial
-
-import trio
+from pathlib import Path
 
 from .base import LaunchSpec, RunnerProcess
-from .cgroups import MEMORY_LIMIT_REASON, CgroupLimiter, InstanceGroup, InstanceLimits, join_in_child
-from .pipes import ChannelStreams, open_with_channels
+from .cgroups import MEMORY_LIMIT_REASON, CgroupLimiter, InstanceGroup, InstanceLimits
+from .held import HeldRunner, adopt, start_held
 
 
-class ProcessRunner(ChannelStreams):
-    """A runner started by :class:`ProcessRuntime`."""
+class ProcessRunner:
+    """A runner started (or taken back) by :class:`ProcessRuntime`."""
 
-    def __init__(
-        self, process: trio.Process, channels: ChannelStreams, group: InstanceGroup | None = None
-    ) -> None:
-        super().__init__(channels._streams)
-        self._process = process
+    def __init__(self, held: HeldRunner, group: InstanceGroup | None = None) -> None:
+        self._held = held
         self._group = group
-        self.pid = process.pid
+        self.pid = held.pid
+        self.stdin = held.stdin
+        self.stdout = held.stdout
+        self.stderr = held.stderr
+        self.control = held.control
+        self.monitoring = held.monitoring
+        self.input = held.input
+        self.output = held.output
+        self.log = held.log
 
     @property
     def exit_reason(self) -> str | None:
@@ -38,42 +42,60 @@ class ProcessRunner(ChannelStreams):
             return MEMORY_LIMIT_REASON
         return None
 
-    async def aclose(self) -> None:
-        await super().aclose()
-        if self._group is not None:
-            self._group.remove()
+    @property
+    def ended_at(self) -> str | None:
+        return self._held.ended_at
 
     @property
     def returncode(self) -> int | None:
-        return self._process.returncode
+        return self._held.returncode
 
     async def wait(self) -> int:
-        return await self._process.wait()
+        return await self._held.wait()
 
     def signal_group(self, sig: signal.Signals) -> None:
-        # The group outlives its leader while children remain, and its id cannot be
-        # reused as a pid while it exists, so signalling after the leader exited
-        # still reaches only this instance's stragglers.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, sig)
+        self._held.signal_group(sig)
+
+    async def detach(self) -> None:
+        await self._held.detach()
+
+    async def aclose(self) -> None:
+        await self._held.aclose()
+        if self._group is not None:
+            self._group.remove()
 
 
 class ProcessRuntime:
-    """Bare child processes; a start's ``limits`` are enforced through ``limiter``."""
+    """Bare processes; a start's ``limits`` are enforced through ``limiter``."""
 
     name = "process"
+    #: its runners outlive the hub (held by agent/runners/holder.py)
+    keeps_instances = True
 
-    def __init__(self, limiter: CgroupLimiter | None = None) -> None:
+    def __init__(self, limiter: CgroupLimiter | None = None, python: str | None = None) -> None:
         self.limiter = limiter or CgroupLimiter(0, {})
+        self._python = python
 
     async def spawn(self, spec: LaunchSpec) -> RunnerProcess:
         group = self.limiter.make(spec.instance_id, InstanceLimits.from_request(spec.limits))
         try:
-            process, channels = await open_with_channels(
-                spec.argv, env=spec.env, cwd=spec.cwd, child_setup=partial(join_in_child, group)
+            held = await start_held(
+                spec.state_dir,
+                argv=spec.argv,
+                env=spec.env,
+                cwd=spec.cwd,
+                cgroup_procs=group.procs_files() if group is not None else [],
+                rlimits=list(group.rlimits) if group is not None else [],
             )
         except BaseException:
             if group is not None:
                 group.remove()
             raise
-        return ProcessRunner(process, channels, group)
+        return ProcessRunner(held, group)
+
+    async def adopt(self, instance_id: str, state_dir: Path, limits: dict[str, object]) -> RunnerProcess:
+        """Take back the runner a hub before left (:class:`~.held.HolderGone` if none)."""
+        group: InstanceGroup | None = None
+        with contextlib.suppress(OSError):
+            group = self.limiter.make(instance_id, InstanceLimits.from_request(limits))
+        return ProcessRunner(await adopt(state_dir), group)

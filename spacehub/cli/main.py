@@ -187,7 +187,7 @@ def _start_options(ctx: Context, args: argparse.Namespace) -> dict[str, Any]:
         options["args"] = value
     if args.limits is not None:
         options["limits"] = _json_arg(args.limits, "--limits")
-    for key in ("inst_id", "input_topic", "output_topic"):
+    for key in ("inst_id", "input_topic", "output_topic", "restart"):
         value = getattr(args, key)
         if value is not None:
             options["instance_id" if key == "inst_id" else key] = value
@@ -728,6 +728,11 @@ def _start_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-topic", help="send the output to this topic")
     parser.add_argument("--args", help="arguments for the sequence, a JSON array: '[\"a\", 1]'")
     parser.add_argument("--limits", help="resource limits as JSON: '{\"memory\": 512}'")
+    parser.add_argument(
+        "--restart",
+        choices=("never", "on-failure", "always"),
+        help="start it again when it ends, after a reboot too (default never)",
+    )
 
 
 _COMMON: Final = _common()

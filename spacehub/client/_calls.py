@@ -252,6 +252,7 @@ def start(
     input_topic: str | None = None,
     output_topic: str | None = None,
     limits: Mapping[str, Any] | None = None,
+    restart: str | None = None,
 ) -> Call:
     payload: dict[str, Any] = {}
     if app_config is not None:
@@ -266,6 +267,8 @@ def start(
         payload["outputTopic"] = output_topic
     if limits is not None:
         payload["limits"] = dict(limits)
+    if restart is not None:
+        payload["restart"] = restart
     return Call("POST", f"sequence/{segment(sequence_id)}/start", json=payload, long=True)
 
 

@@ -389,6 +389,7 @@ class AsyncSequenceClient:
         input_topic: str | None = None,
         output_topic: str | None = None,
         limits: Mapping[str, Any] | None = None,
+        restart: str | None = None,
     ) -> AsyncInstanceClient:
         call = calls.start(
             self.id,
@@ -398,6 +399,7 @@ class AsyncSequenceClient:
             input_topic=input_topic,
             output_topic=output_topic,
             limits=limits,
+            restart=restart,
         )
         return AsyncInstanceClient(self._transport, calls.started_id(await self._transport.call(call)))
 

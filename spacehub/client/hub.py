@@ -361,8 +361,11 @@ class SequenceClient:
         input_topic: str | None = None,
         output_topic: str | None = None,
         limits: Mapping[str, Any] | None = None,
+        restart: str | None = None,
     ) -> InstanceClient:
-        """Start an instance; returns once it runs (the hub waits for the runner's handshake)."""
+        """Start an instance; returns once it runs (the hub waits for the runner's handshake).
+        ``restart``: "never" (default), "on-failure" or "always": the hub starts it again
+        when it ends, after a reboot too."""
         call = calls.start(
             self.id,
             app_config=app_config,
@@ -371,6 +374,7 @@ class SequenceClient:
             input_topic=input_topic,
             output_topic=output_topic,
             limits=limits,
+            restart=restart,
         )
         return InstanceClient(self._transport, calls.started_id(self._transport.call(call)))
 

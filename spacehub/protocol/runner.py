@@ -161,6 +161,11 @@ class MessageReader:
         self._skipping = False  # inside an over-long line: drop bytes to its newline
         self.eof = False
 
+    @property
+    def pending(self) -> bytes:
+        """The bytes of the partial line held (to be fed again after a restart)."""
+        return b"" if self._skipping else bytes(self._buffer)
+
     def receive_data(self, data: bytes) -> None:
         if self.eof and data:
             raise ProtocolError("data after end of stream")

@@ -18,6 +18,7 @@ from agent.instances.lifecycle import (
 
 EXPECTED: dict[tuple[Status, Trigger], Status] = {
     (Status.INITIALIZING, Trigger.SPAWNED): Status.STARTING,
+    (Status.INITIALIZING, Trigger.ADOPTED): Status.RUNNING,
     (Status.INITIALIZING, Trigger.KILL): Status.KILLING,
     (Status.INITIALIZING, Trigger.EXITED_CLEAN): Status.ERRORED,
     (Status.INITIALIZING, Trigger.EXITED_FAILED): Status.ERRORED,

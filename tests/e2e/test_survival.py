@@ -1,0 +1,275 @@
+"""Instances outlive the hub (#17): kill -9 and SIGTERM loops, a reboot, restart policies.
+
+Three instances print a counter every 50 ms. The hub is ended ten times in a row
+(``kill -9``, then the same with SIGTERM) and started again on the same directory
+each time; a reader follows each instance's ``/output`` across every seam,
+resuming with ``?offset=`` the byte count it had. Afterwards every instance still
+runs with its id and its pid, and what each reader got is 0, 1, 2, ... with no gap
+and no repeat.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import trio
+
+from harness.daemons import ROOT, HubProcess, read_until, stop_instances
+from tests.e2e.test_hub_api import start, upload
+from tests.helpers import python_package
+
+COUNTER_PY = """
+import asyncio
+async def run(context, input, *args):
+    n = 0
+    while True:
+        yield f"{n}\\n"
+        n += 1
+        await asyncio.sleep(0.05)
+"""
+
+EXIT_PY = """
+import asyncio, os
+async def run(context, input, *args):
+    yield f"started {os.getpid()}\\n"
+    await asyncio.sleep(float(args[0]) if args else 0.3)
+    raise SystemExit(int(args[1]) if len(args) > 1 else 3)
+"""
+
+SEAMS = 10
+
+
+def start_hub(root: Path, runtime: str, *args: str, timeout: float = 30.0) -> HubProcess:
+    """A real `sth` that leaves its instances running when it ends (as under systemd)."""
+    command = [
+        sys.executable,
+        "-m",
+        "agent.main",
+        "-P",
+        "0",
+        "-D",
+        str(root),
+        "--kill-grace",
+        "1",
+        "--runtime",
+        runtime,
+        *args,
+    ]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        cwd=ROOT,
+    )
+    lines = read_until(process, b"Running", time.monotonic() + timeout)
+    address = next(line for line in lines if line.startswith(b"API on ")).split()[-1].decode()
+    return HubProcess(process, address, root)
+
+
+def end_hub(hub: HubProcess, how: signal.Signals) -> None:
+    hub.process.send_signal(how)
+    hub.process.wait(timeout=20)
+    if hub.process.stdout is not None:
+        hub.process.stdout.close()
+
+
+class Follower:
+    """Reads one instance's /output across hub restarts, resuming at its byte count."""
+
+    def __init__(self, instance_id: str) -> None:
+        self.instance_id = instance_id
+        self.data = bytearray()
+        self.url = ""
+        self.resumed = 0
+
+    async def run(self) -> None:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=None)) as client:
+            while True:
+                url = self.url
+                if not url:
+                    await trio.sleep(0.05)
+                    continue
+                try:
+                    target = f"{url}/instance/{self.instance_id}/output?offset={len(self.data)}"
+                    async with client.stream("GET", target) as response:
+                        if response.status_code != 200:
+                            raise AssertionError(f"{response.status_code}: {await response.aread()!r}")
+                        self.resumed += 1
+                        async for chunk in response.aiter_raw():
+                            self.data += chunk
+                except (httpx.TransportError, httpx.RemoteProtocolError):
+                    pass
+                await trio.sleep(0.05)
+
+    def numbers(self) -> list[int]:
+        text = self.data.decode()
+        complete = text[: text.rfind("\n") + 1]
+        return [int(line) for line in complete.split("\n") if line]
+
+
+def check_counter(numbers: list[int]) -> None:
+    assert numbers, "nothing read"
+    assert numbers[0] == 0
+    gaps = [(a, b) for a, b in itertools.pairwise(numbers) if b != a + 1]
+    assert not gaps, f"gap or repeat at {gaps[:5]}"
+
+
+def runner_pids(url: str, ids: list[str]) -> dict[str, int]:
+    pids = {}
+    for instance_id in ids:
+        health = httpx.get(f"{url}/instance/{instance_id}/health", timeout=10).json()
+        pids[instance_id] = health["processId"]
+    return pids
+
+
+async def survive(tmp_path: Path, how: signal.Signals, runtime: str) -> None:
+    root = tmp_path / "sequences"
+    hub = start_hub(root, runtime)
+    try:
+        async with httpx.AsyncClient(base_url=hub.url, timeout=30) as client:
+            sequence_id = await upload(client, python_package(COUNTER_PY))
+            ids = [await start(client, sequence_id, instanceId=f"counter-{n}") for n in range(3)]
+        # Under Podman the pid shown is the container client's, kept by the holder too.
+        pids = await trio.to_thread.run_sync(runner_pids, hub.url, ids)
+        followers = [Follower(i) for i in ids]
+        with trio.fail_after(150):
+            async with trio.open_nursery() as nursery:
+                for follower in followers:
+                    follower.url = hub.url
+                    nursery.start_soon(follower.run)
+                for _seam in range(SEAMS):
+                    await trio.sleep(0.7)
+                    await trio.to_thread.run_sync(end_hub, hub, how)
+                    for follower in followers:
+                        follower.url = ""
+                    await trio.sleep(0.3)  # the counters go on with no hub at all
+                    hub = await trio.to_thread.run_sync(start_hub, root, runtime)
+                    for follower in followers:
+                        follower.url = hub.url
+                await trio.sleep(1.0)
+                nursery.cancel_scope.cancel()
+        listed = httpx.get(f"{hub.url}/instances", timeout=10).json()
+        assert {i["id"]: i["status"] for i in listed} == dict.fromkeys(ids, "running")
+        assert await trio.to_thread.run_sync(runner_pids, hub.url, ids) == pids
+        for follower in followers:
+            numbers = follower.numbers()
+            check_counter(numbers)
+            # ~10 s of counting at 20 a second, across every seam
+            assert len(numbers) > 100, len(numbers)
+            assert follower.resumed > SEAMS, follower.resumed
+    finally:
+        end_hub(hub, signal.SIGTERM)
+        stop_instances(root)
+
+
+@pytest.mark.trio
+async def test_kill_9_ten_times_loses_and_repeats_nothing(tmp_path: Path, runtime: str) -> None:
+    await survive(tmp_path, signal.SIGKILL, runtime)
+
+
+@pytest.mark.trio
+async def test_sigterm_ten_times_loses_and_repeats_nothing(tmp_path: Path, runtime: str) -> None:
+    await survive(tmp_path, signal.SIGTERM, runtime)
+
+
+def holders_and_runners(root: Path) -> list[psutil.Process]:
+    """Every holder under ``root`` and its runner (what a power loss ends)."""
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if any(str(root) in part for part in cmdline) and "holder.py" in " ".join(cmdline):
+            found.append(process)
+            found.extend(process.children(recursive=True))
+    return found
+
+
+@pytest.mark.trio
+async def test_reboot_restarts_always_and_lists_never_as_ended(tmp_path: Path) -> None:
+    """Hub, holders and runners all killed (a power loss); the hub started again with
+    its manager unreachable: `always` instances run again, `never` ones are listed ended."""
+    root = tmp_path / "sequences"
+    unreachable = ("--cpm-url", "wss://127.0.0.1:9", "--space", "nowhere", "--cpm-insecure")
+    hub = start_hub(root, "process")
+    try:
+        async with httpx.AsyncClient(base_url=hub.url, timeout=30) as client:
+            sequence_id = await upload(client, python_package(COUNTER_PY))
+            await start(client, sequence_id, instanceId="always-1", restart="always")
+            await start(client, sequence_id, instanceId="never-1")
+            await start(client, sequence_id, instanceId="on-failure-1", restart="on-failure")
+        end_hub(hub, signal.SIGKILL)
+        doomed = holders_and_runners(root)
+        assert len(doomed) == 6, doomed
+        for process in doomed:
+            process.kill()
+        psutil.wait_procs(doomed, timeout=10)
+
+        hub = start_hub(root, "process", *unreachable)
+        async with httpx.AsyncClient(base_url=hub.url, timeout=30) as client:
+            with trio.fail_after(30):
+                while True:
+                    listed = {i["id"]: i for i in (await client.get("/instances")).json()}
+                    if (
+                        listed.get("always-1", {}).get("status") == "running"
+                        and listed.get("on-failure-1", {}).get("status") == "running"
+                    ):
+                        break
+                    await trio.sleep(0.1)
+            never = listed["never-1"]
+            assert never["status"] == "errored"
+            assert "no hub ran" in never["terminated"]["reason"]
+            always = listed["always-1"]
+            assert always["restart"] == "always" and always["restarts"] == 1
+            # it counts again from the start, and its output is served
+            async with client.stream("GET", "/instance/always-1/output") as response:
+                async for chunk in response.aiter_raw():
+                    assert chunk.startswith(b"0\n")
+                    break
+    finally:
+        end_hub(hub, signal.SIGTERM)
+        stop_instances(root)
+
+
+@pytest.mark.trio
+async def test_restart_policies_with_backoff(tmp_path: Path) -> None:
+    root = tmp_path / "sequences"
+    hub = start_hub(root, "process")
+    try:
+        async with httpx.AsyncClient(base_url=hub.url, timeout=30) as client:
+            sequence_id = await upload(client, python_package(EXIT_PY))
+            bad = await client.post(f"/sequence/{sequence_id}/start", json={"restart": "sometimes"})
+            assert bad.status_code == 400 and "restart" in bad.json()["error"]
+            await start(client, sequence_id, instanceId="fails", restart="on-failure", args=[0.3, 3])
+            await start(client, sequence_id, instanceId="succeeds", restart="on-failure", args=[0.3, 0])
+            await start(client, sequence_id, instanceId="always", restart="always", args=[0.3, 0])
+            with trio.fail_after(30):
+                while True:
+                    listed = {i["id"]: i for i in (await client.get("/instances")).json()}
+                    if listed["fails"]["restarts"] >= 2 and listed["always"]["restarts"] >= 2:
+                        break
+                    await trio.sleep(0.2)
+            assert listed["succeeds"]["restarts"] == 0
+            assert listed["succeeds"]["status"] == "completed"
+            # A kill while it waits for its next start ends it for good.
+            await trio.sleep(0.5)
+            answer = await client.post("/instance/always/_kill")
+            assert answer.status_code in (200, 202), answer.text
+            restarts = (await client.get("/instance/always")).json()["restarts"]
+            await trio.sleep(3)
+            info = (await client.get("/instance/always")).json()
+            assert info["restarts"] == restarts and info["status"] not in ("running", "starting")
+            state = json.loads((root / ".state" / "always" / "state.json").read_text())
+            assert state["desired"] == "stopped"
+    finally:
+        end_hub(hub, signal.SIGTERM)
+        stop_instances(root)
