@@ -26,7 +26,7 @@ run: $(STAMP)
 
 ## hub: just a hub on 127.0.0.1:8000
 hub: $(STAMP)
-	$(BIN)/sth $(ARGS)
+	$(BIN)/sth --end-instances-on-exit $(ARGS)
 
 ## test: install test dependencies, lint, type-check and run the whole suite
 test: $(STAMP) lint

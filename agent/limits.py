@@ -52,6 +52,9 @@ INSTANCE_STREAM_BUFFER_BYTES: Final = 256 * KiB
 INSTANCE_SPOOL_KEEP_BYTES: Final = 1 * MiB
 #: Segment files the kept bytes are cut into (the oldest is deleted whole).
 INSTANCE_SPOOL_SEGMENTS: Final = 4
+#: Ended instances this hub remembers for the manager (newest kept): what started and
+#: ended while the link, or the hub, was down reaches the Space's history on reconnect.
+INSTANCE_HISTORY_RECORDS: Final = 200
 #: Longest control/monitoring message line (an event with its payload).
 MAX_CONTROL_LINE_BYTES: Final = 1 * MiB
 #: Log records kept per instance for replay to late /log readers.

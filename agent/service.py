@@ -74,6 +74,8 @@ class Hub:
             "sequences": [s.info() for s in self.store.list()],
             "instances": [i.info() for i in self.supervisor.list()],
             "topics": [t.info() for t in self.topics.list()],
+            # ended instances, newest last: those that ran while the link was down too
+            "history": list(self.supervisor.history),
         }
 
     def link_load(self) -> LoadCheck:

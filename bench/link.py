@@ -211,6 +211,7 @@ def linked_hub(
     data.mkdir(parents=True, exist_ok=True)
     head = ["-c", FAST_RETRY_STH] if fast_retry else ["-m", "agent.main"]
     command = [sys.executable, *head, "-P", "0", "-D", str(data / "sequences"), "-L", "warn"]
+    command += ["--end-instances-on-exit"]  # nothing of a run outlives it
     command += ["--data-dir", str(data), "--cpm-url", mgr.link_url(link_port), "--space", SPACE]
     command += ["--join-token", join_token, *args]
     if TLS:

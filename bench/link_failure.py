@@ -63,7 +63,7 @@ def run(topo: Topology, tmp: Path) -> None:
         topo.edge,
         [sys.executable, "-m", "agent.main", "-H", "127.0.0.1", "-P", "0", "-D", str(hub_data / "sequences"),
          "--data-dir", str(hub_data), "--cpm-url", f"wss://{manager}", "--space", "demo",
-         "--join-token", join, "--cpm-ca", str(data / "ca.pem"), "-L", "warn"],
+         "--join-token", join, "--cpm-ca", str(data / "ca.pem"), "-L", "warn", "--end-instances-on-exit"],
         "sth",
     )  # fmt: skip
     cloud = NsClient(topo, topo.cloud)

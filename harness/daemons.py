@@ -80,7 +80,7 @@ def run_sth(
 def stop_instances(sequences_root: Path) -> None:
     """End every instance a hub left under ``sequences_root`` (`sth stop-instances`)."""
     state = sequences_root / ".state"
-    if not state.is_dir() or not any(state.iterdir()):
+    if not state.is_dir() or not any(p.is_dir() for p in state.iterdir()):
         return
     subprocess.run(
         [sys.executable, "-m", "agent.main", "stop-instances", "-D", str(sequences_root), "--grace", "2"],

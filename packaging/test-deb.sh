@@ -151,6 +151,61 @@ kill -TERM "$HUB_PID"; wait "$HUB_PID" || true; HUB_PID=""
 ok "stopped on SIGTERM in $(( ($(date +%s%N) - start) / 1000000 )) ms (TimeoutStopSec=20s)"
 sed 's/^/   | /' "$TMP/sth.log" | tail -4
 
+step "upgrade: install the .deb over itself with an instance running"
+python3 - "$TMP/counter.tar.gz" <<'PY'
+import io, json, sys, tarfile
+source = b"""import asyncio
+async def run(context, input, *args):
+    n = 0
+    while True:
+        yield f"{n}\\n"
+        n += 1
+        await asyncio.sleep(0.05)
+"""
+with tarfile.open(sys.argv[1], "w:gz") as tar:
+    for name, data in (("package.json", json.dumps({"name": "counter", "version": "1.0.0", "main": "main.py",
+                        "engines": {"python3": "3"}}).encode()), ("main.py", source)):
+        info = tarfile.TarInfo(name); info.size = len(data); tar.addfile(info, io.BytesIO(data))
+PY
+start_hub() {
+  setpriv --reuid=spacehub --regid=spacehub --init-groups -- \
+    env HOME=/var/lib/spacehub STATE_DIRECTORY=/var/lib/spacehub \
+    /usr/bin/sth -c /etc/spacehub/sth.toml -P "$PORT" >> "$TMP/sth.log" 2>&1 &
+  HUB_PID=$!
+  for _ in $(seq 100); do
+    curl -sf "http://127.0.0.1:$PORT/api/v1/version" >/dev/null 2>&1 && return 0
+    kill -0 "$HUB_PID" 2>/dev/null || { cat "$TMP/sth.log"; fail "sth exited"; }
+    sleep 0.2
+  done
+  fail "sth did not answer"
+}
+API="http://127.0.0.1:$PORT/api/v1"
+start_hub
+SEQ=$(curl -sf -X POST -H 'content-type: application/octet-stream' --data-binary @"$TMP/counter.tar.gz" "$API/sequence" \
+  | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+curl -sf -X POST -H 'content-type: application/json' -d '{"instanceId": "upgrade-1"}' "$API/sequence/$SEQ/start" >/dev/null \
+  || fail "start"
+PID=$(curl -sf "$API/instance/upgrade-1/health" | python3 -c 'import json,sys; print(json.load(sys.stdin)["processId"])')
+kill -TERM "$HUB_PID"; wait "$HUB_PID" || true; HUB_PID=""
+kill -0 "$PID" || fail "the instance ended with the hub"
+start=$(date +%s)
+apt-get install -y -qq --no-install-recommends --reinstall "./$DEB" >/dev/null
+ok "installed over itself in $(($(date +%s) - start)) s; runner $PID still running"
+kill -0 "$PID" || fail "the instance ended with the upgrade"
+start_hub
+curl -sf "$API/instance/upgrade-1" | grep -q '"status": *"running"' || fail "not taken back: $(curl -s "$API/instances")"
+NOW=$(curl -sf "$API/instance/upgrade-1/health" | python3 -c 'import json,sys; print(json.load(sys.stdin)["processId"])')
+[ "$NOW" = "$PID" ] || fail "pid $PID became $NOW"
+FIRST=$(curl -s --max-time 1 "$API/instance/upgrade-1/output?offset=0" | head -c 2 || true)
+[ "$FIRST" = "0" ] || fail "output from offset 0: $FIRST"  # "0\n", its newline cut by $( )
+ok "taken back by the upgraded hub: running, pid $PID, output from its first byte"
+kill -TERM "$HUB_PID"; wait "$HUB_PID" || true; HUB_PID=""
+setpriv --reuid=spacehub --regid=spacehub --init-groups -- env HOME=/var/lib/spacehub STATE_DIRECTORY=/var/lib/spacehub \
+  /usr/bin/sth stop-instances -c /etc/spacehub/sth.toml | sed 's/^/   | /'
+for _ in $(seq 50); do kill -0 "$PID" 2>/dev/null || break; sleep 0.1; done
+kill -0 "$PID" 2>/dev/null && fail "sth stop-instances left $PID running"
+ok "sth stop-instances ended it"
+
 step "sth join"
 sth join --cpm-url wss://cpm.example:9000 --space factory --join-token shj_test \
   --cpm-fingerprint "$(printf 'ab%.0s' $(seq 32))" | sed 's/^/   | /'

@@ -26,6 +26,7 @@ import shutil
 import signal
 import sys
 import uuid
+from collections import deque
 from collections.abc import Collection
 from functools import partial
 from pathlib import Path
@@ -33,11 +34,13 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
+from .. import limits
 from ..errors import BadRequest, HubError, InstanceExists, InstanceNotFound, NotFound, SequenceStartFailed
 from ..runtimes.base import LaunchSpec
 from ..runtimes.held import HolderGone
 from .instance import RESTART_POLICIES, STATE_FILE, Instance
 from .lifecycle import Status
+from .spool import write_json_atomic
 
 if TYPE_CHECKING:
     from ..config import HubConfig
@@ -56,6 +59,8 @@ NODE_RUNNER: Final = Path(__file__).resolve().parent.parent / "runners" / "node"
 WORK_DIRS: Final = ".instances"
 #: Where the instances' state directories live (see the module docstring).
 STATE_DIRS: Final = ".state"
+#: The ended instances remembered for the manager, in STATE_DIRS.
+HISTORY_FILE: Final = "_history.json"  # no instance id starts with "_"
 #: Seconds before the first restart of an instance; each restart in a row doubles it.
 RESTART_BACKOFF_FIRST: Final = 1.0
 #: The longest wait between two restarts.
@@ -113,6 +118,11 @@ class Supervisor:
         self.restarts_total = 0
         #: for /metrics: instances taken back from the hub before at start
         self.taken_back = 0
+        #: ended instances, newest last, kept across hub restarts (HISTORY_FILE)
+        self.history: deque[dict[str, Any]] = deque(maxlen=limits.INSTANCE_HISTORY_RECORDS)
+        with contextlib.suppress(OSError, ValueError, TypeError):
+            saved = json.loads((self._state_root / HISTORY_FILE).read_text())
+            self.history.extend(item for item in saved if isinstance(item, dict))
         self._stopping = False
         self._forward_send, self._forward_receive = trio.open_memory_channel[tuple[Instance, str, Any]](
             FORWARD_QUEUE
@@ -338,8 +348,20 @@ class Supervisor:
             return True
         return instance.restart == "on-failure" and instance.status is Status.ERRORED
 
+    def _remember(self, instance: Instance) -> None:
+        """Keep an ended instance in the history the manager gets (once per run)."""
+        info = dict(instance.info())
+        if any(h.get("id") == info["id"] and h.get("started") == info.get("started") for h in self.history):
+            return
+        self.history.append(info)
+        with contextlib.suppress(OSError):
+            self._state_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_json_atomic(self._state_root / HISTORY_FILE, list(self.history))
+
     def _ended(self, instance: Instance) -> None:
-        """An instance ended: start it again after its backoff if its policy says so."""
+        """An instance ended: remember it, and start it again after its backoff if its
+        policy says so."""
+        self._remember(instance)
         if self._nursery is None or not self._wants_restart(instance):
             return
         if self._instances.get(instance.id) is not instance or instance.id in self._pending_restarts:

@@ -22,6 +22,7 @@ import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Callable
@@ -214,11 +215,10 @@ class HeldRunner:
         """The runner has ended (or is given up): let its holder go."""
         self._detached = True  # the holder's copies go with the holder
         await self._close_streams()
-        if self._ended.is_set():
-            self._send({"release": True})
-        else:  # given up on while running (a failed start): the holder must not keep it
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.pid, signal.SIGKILL)
+        if not self._ended.is_set():  # given up on while running (a failed start)
+            self._send({"signal": int(signal.SIGKILL)})
+        # The holder goes as soon as it has reaped the runner (at once if it has).
+        self._send({"release": True})
         self._connection.close()
         if self._holder is not None:
             with trio.move_on_after(2):
@@ -275,6 +275,12 @@ async def adopt(
             raise HolderGone(f"no holder for {state_dir.name}") from None
         except BlockingIOError:
             await trio.lowlevel.wait_writable(connection)
+        # Abstract names are not files: anyone may bind one first. Only a holder of our
+        # own user (or root) is believed.
+        credentials = connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", credentials)
+        if uid not in (0, os.getuid()):
+            raise HolderGone(f"the socket of {state_dir.name} belongs to uid {uid}, not to a holder of ours")
         hello, fds = await _receive_hello(connection)
     except BaseException:
         connection.close()

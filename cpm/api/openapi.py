@@ -116,6 +116,15 @@ OPERATIONS: Final[list[Operation]] = [
         for kind in ("sequences", "instances", "topics")
     ),
     (
+        "GET",
+        f"{SPACE}/instances/history",
+        _space(
+            "Ended instances of every hub, newest first, each naming its hub (those that ran while a"
+            " hub's link was down come with its next heartbeat)",
+            schema=LIST,
+        ),
+    ),
+    (
         "POST",
         f"{SPACE}/join-tokens",
         _space(

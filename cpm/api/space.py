@@ -59,7 +59,7 @@ def register(router: Router, manager: Manager) -> None:
             # Hubs revoked while their link was down are not in the space any more.
             listed = await sessions.db(manager.registry.list_hubs, space, include_revoked=False)
             items = sessions.aggregate(space, kind, {hub.id for hub in listed})
-            if kind == "topics" or _wants_detail(request):
+            if kind in ("topics", "history") or _wants_detail(request):
                 return json_response(items)
             return json_response(original_shape(kind, items))
 
@@ -72,6 +72,9 @@ def register(router: Router, manager: Manager) -> None:
     router.add("GET", f"{SPACE_BASE}/sth/:id", hub_info)
     for kind in ("sequences", "instances", "topics"):
         router.add("GET", f"{SPACE_BASE}/{kind}", aggregate(kind))
+    # Ended instances of every hub, newest first: those that started and ended while a
+    # hub's link (or the hub) was down reach it at the hub's next heartbeat.
+    router.add("GET", f"{SPACE_BASE}/instances/history", aggregate("history"))
 
 
 def _wants_detail(request: Request) -> bool:

@@ -153,7 +153,7 @@ PING_BATCH_FRACTION: Final = 1 / 40
 QUICK_ANSWER_SECONDS: Final = 0.25
 QUICK_ANSWER_BYTES: Final = 64 * 1024
 #: The parts of a heartbeat's summary the Space API shows.
-SUMMARY_KINDS: Final = ("sequences", "instances", "topics")
+SUMMARY_KINDS: Final = ("sequences", "instances", "topics", "history")
 #: Request headers never forwarded to a hub: hop-by-hop ones, and the caller's
 #: credentials for the manager (the hub trusts its link, not the caller).
 DROP_REQUEST_HEADERS: Final = frozenset(
@@ -404,13 +404,15 @@ class HubSessions:
                 continue
             live = self._live.get(hub_id)
             connected = live is not None and live.report is report
-            if not connected and kind != "instances":
+            if not connected and kind not in ("instances", "history"):
                 continue
             for item in report.items(kind):
                 entry = {**item, "hub": hub_id}
-                if not connected:
+                if not connected and kind == "instances":
                     entry["status"] = "unknown"
                 items.append(entry)
+        if kind == "history":  # newest first, over every hub
+            items.sort(key=lambda item: str(item.get("ended") or ""), reverse=True)
         return items
 
     # -- one link ---------------------------------------------------------------------------

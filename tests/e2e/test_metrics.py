@@ -159,6 +159,7 @@ def test_json_logs(tmp_path: Path) -> None:
         str(tmp_path / "seq"),
         "--log-format",
         "json",
+        "--end-instances-on-exit",
     ]
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, cwd=ROOT

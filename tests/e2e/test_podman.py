@@ -1,4 +1,4 @@
-"""End-to-end: what only the Podman runtime does (limits, network, labels, orphans).
+"""End-to-end: what only the Podman runtime does (limits, network, labels, leftovers).
 
 Rules: a real `sth --runtime podman` on 127.0.0.1 per test that needs its own; every
 wait bounded; skipped as a whole where `podman info` fails. The runtime-neutral
@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import trio
 
@@ -186,9 +187,12 @@ async def test_labels_and_container_stats_in_health(
             await trio.sleep(0.1)
 
 
-def test_killed_hub_leaves_a_container_that_the_next_start_removes(tmp_path: Path) -> None:
+def test_a_container_nobody_takes_back_is_removed_at_the_next_start(tmp_path: Path) -> None:
+    """A hub killed with -9 and its instance's holder too (as a reboot ends it, minus the
+    container): the next hub lists the instance as ended and removes the container.
+    (A container whose holder lives is taken back: tests/e2e/test_survival.py.)"""
     with (
-        run_sth(tmp_path, "--runtime", "podman", "--kill-grace", "1") as first,
+        run_sth(tmp_path, "--runtime", "podman", "--kill-grace", "1", keep_instances=True) as first,
         httpx.Client(base_url=first.url, timeout=TIMEOUT) as http,
     ):
         sequence_id = http.post("/sequence", content=python_package(FOREVER)).json()["id"]
@@ -196,10 +200,20 @@ def test_killed_hub_leaves_a_container_that_the_next_start_removes(tmp_path: Pat
         name = container_name(hub_id(tmp_path), instance_id)
         first.process.send_signal(signal.SIGKILL)
         first.process.wait(timeout=10)
+    holders = [
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if "holder.py" in " ".join(p.info["cmdline"] or []) and str(tmp_path) in " ".join(p.info["cmdline"])
+    ]
+    assert len(holders) == 1, holders
+    holders[0].kill()
+    holders[0].wait(10)
     assert name in containers_of(hub_id(tmp_path)), "the killed hub's container should still be there"
     with run_sth(tmp_path, "--runtime", "podman") as second:
         assert second.alive()
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 10
         while name in containers_of(hub_id(tmp_path)) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert name not in containers_of(hub_id(tmp_path))
+        info = httpx.get(f"{second.url}/instance/{instance_id}", timeout=TIMEOUT).json()
+        assert info["status"] == "errored" and "no hub ran" in info["terminated"]["reason"]

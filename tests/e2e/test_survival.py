@@ -273,3 +273,140 @@ async def test_restart_policies_with_backoff(tmp_path: Path) -> None:
     finally:
         end_hub(hub, signal.SIGTERM)
         stop_instances(root)
+
+
+@pytest.mark.trio
+async def test_the_space_learns_what_ran_while_the_link_was_down(tmp_path: Path) -> None:
+    """An instance that starts and ends while the manager is unreachable (and the hub is
+    restarted meanwhile) is in the Space's history at the first heartbeat after."""
+    from tests.cpm_helpers import run_cpm
+    from tests.e2e.test_link_e2e import FAST, free_port, setup_space, space_client, wait_hub
+
+    data = tmp_path / "cpm"
+    token, join = setup_space(data)
+    port = free_port()
+    root = tmp_path / "hub" / "sequences"
+    root.parent.mkdir()
+    with run_cpm(data, *FAST, port=port) as manager:
+        link = ("--data-dir", str(root.parent), "--cpm-url", manager.link_url, "--space", "demo")
+        link += ("--cpm-ca", str(manager.ca_file), "--link-backoff-cap", "1")
+        hub = start_hub(root, "process", *link, "--join-token", join)
+        async with space_client(manager, token) as space:
+            hub_id = (await wait_hub(space))["id"]
+        link_only = link
+    try:
+        # The manager is down: the hub runs an instance to its end, and is itself restarted.
+        async with httpx.AsyncClient(base_url=hub.url, timeout=30) as client:
+            sequence_id = await upload(client, python_package(EXIT_PY))
+            await start(client, sequence_id, instanceId="offline-run", args=[0.2, 3])
+            with trio.fail_after(20):
+                while (await client.get("/instance/offline-run")).json()["status"] != "errored":
+                    await trio.sleep(0.1)
+        end_hub(hub, signal.SIGKILL)
+        hub = start_hub(root, "process", *link_only)
+        with run_cpm(data, *FAST, port=port) as manager:
+            async with space_client(manager, token) as space:
+                await wait_hub(space, hub_id=hub_id)
+                history = (await space.get("/instances/history")).json()
+                ran = [item for item in history if item["id"] == "offline-run"]
+                assert len(ran) == 1, history
+                assert ran[0]["hub"] == hub_id and ran[0]["status"] == "errored"
+                assert ran[0]["terminated"]["exitcode"] == 23
+    finally:
+        end_hub(hub, signal.SIGTERM)
+        stop_instances(root)
+
+
+GREETER_PY = """
+async def run(context, input, *args):
+    count = 0
+    context.on("ping", lambda message: context.emit("pong", {"got": message, "lines": count}))
+    async for line in input:
+        count += 1
+        yield f"Hello, {line.strip()}!\\n"
+"""
+
+TICKS_PY = """
+import asyncio
+provides = {"provides": "ticks", "contentType": "text/plain"}
+async def run(context, input, *args):
+    n = 0
+    while True:
+        yield f"tick {n}\\n"
+        n += 1
+        await asyncio.sleep(0.05)
+"""
+
+TICK_CONSUMER_PY = """
+requires = {"requires": "ticks", "contentType": "text/plain"}
+async def run(context, input, *args):
+    async for line in input:
+        yield f"got {line.strip()}\\n"
+"""
+
+
+async def read_some(client: httpx.AsyncClient, path: str, want: bytes) -> bytes:
+    data = b""
+    with trio.fail_after(15):
+        async with client.stream("GET", path) as response:
+            assert response.status_code == 200, path
+            async for chunk in response.aiter_raw():
+                data += chunk
+                if want in data:
+                    return data
+    raise AssertionError(f"{path} ended without {want!r}: {data!r}")
+
+
+@pytest.mark.trio
+async def test_everything_works_again_after_the_seam(tmp_path: Path) -> None:
+    """Input (its preamble sent once), events, topic bindings both ways, the topic API
+    and kill all work on instances taken back after kill -9."""
+    root = tmp_path / "sequences"
+    hub = start_hub(root, "process")
+    try:
+        async with httpx.AsyncClient(base_url=hub.url, timeout=30) as client:
+            greeter = await upload(client, python_package(GREETER_PY))
+            ticks = await upload(client, python_package(TICKS_PY))
+            consumer = await upload(client, python_package(TICK_CONSUMER_PY))
+            await start(client, greeter, instanceId="greeter")
+            await start(client, ticks, instanceId="ticks")
+            await start(client, consumer, instanceId="consumer")
+            sent = await client.post(
+                "/instance/greeter/input",
+                content=b"Alice\n",
+                headers={"content-type": "text/plain", "x-end-stream": "false"},
+            )
+            assert sent.status_code == 202, sent.text
+            await read_some(client, "/instance/greeter/output", b"Hello, Alice!\n")
+            await read_some(client, "/instance/consumer/output", b"got tick 3\n")
+        end_hub(hub, signal.SIGKILL)
+        hub = start_hub(root, "process")
+        async with httpx.AsyncClient(base_url=hub.url, timeout=30) as client:
+            info = (await client.get("/instance/consumer")).json()
+            assert (info["status"], info["requires"]) == ("running", "ticks")
+            assert (await client.get("/instance/ticks")).json()["provides"] == "ticks"
+            sent = await client.post(
+                "/instance/greeter/input",
+                content=b"Bob\n",
+                headers={"content-type": "text/plain", "x-end-stream": "false"},
+            )
+            assert sent.status_code == 202, sent.text
+            both = await read_some(client, "/instance/greeter/output?offset=0", b"Hello, Bob!\n")
+            assert both == b"Hello, Alice!\nHello, Bob!\n"
+            event = await client.post("/instance/greeter/_event", json={"eventName": "ping", "message": 7})
+            assert event.status_code in (200, 202), event.text
+            pong = (await client.get("/instance/greeter/event/pong")).json()
+            assert pong["got"] == 7
+            # The consumer is fed again through the rebound topic, and the topic API serves it.
+            live = await read_some(client, "/instance/consumer/output", b"\n")
+            assert live.startswith(b"got tick ")
+            topic = await read_some(client, "/topic/ticks", b"\n")
+            assert b"tick " in topic
+            killed = await client.post("/instance/ticks/_kill")
+            assert killed.status_code in (200, 202), killed.text
+            with trio.fail_after(10):
+                while (await client.get("/instance/ticks")).json()["status"] != "completed":
+                    await trio.sleep(0.1)
+    finally:
+        end_hub(hub, signal.SIGTERM)
+        stop_instances(root)

@@ -134,7 +134,8 @@ def linked(topology: Topology, tmp_path_factory: pytest.TempPathFactory) -> Iter
         topology.edge,
         [sys.executable, "-m", "agent.main", "-H", "0.0.0.0", "-P", "0", "-D", str(hub_data / "sequences"),
          "--data-dir", str(hub_data), "--cpm-url", f"wss://{manager}", "--space", "demo",
-         "--join-token", join, "--cpm-ca", ca, "--instance-lifetime", "30", "--kill-grace", "1"],
+         "--join-token", join, "--cpm-ca", ca, "--instance-lifetime", "30", "--kill-grace", "1",
+         "--end-instances-on-exit"],
         "sth",
     )  # fmt: skip
     processes = list(topology.processes)
