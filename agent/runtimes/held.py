@@ -19,6 +19,7 @@ import array
 import contextlib
 import hashlib
 import json
+import marshal
 import os
 import signal
 import socket
@@ -50,12 +51,6 @@ def socket_name(state_dir: Path) -> str:
     """The holder's abstract socket name: one per state directory."""
     digest = hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:32]
     return f"spacehub/holder/{digest}"
-
-
-def _write_json(path: Path, value: Any) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(value))
-    os.replace(temporary, path)
 
 
 class _HeldSendStream(trio.abc.SendStream):
@@ -153,15 +148,15 @@ class HeldRunner:
     def returncode(self) -> int | None:
         return self._code
 
-    def _send(self, message: dict[str, Any]) -> None:
+    def _send(self, line: str) -> None:
         # Lines of a few bytes on a socket nobody else writes: the kernel takes them at once.
         with contextlib.suppress(OSError):
-            self._connection.send(json.dumps(message).encode() + b"\n")
+            self._connection.send(line.encode() + b"\n")
 
     def _closer(self, name: str) -> Callable[[], None]:
         def close() -> None:
             if not self._detached:
-                self._send({"close": name})
+                self._send(f"close {name}")
 
         return close
 
@@ -198,7 +193,7 @@ class HeldRunner:
 
     def signal_group(self, sig: signal.Signals) -> None:
         if not self._ended.is_set():
-            self._send({"signal": int(sig)})
+            self._send(f"signal {int(sig)}")
 
     async def _close_streams(self) -> None:
         for stream in self._streams.values():
@@ -216,9 +211,9 @@ class HeldRunner:
         self._detached = True  # the holder's copies go with the holder
         await self._close_streams()
         if not self._ended.is_set():  # given up on while running (a failed start)
-            self._send({"signal": int(signal.SIGKILL)})
+            self._send(f"signal {int(signal.SIGKILL)}")
         # The holder goes as soon as it has reaped the runner (at once if it has).
-        self._send({"release": True})
+        self._send("release")
         self._connection.close()
         if self._holder is not None:
             with trio.move_on_after(2):
@@ -316,7 +311,10 @@ async def start_held(
         "rlimits": [list(limit) for limit in rlimits],
         "socket": socket_name(state_dir),
     }
-    _write_json(state_dir / "launch.json", launch)
+    # marshal: the holder reads it without importing json (agent/runners/holder.py).
+    temporary = state_dir / "launch.marshal.tmp"
+    temporary.write_bytes(marshal.dumps(launch))
+    os.replace(temporary, state_dir / "launch.marshal")
     for stale in ("exit.json", "holder.json"):
         (state_dir / stale).unlink(missing_ok=True)
     ready_read, ready_write = os.pipe()
