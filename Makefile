@@ -57,6 +57,7 @@ bench: $(STAMP)
 	if [ -f bench/podman_start.py ]; then $(BIN)/python -m bench.podman_start; fi
 	$(BIN)/python -m bench.manager_restart
 	$(BIN)/python -m bench.console
+	$(BIN)/python -m bench.readopt
 	if [ -f bench/link_failure.py ] && [ "$$(id -u)" = 0 ]; then $(BIN)/python -m bench.link_failure; fi
 
 clean:

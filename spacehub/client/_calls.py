@@ -291,8 +291,12 @@ def health(instance_id: str) -> Call:
     return Call("GET", _instance(instance_id, "/health"), long=True)
 
 
-def instance_stream(instance_id: str, name: Literal["output", "stdout", "stderr", "log"]) -> Call:
-    return Call("GET", _instance(instance_id, f"/{name}"), long=True)
+def instance_stream(
+    instance_id: str, name: Literal["output", "stdout", "stderr", "log"], offset: int | None = None
+) -> Call:
+    """``offset``: from that byte of the stream (a reader resuming after a cut)."""
+    query = "" if offset is None else f"?offset={int(offset)}"
+    return Call("GET", _instance(instance_id, f"/{name}") + query, long=True)
 
 
 def instance_write(

@@ -441,17 +441,19 @@ class AsyncInstanceClient:
     async def stdin(self, data: AsyncBody, *, end: bool = True, progress: Progress | None = None) -> None:
         await self._transport.upload(calls.instance_write(self.id, "stdin", None, end), data, progress)
 
-    def _stream(self, name: Literal["output", "stdout", "stderr", "log"]) -> AsyncResponseStream:
-        return AsyncResponseStream(self._transport, calls.instance_stream(self.id, name))
+    def _stream(
+        self, name: Literal["output", "stdout", "stderr", "log"], offset: int | None = None
+    ) -> AsyncResponseStream:
+        return AsyncResponseStream(self._transport, calls.instance_stream(self.id, name, offset))
 
-    def output(self) -> AsyncResponseStream:
-        return self._stream("output")
+    def output(self, offset: int | None = None) -> AsyncResponseStream:
+        return self._stream("output", offset)
 
-    def stdout(self) -> AsyncResponseStream:
-        return self._stream("stdout")
+    def stdout(self, offset: int | None = None) -> AsyncResponseStream:
+        return self._stream("stdout", offset)
 
-    def stderr(self) -> AsyncResponseStream:
-        return self._stream("stderr")
+    def stderr(self, offset: int | None = None) -> AsyncResponseStream:
+        return self._stream("stderr", offset)
 
     def log(self) -> AsyncResponseStream:
         return self._stream("log")

@@ -421,18 +421,21 @@ class InstanceClient:
         self._transport.upload(calls.instance_write(self.id, "stdin", None, end), data, progress)
 
     # ----------------------------------------------------------------- streams out
-    def _stream(self, name: Literal["output", "stdout", "stderr", "log"]) -> ResponseStream:
-        return ResponseStream(self._transport, calls.instance_stream(self.id, name))
+    def _stream(
+        self, name: Literal["output", "stdout", "stderr", "log"], offset: int | None = None
+    ) -> ResponseStream:
+        return ResponseStream(self._transport, calls.instance_stream(self.id, name, offset))
 
-    def output(self) -> ResponseStream:
-        """Its output bytes, until it ends."""
-        return self._stream("output")
+    def output(self, offset: int | None = None) -> ResponseStream:
+        """Its output bytes, until it ends; from byte ``offset`` of the stream if given
+        (resume after a cut with the count of bytes you had: nothing lost or repeated)."""
+        return self._stream("output", offset)
 
-    def stdout(self) -> ResponseStream:
-        return self._stream("stdout")
+    def stdout(self, offset: int | None = None) -> ResponseStream:
+        return self._stream("stdout", offset)
 
-    def stderr(self) -> ResponseStream:
-        return self._stream("stderr")
+    def stderr(self, offset: int | None = None) -> ResponseStream:
+        return self._stream("stderr", offset)
 
     def log(self) -> ResponseStream:
         """Its NDJSON log: ``for record in instance.log().iter_json()``."""

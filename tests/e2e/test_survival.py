@@ -393,6 +393,20 @@ async def test_everything_works_again_after_the_seam(tmp_path: Path) -> None:
             assert sent.status_code == 202, sent.text
             both = await read_some(client, "/instance/greeter/output?offset=0", b"Hello, Bob!\n")
             assert both == b"Hello, Alice!\nHello, Bob!\n"
+
+            def resume_with_the_client() -> bytes:
+                from spacehub import HubClient
+
+                with HubClient(hub.url) as hub_client:
+                    stream = hub_client.instance("greeter").output(offset=len(b"Hello, Alice!\n"))
+                    with stream:
+                        return next(iter(stream.iter_bytes()))
+
+            assert await trio.to_thread.run_sync(resume_with_the_client) == b"Hello, Bob!\n"
+            far = await client.get("/instance/greeter/output?offset=999999")
+            assert far.status_code == 416 and "past the end" in far.json()["error"]
+            bad = await client.get("/instance/greeter/output?offset=-1")
+            assert bad.status_code == 400 and "offset" in bad.json()["error"]
             event = await client.post("/instance/greeter/_event", json={"eventName": "ping", "message": 7})
             assert event.status_code in (200, 202), event.text
             pong = (await client.get("/instance/greeter/event/pong")).json()
@@ -407,6 +421,50 @@ async def test_everything_works_again_after_the_seam(tmp_path: Path) -> None:
             with trio.fail_after(10):
                 while (await client.get("/instance/ticks")).json()["status"] != "completed":
                     await trio.sleep(0.1)
+    finally:
+        end_hub(hub, signal.SIGTERM)
+        stop_instances(root)
+
+
+BIG_PY = """
+import asyncio
+async def run(context, input, *args):
+    for n in range(48):
+        yield bytes([65 + n % 26]) * 65536
+    await asyncio.sleep(3600)
+"""
+
+
+@pytest.mark.trio
+async def test_an_offset_no_longer_kept_is_410(tmp_path: Path) -> None:
+    """3 MiB through /output; the spool keeps the last 1 MiB or so: offset 0 is gone,
+    an offset in the kept range is served from disk, exactly."""
+    root = tmp_path / "sequences"
+    hub = start_hub(root, "process")
+    try:
+        async with httpx.AsyncClient(base_url=hub.url, timeout=30) as client:
+            sequence_id = await upload(client, python_package(BIG_PY, contentType="application/octet-stream"))
+            await start(client, sequence_id, instanceId="big")
+            total = 48 * 65536
+            got = 0
+            with trio.fail_after(30):
+                async with client.stream("GET", "/instance/big/output") as response:
+                    async for chunk in response.aiter_raw():
+                        got += len(chunk)
+                        if got >= total:
+                            break
+            gone = await client.get("/instance/big/output?offset=0")
+            assert gone.status_code == 410 and "no longer kept" in gone.json()["error"]
+            offset = total - 300_000
+            with trio.fail_after(10):
+                async with client.stream("GET", f"/instance/big/output?offset={offset}") as response:
+                    data = b""
+                    async for chunk in response.aiter_raw():
+                        data += chunk
+                        if len(data) >= total - offset:
+                            break
+            expected = b"".join(bytes([65 + n % 26]) * 65536 for n in range(48))[offset:]
+            assert data == expected
     finally:
         end_hub(hub, signal.SIGTERM)
         stop_instances(root)
