@@ -23,8 +23,9 @@ One runs per instance, so it is kept small: it imports only modules the
 interpreter has built in or loads as small C extensions (``os``, ``select``,
 ``fcntl``, ``marshal``, ``_socket``, ``_signal``; no ``json``, ``socket``,
 ``selectors`` or ``signal``, which pull in ``re`` and ``enum``): 4.1 MB of private
-memory instead of 5.6 (bench/readopt.py; the bare interpreter is 2.6). It keeps running whatever happens to the hub's code
-on disk (an upgrade replaces this file under a running holder).
+memory instead of 5.6 (bench/readopt.py; the bare interpreter is 2.6). It keeps
+running whatever happens to the hub's code on disk (an upgrade replaces this file
+under a running holder).
 
 Its socket is in the abstract namespace (no path-length limit, nothing left on
 disk after a power loss); only a peer of the holder's own user (or root) is
