@@ -196,3 +196,65 @@ async def test_topic_chains_a_producer_to_a_consumer(
         with trio.fail_after(5):
             await consumer.wait_ended()
     assert consumed == [b"Content-Type: application/x-ndjson\r\n\r\n" + payload]
+
+
+def ends_with(code: int, after: float) -> Any:
+    async def body(runner: FakeRunner) -> int:
+        await trio.sleep(after)
+        return code
+
+    return body
+
+
+async def test_restart_policies_and_their_backoff(
+    tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """never: ends for good; on-failure: again after a failure only; always: again
+    whatever the end, 1 s then doubling; a run of a minute resets it; a kill ends it."""
+    from agent.instances.supervisor import RESTART_BACKOFF_CAP, RESTART_BACKOFF_FIRST
+
+    async with running_hub(tmp_path, instance_lifetime=600) as hub:
+        starts: dict[str, list[float]] = {}
+        original_spawn = hub.runtime.spawn
+
+        async def spawn(spec: Any) -> Any:
+            starts.setdefault(spec.instance_id, []).append(trio.current_time())
+            return await original_spawn(spec)
+
+        hub.runtime.spawn = spawn  # type: ignore[method-assign]
+        hub.runtime.scripts["fails"] = Script(body=ends_with(3, 0.1))
+        hub.runtime.scripts["clean"] = Script(body=ends_with(0, 0.1))
+        hub.runtime.scripts["always"] = Script(body=ends_with(0, 0.1))
+        hub.runtime.scripts["never"] = Script(body=ends_with(3, 0.1))
+        hub.runtime.scripts["long"] = Script(body=ends_with(3, 120))
+        with pytest.raises(BadRequest):
+            await hub.supervisor.start(hub.sequence, {"instanceId": "x", "restart": "sometimes"})
+        with trio.fail_after(5):
+            await hub.supervisor.start(hub.sequence, {"instanceId": "fails", "restart": "on-failure"})
+            await hub.supervisor.start(hub.sequence, {"instanceId": "clean", "restart": "on-failure"})
+            await hub.supervisor.start(hub.sequence, {"instanceId": "always", "restart": "always"})
+            await hub.supervisor.start(hub.sequence, {"instanceId": "never"})
+            await hub.supervisor.start(hub.sequence, {"instanceId": "long", "restart": "always"})
+        await trio.sleep(200)
+        assert len(starts["never"]) == 1 and len(starts["clean"]) == 1
+        assert hub.supervisor.get("never").status is Status.ERRORED
+        gaps = [b - a for a, b in zip(starts["always"], starts["always"][1:], strict=False)]
+        # each gap: the 0.1 s run plus the backoff, 1 s doubling up to the cap
+        backoffs = [round(gap - 0.1, 1) for gap in gaps]
+        expected = [min(RESTART_BACKOFF_CAP, RESTART_BACKOFF_FIRST * 2**n) for n in range(len(backoffs))]
+        assert backoffs == expected, backoffs
+        assert len(starts["fails"]) == len(starts["always"])
+        long_gaps = [round(b - a - 120, 1) for a, b in zip(starts["long"], starts["long"][1:], strict=False)]
+        assert long_gaps and set(long_gaps) == {RESTART_BACKOFF_FIRST}  # a run of a minute resets it
+        info = hub.supervisor.get("always").info()
+        assert info["restart"] == "always" and info["restarts"] == len(starts["always"]) - 1
+        assert hub.supervisor.restarts_total >= info["restarts"]
+        # A kill while it waits for its next start ends it for good.
+        waiting = hub.supervisor.get("always")
+        while waiting.is_live:
+            await trio.sleep(0.01)
+            waiting = hub.supervisor.get("always")
+        await waiting.kill()
+        count = len(starts["always"])
+        await trio.sleep(300)
+        assert len(starts["always"]) == count
