@@ -605,13 +605,28 @@ class Instance:
             process.signal_group(signal.SIGKILL)
 
     # ------------------------------------------------------------------ pumps
+    async def _next_chunk(self, stream: trio.abc.ReceiveStream, spool: StreamSpool | None) -> bytes:
+        """The next chunk of an outbound channel; on disk (the spool) before anyone sees it."""
+        fileno = getattr(stream, "fileno", None)
+        if spool is None:
+            return bytes(await stream.receive_some(limits.STREAM_CHUNK_BYTES))
+        if fileno is None:  # not a pipe (tests' memory streams): read, then keep
+            chunk = bytes(await stream.receive_some(limits.STREAM_CHUNK_BYTES))
+            spool.append(chunk)
+            return chunk
+        pipe = fileno()
+        while True:
+            try:
+                return spool.splice_from(pipe, limits.STREAM_CHUNK_BYTES)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(pipe)
+            except OSError as exc:  # closed under us (the hub is going)
+                raise trio.ClosedResourceError(str(exc)) from None
+
     async def _pump_bytes(self, stream: trio.abc.ReceiveStream, target: Broadcast, keep_tail: bool) -> None:
         spool = next((self._spools[n] for n in self._spools if getattr(self, n) is target), None)
         try:
-            while chunk := await stream.receive_some(limits.STREAM_CHUNK_BYTES):
-                if spool is not None:
-                    # On disk before any reader sees it: a hub that ends now loses nothing.
-                    spool.append(chunk)
+            while chunk := await self._next_chunk(stream, spool):
                 if keep_tail and not self._handshake.is_set():
                     self._stderr_tail.append(bytes(chunk))
                     self._stderr_tail_size += len(chunk)

@@ -34,6 +34,7 @@ from .. import limits
 #: Digits of a segment's offset in its name (sorted as text = sorted by offset).
 _OFFSET_DIGITS: Final = 20
 _MARK: Final = struct.Struct("<Q")
+_SPLICE_FLAGS: Final = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
 
 class StreamSpool:
@@ -112,22 +113,43 @@ class StreamSpool:
 
     # ------------------------------------------------------------------ writing
     def append(self, data: bytes | bytearray | memoryview) -> None:
+        """Add bytes the hub has in hand (runtimes whose channels are not pipes)."""
         if not data:
             return
         if self._fd < 0 or self._segments[-1][1] >= self._segment_bytes:
             self._rotate()
-        written = 0
         view = memoryview(data)
-        while written < len(view):
-            written += os.write(self._fd, view[written:])
         offset, size = self._segments[-1]
+        written = 0
+        while written < len(view):
+            written += os.pwrite(self._fd, view[written:], size + written)
         self._segments[-1] = (offset, size + len(data))
         self.end += len(data)
+
+    def splice_from(self, pipe: int, limit: int) -> bytes:
+        """Move up to ``limit`` bytes from the pipe ``pipe`` into the spool and return
+        them; ``b""`` at the pipe's end; :class:`BlockingIOError` while it is empty.
+
+        ``splice`` takes from the pipe exactly what it wrote to the file, in one
+        system call: a hub killed at any instant finds each byte either in the spool
+        or still in the pipe, never lost in between (a read() then write() would
+        lose what a ``kill -9`` caught in the hub's memory)."""
+        if self._fd < 0 or self._segments[-1][1] >= self._segment_bytes:
+            self._rotate()
+        offset, size = self._segments[-1]
+        room = max(1, min(limit, self._segment_bytes - size))
+        moved = os.splice(pipe, self._fd, room, offset_dst=size, flags=_SPLICE_FLAGS)
+        if not moved:
+            return b""
+        self._segments[-1] = (offset, size + moved)
+        self.end += moved
+        return os.pread(self._fd, moved, size)
 
     def _rotate(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
-        self._fd = os.open(self._path(self.end), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        # Not O_APPEND: splice refuses to write to such a file; writes give their offset.
+        self._fd = os.open(self._path(self.end), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         if not self._segments or self._segments[-1][0] != self.end:
             self._segments.append((self.end, 0))
         # The oldest goes once the others hold what must be kept.

@@ -115,6 +115,7 @@ class HeldRunner:
         self._ended = trio.Event()
         self._received = bytearray()
         self._detached = False
+        self._released = False
         names = list(hello.get("channels", []))
         streams: dict[str, Any] = {}
         for name, fd in zip(names, fds, strict=True):
@@ -189,7 +190,21 @@ class HeldRunner:
                         self.ended_at = message["exit"].get("ended")
                         self._ended.set()
         assert self._code is not None
+        # The hub holds its own copies of the pipes (what is left in them drains
+        # through those): the holder, its socket and its process go now, so that an
+        # ended instance, listed for its lifetime, holds no descriptor but its pipes'.
+        await self._release()
         return self._code
+
+    async def _release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._send("release")
+        self._connection.close()
+        if self._holder is not None:
+            with trio.move_on_after(2):
+                await self._holder.wait()
 
     def signal_group(self, sig: signal.Signals) -> None:
         if not self._ended.is_set():
@@ -205,19 +220,16 @@ class HeldRunner:
         self._detached = True
         await self._close_streams()
         self._connection.close()
+        self._released = True  # nothing more to say to it
 
     async def aclose(self) -> None:
         """The runner has ended (or is given up): let its holder go."""
         self._detached = True  # the holder's copies go with the holder
         await self._close_streams()
-        if not self._ended.is_set():  # given up on while running (a failed start)
+        if not self._ended.is_set() and not self._released:  # given up on while running
             self._send(f"signal {int(signal.SIGKILL)}")
         # The holder goes as soon as it has reaped the runner (at once if it has).
-        self._send("release")
-        self._connection.close()
-        if self._holder is not None:
-            with trio.move_on_after(2):
-                await self._holder.wait()
+        await self._release()
 
 
 async def _receive_hello(connection: socket.socket) -> tuple[dict[str, Any], list[int]]:

@@ -92,6 +92,7 @@ class Follower:
         self.data = bytearray()
         self.url = ""
         self.resumed = 0
+        self.seams: list[int] = []
 
     async def run(self) -> None:
         async with httpx.AsyncClient(timeout=httpx.Timeout(10, read=None)) as client:
@@ -106,6 +107,7 @@ class Follower:
                         if response.status_code != 200:
                             raise AssertionError(f"{response.status_code}: {await response.aread()!r}")
                         self.resumed += 1
+                        self.seams.append(len(self.data))
                         async for chunk in response.aiter_raw():
                             self.data += chunk
                 except (httpx.TransportError, httpx.RemoteProtocolError):
@@ -465,6 +467,62 @@ async def test_an_offset_no_longer_kept_is_410(tmp_path: Path) -> None:
                             break
             expected = b"".join(bytes([65 + n % 26]) * 65536 for n in range(48))[offset:]
             assert data == expected
+    finally:
+        end_hub(hub, signal.SIGTERM)
+        stop_instances(root)
+
+
+FLOOD_PY = """
+import hashlib
+async def run(context, input, *args):
+    # Numbered 4 KiB records as fast as the reader takes them.
+    n = 0
+    while True:
+        head = f"{n:012d}".encode()
+        yield head + hashlib.sha256(head).digest() * 127 + b"\\n" * 4052
+        n += 1
+"""
+
+
+@pytest.mark.trio
+async def test_a_flooding_instance_loses_nothing_across_kill_9(tmp_path: Path) -> None:
+    """Output as fast as it is read (the pipe full, the spool turning over) while the hub
+    is killed five times: the bytes read across the seams are exactly the records, in order."""
+    root = tmp_path / "sequences"
+    hub = start_hub(root, "process")
+    try:
+        async with httpx.AsyncClient(base_url=hub.url, timeout=30) as client:
+            sequence_id = await upload(
+                client, python_package(FLOOD_PY, contentType="application/octet-stream")
+            )
+            await start(client, sequence_id, instanceId="flood")
+        follower = Follower("flood")
+        with trio.fail_after(120):
+            async with trio.open_nursery() as nursery:
+                follower.url = hub.url
+                nursery.start_soon(follower.run)
+                for _seam in range(5):
+                    await trio.sleep(1.0)
+                    await trio.to_thread.run_sync(end_hub, hub, signal.SIGKILL)
+                    follower.url = ""
+                    hub = await trio.to_thread.run_sync(start_hub, root, "process")
+                    follower.url = hub.url
+                await trio.sleep(1.0)
+                nursery.cancel_scope.cancel()
+        import hashlib
+
+        data = bytes(follower.data)
+        size = 12 + 32 * 127 + 4052
+        records = len(data) // size
+        assert records > 100, records
+        for n in range(records):
+            head = f"{n:012d}".encode()
+            expected = head + hashlib.sha256(head).digest() * 127 + b"\n" * 4052
+            if data[n * size : (n + 1) * size] != expected:
+                Path("/tmp/flood.bin").write_bytes(data)
+                Path("/tmp/flood.seams").write_text(repr(follower.seams))
+            assert data[n * size : (n + 1) * size] == expected, n
+        assert follower.resumed > 5
     finally:
         end_hub(hub, signal.SIGTERM)
         stop_instances(root)
