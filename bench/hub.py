@@ -133,8 +133,12 @@ def bench_overhead() -> None:
         for _ in range(count):
             start(client, sequence_id)
         time.sleep(2.0)
-        children = psutil.Process(h.process.pid).children(recursive=True)
-        runner_rss = [c.memory_info().rss / MB for c in children]
+        # Each instance is its holder (agent/runners/holder.py) and the runner under it.
+        holders = psutil.Process(h.process.pid).children()
+        runner_rss = [sum(c.memory_info().rss for c in holder.children()) / MB for holder in holders]
+        runner_uss = [sum(c.memory_full_info().uss for c in holder.children()) / MB for holder in holders]
+        holder_rss = [holder.memory_info().rss / MB for holder in holders]
+        holder_uss = [holder.memory_full_info().uss / MB for holder in holders]
         hub_growth = rss_mb(h.process.pid) - hub_before
     per_instance = [r + hub_growth / count for r in runner_rss]
     report(
@@ -146,6 +150,9 @@ def bench_overhead() -> None:
                 f"bare interpreter {bare_python_rss():.1f} MB",
                 "<= 15 MB",
             ),
+            ("  its runner's private memory, USS (MB)", summary(runner_uss), "", ""),
+            ("  its holder's RSS (MB)", summary(holder_rss), "", ""),
+            ("  its holder's private memory, USS (MB)", summary(holder_uss), "", ""),
         ],
     )
 
