@@ -637,6 +637,8 @@ class Instance:
             pass
         finally:
             target.close()
+            if spool is not None and not self._detaching:
+                spool.finish()  # its files stay readable for ?offset=
             # Drained: the pipe is not needed while the instance stays listed.
             await trio.aclose_forcefully(stream)
 

@@ -53,6 +53,7 @@ class StreamSpool:
         self._mark_fd = -1
         self.end = 0
         self.mark = 0
+        self._finished = False
         if fresh:  # a new run of the instance: its streams begin again at 0
             self._load()
             for offset, _size in self._segments:
@@ -159,7 +160,7 @@ class StreamSpool:
 
     def set_mark(self, position: int) -> None:
         """Every reader has taken the stream up to ``position``."""
-        if position == self.mark:
+        if position == self.mark or self._finished:
             return
         self.mark = position
         if self._mark_fd < 0:
@@ -173,6 +174,13 @@ class StreamSpool:
             if fd >= 0:
                 os.close(fd)
         self._fd = self._mark_fd = -1
+
+    def finish(self) -> None:
+        """The stream has ended: nothing more is written, and no hub will take it back
+        (an ended instance is not resumed), so the mark no longer matters. Frees the
+        descriptors; :meth:`read` still serves ``?offset=``."""
+        self._finished = True
+        self.close()
 
 
 class PartialLine:
