@@ -157,7 +157,6 @@ class Instance:
         self._input_content_type: str | None = None
         #: set by the supervisor while a restart waits for its backoff (a stop cancels it)
         self.restart_scope: trio.CancelScope | None = None
-        self.restart_due: float | None = None
         self._started_at: float | None = None
         self._replaced = False
         self._ended_at: float | None = None
@@ -372,14 +371,7 @@ class Instance:
         start_failure: str | None = None
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._pump_bytes, process.stdout, self.stdout, False)
-                nursery.start_soon(self._pump_bytes, process.stderr, self.stderr, True)
-                nursery.start_soon(self._pump_bytes, process.output, self.output, False)
-                nursery.start_soon(self._pump_log, process.log)
-                nursery.start_soon(self._pump_monitoring, process.monitoring)
-                nursery.start_soon(self._watch_exit, process)
-                nursery.start_soon(self._enforce_kill, process)
+                self._start_pumps(nursery, process)
 
                 with trio.move_on_after(self._config.start_timeout):
                     await self._wait_for(lambda: self._handshake.is_set() or self._exited.is_set())
@@ -403,6 +395,17 @@ class Instance:
                 await self._let_go(process, spec.cwd)
         if start_failure is not None:
             raise SequenceStartFailed(start_failure)
+
+    def _start_pumps(self, nursery: trio.Nursery, process: RunnerProcess) -> None:
+        """One task per runner-to-hub channel, the exit watch and the kill enforcer."""
+        self._nursery = nursery
+        nursery.start_soon(self._pump_bytes, process.stdout, self.stdout, False)
+        nursery.start_soon(self._pump_bytes, process.stderr, self.stderr, True)
+        nursery.start_soon(self._pump_bytes, process.output, self.output, False)
+        nursery.start_soon(self._pump_log, process.log)
+        nursery.start_soon(self._pump_monitoring, process.monitoring)
+        nursery.start_soon(self._watch_exit, process)
+        nursery.start_soon(self._enforce_kill, process)
 
     async def _live_then_listed(self) -> None:
         """Wait for the end, then stay listed for the instance lifetime."""
@@ -444,14 +447,7 @@ class Instance:
         work_dir = self._config.sequences_root / ".instances" / self.id
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
-                nursery.start_soon(self._pump_bytes, process.stdout, self.stdout, False)
-                nursery.start_soon(self._pump_bytes, process.stderr, self.stderr, True)
-                nursery.start_soon(self._pump_bytes, process.output, self.output, False)
-                nursery.start_soon(self._pump_log, process.log)
-                nursery.start_soon(self._pump_monitoring, process.monitoring)
-                nursery.start_soon(self._watch_exit, process)
-                nursery.start_soon(self._enforce_kill, process)
+                self._start_pumps(nursery, process)
                 # Its topics, bound again as the runner named them to the hub before.
                 if self._restored.get("provides"):
                     self.provides = str(self._restored["provides"])

@@ -384,7 +384,6 @@ class Supervisor:
         try:
             with scope:
                 while True:
-                    ended.restart_due = trio.current_time() + delay
                     await trio.sleep(delay)
                     restarts += 1
                     self.restarts_total += 1

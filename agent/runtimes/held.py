@@ -32,7 +32,7 @@ from typing import Any, Final
 
 import trio
 
-from .pipes import _BULK, BULK_PIPE_BYTES, CHANNELS, INSTANCE_OOM_SCORE_ADJ
+from .pipes import _BULK, BULK_PIPE_BYTES, CHANNELS, INSTANCE_OOM_SCORE_ADJ, ChannelStreams
 
 HOLDER: Final = Path(__file__).resolve().parent.parent / "runners" / "holder.py"
 #: Seconds a new holder may take to listen.
@@ -96,7 +96,7 @@ class _ClosedSend(trio.abc.SendStream):
         await trio.lowlevel.checkpoint()
 
 
-class HeldRunner:
+class HeldRunner(ChannelStreams):
     """A runner kept by its holder; see the module docstring."""
 
     def __init__(
@@ -125,15 +125,7 @@ class HeldRunner:
         for name, _fd, direction in CHANNELS:
             if name not in streams:
                 streams[name] = _ClosedSend() if direction == "w" else _ClosedReceive()
-        self._streams = streams
-        self.stdin: trio.abc.SendStream = streams["stdin"]
-        self.stdout: trio.abc.ReceiveStream = streams["stdout"]
-        self.stderr: trio.abc.ReceiveStream = streams["stderr"]
-        self.control: trio.abc.SendStream = streams["control"]
-        self.monitoring: trio.abc.ReceiveStream = streams["monitoring"]
-        self.input: trio.abc.SendStream = streams["input"]
-        self.output: trio.abc.ReceiveStream = streams["output"]
-        self.log: trio.abc.ReceiveStream = streams["log"]
+        super().__init__(streams)
         if hello.get("exit") is not None:
             self._code = int(hello["exit"]["code"])
             self.ended_at: str | None = hello["exit"].get("ended")

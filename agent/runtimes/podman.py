@@ -48,7 +48,7 @@ from .. import images
 from .base import LaunchSpec, RunnerProcess, Runtime
 from .cgroups import detect as detect_cgroups
 from .held import HeldRunner, adopt, start_held
-from .pipes import EXTRA_FDS
+from .pipes import EXTRA_FDS, ChannelStreams
 from .process import ProcessRuntime
 
 if TYPE_CHECKING:
@@ -270,21 +270,14 @@ def container_name(hub_id: str, instance_id: str) -> str:
     return f"spacehub-{hub_id}-{instance_id}"
 
 
-class PodmanRunner:
+class PodmanRunner(ChannelStreams):
     """A runner in a container; ``pid`` is the podman client's, which its holder keeps
     (agent/runners/holder.py), so the container and its pipes outlive the hub."""
 
     def __init__(self, held: HeldRunner, name: str, pidfile: Path) -> None:
+        super().__init__(held._streams)
         self._process = held
         self.pid = held.pid
-        self.stdin = held.stdin
-        self.stdout = held.stdout
-        self.stderr = held.stderr
-        self.control = held.control
-        self.monitoring = held.monitoring
-        self.input = held.input
-        self.output = held.output
-        self.log = held.log
         self.name = name
         self._pidfile = pidfile
         self._container_pid: int | None = None

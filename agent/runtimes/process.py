@@ -17,23 +17,18 @@ from pathlib import Path
 from .base import LaunchSpec, RunnerProcess
 from .cgroups import MEMORY_LIMIT_REASON, CgroupLimiter, InstanceGroup, InstanceLimits
 from .held import HeldRunner, adopt, start_held
+from .pipes import ChannelStreams
 
 
-class ProcessRunner:
-    """A runner started (or taken back) by :class:`ProcessRuntime`."""
+class ProcessRunner(ChannelStreams):
+    """A runner started (or taken back) by :class:`ProcessRuntime`; its channels are
+    its holder's."""
 
     def __init__(self, held: HeldRunner, group: InstanceGroup | None = None) -> None:
+        super().__init__(held._streams)
         self._held = held
         self._group = group
         self.pid = held.pid
-        self.stdin = held.stdin
-        self.stdout = held.stdout
-        self.stderr = held.stderr
-        self.control = held.control
-        self.monitoring = held.monitoring
-        self.input = held.input
-        self.output = held.output
-        self.log = held.log
 
     @property
     def exit_reason(self) -> str | None:
