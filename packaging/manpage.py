@@ -38,9 +38,14 @@ def _parsers(command: str) -> list[tuple[str, argparse.ArgumentParser]]:
     """The command's top-level parser(s): (how it is invoked, parser)."""
     if command == "sth":
         from agent import join
+        from agent.instances import offline
         from agent.main import build_parser
 
-        return [("sth", build_parser()), ("sth join", join.build_parser())]
+        return [
+            ("sth", build_parser()),
+            ("sth join", join.build_parser()),
+            ("sth stop-instances", offline.build_parser()),
+        ]
     if command == "cpm":
         from cpm.main import build_parser as cpm_parser
 

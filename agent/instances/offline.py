@@ -62,7 +62,7 @@ async def stop_all(sequences_root: Path, grace: float) -> list[str]:
     return stopped
 
 
-def main(argv: list[str]) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sth stop-instances",
         description="End every instance a stopped hub left running (SIGTERM, then SIGKILL after"
@@ -74,7 +74,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--grace", type=float, default=5.0, help="seconds from SIGTERM to SIGKILL (default 5)"
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     try:
         config = load_config(args.config, {"sequences_root": args.sequences_root, "data_dir": args.data_dir})
     except ConfigError as exc:
