@@ -94,6 +94,10 @@ class HubConfig:
     cpm_insecure: bool = False
     #: the longest wait between two attempts to link to a manager that answered (seconds)
     link_backoff_cap: float = 60.0
+    #: Space-wide topics: bytes one topic's outbound spool may hold, and all of them together
+    #: (records the manager has not acknowledged yet); past either, producers wait
+    topic_spool_bytes: int = 256 * 1024 * 1024
+    topic_spool_total_bytes: int = 1024 * 1024 * 1024
     #: shown by the manager
     description: str = ""
     tags: list[str] = field(default_factory=list)
@@ -186,6 +190,8 @@ _TOML_KEYS: dict[str, str] = {
     "cpm_fingerprint": "cpm_fingerprint",
     "cpm_insecure": "cpm_insecure",
     "link_backoff_cap": "link_backoff_cap",
+    "topic_spool_bytes": "topic_spool_bytes",
+    "topic_spool_total_bytes": "topic_spool_total_bytes",
     "description": "description",
     "tags": "tags",
     "runner_image_py": "runner_image_py",
@@ -204,6 +210,9 @@ def _check(config: HubConfig) -> HubConfig:
         raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}, not {config.log_level!r}")
     if not 0.1 <= config.link_backoff_cap <= 3600:
         raise ConfigError(f"link_backoff_cap is 0.1 to 3600 seconds, not {config.link_backoff_cap!r}")
+    for name in ("topic_spool_bytes", "topic_spool_total_bytes"):
+        if not 1024 * 1024 <= getattr(config, name) <= 1 << 50:
+            raise ConfigError(f"{name} must be at least 1 MiB, not {getattr(config, name)!r}")
     if config.log_format not in LOG_FORMATS:
         raise ConfigError(f"log format must be one of {', '.join(LOG_FORMATS)}, not {config.log_format!r}")
     if config.runtime not in RUNTIMES:

@@ -67,6 +67,15 @@ EVENT_STREAM_QUEUE: Final = 256
 #: reader may lag); past it, writers wait.
 TOPIC_BUFFER_BYTES: Final = 1 * MiB
 
+#: Bytes one topic's outbound spool may hold (records produced here that the Space's
+#: manager has not acknowledged yet, e.g. while the link is down); past it the
+#: topic's producers wait. The default of --topic-spool-bytes.
+TOPIC_SPOOL_BYTES: Final = 256 * MiB
+#: Bytes every outbound spool together may hold (--topic-spool-total-bytes).
+TOPIC_SPOOL_TOTAL_BYTES: Final = 1 * GiB
+#: Size of one spool segment file (the unit a spool is trimmed by).
+TOPIC_SPOOL_SEGMENT_BYTES: Final = 8 * MiB
+
 # --- The hub log ----------------------------------------------------------------
 #: Hub log records kept for replay on /log.
 HUB_LOG_RING_RECORDS: Final = 2000

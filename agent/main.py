@@ -13,6 +13,7 @@ import trio
 
 from spacehub.server import speedups
 from spacehub.server.allocator import tune_malloc
+from spacehub.server.config import parse_size
 
 from . import __version__
 from .config import (
@@ -25,6 +26,13 @@ from .config import (
     load_config,
 )
 from .service import run_hub
+
+
+def _size_argument(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,6 +140,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="longest wait between attempts to link to a manager that answered (default 60;"
         " failures double the wait up to it)",
     )
+    link.add_argument(
+        "--topic-spool-bytes",
+        type=_size_argument,
+        metavar="BYTES",
+        help="most bytes one topic's outbound spool keeps for the Space (records not yet"
+        " acknowledged by the manager, e.g. while the link is down); then producers wait"
+        " (default 256M; K, M, G suffixes)",
+    )
+    link.add_argument(
+        "--topic-spool-total-bytes",
+        type=_size_argument,
+        metavar="BYTES",
+        help="most bytes all outbound topic spools keep together (default 1G)",
+    )
     link.add_argument("--description", help="shown by the manager")
     link.add_argument("--tags", metavar="A,B", help="comma-separated tags, shown by the manager")
     return parser
@@ -174,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         "cpm_fingerprint": args.cpm_fingerprint,
         "cpm_insecure": args.cpm_insecure,
         "link_backoff_cap": args.link_backoff_cap,
+        "topic_spool_bytes": args.topic_spool_bytes,
+        "topic_spool_total_bytes": args.topic_spool_total_bytes,
         "description": args.description,
         "tags": None if args.tags is None else [t.strip() for t in args.tags.split(",") if t.strip()],
         "runner_image_py": args.runner_image_py,

@@ -67,6 +67,33 @@ def hub_metrics(hub: Hub) -> tuple[Metrics, HttpMetrics]:
         lambda: {(): float(totals.bytes_out)},
     )
 
+    def spool_backlog() -> dict[tuple[str, ...], float]:
+        bridge = hub.space_topics
+        return {(): float(bridge.backlog() if bridge is not None else 0)}
+
+    metrics.gauge_read(
+        "spool_backlog_bytes",
+        "Bytes of Space-wide topic records made here that the manager has not acknowledged",
+        spool_backlog,
+    )
+
+    def space_bytes(direction: str) -> dict[tuple[str, ...], float]:
+        bridge = hub.space_topics
+        if bridge is None:
+            return {(): 0.0}
+        return {(): float(bridge.bytes_pushed if direction == "out" else bridge.bytes_pulled)}
+
+    metrics.counter_read(
+        "space_topic_bytes_sent_total",
+        "Spool bytes sent to the manager for Space-wide topics (a resend after a cut counted again)",
+        lambda: space_bytes("out"),
+    )
+    metrics.counter_read(
+        "space_topic_bytes_received_total",
+        "Record bytes received from the Space's other hubs for local consumers",
+        lambda: space_bytes("in"),
+    )
+
     def link_connected() -> dict[tuple[str, ...], float]:
         link = hub.link
         return {(): 1.0 if link is not None and link.status()["connected"] else 0.0}
@@ -78,7 +105,9 @@ def hub_metrics(hub: Hub) -> tuple[Metrics, HttpMetrics]:
         return {(): float(session.open_streams if session is not None else 0)}
 
     metrics.gauge_read(
-        "link_streams_open", "Streams open on the link now (the manager's calls)", link_streams
+        "link_streams_open",
+        "Streams open on the link now: the manager's calls, and Space-wide topics' streams",
+        link_streams,
     )
     metrics.counter_read(
         "link_connections_total",

@@ -32,10 +32,11 @@ from .runtimes.base import Runtime
 from .runtimes.podman import make_runtime
 from .sequences.store import SequenceStore
 from .streams import RecordRing
-from .topics import TopicRouter
+from .topics import Topic, TopicRouter
 
 if TYPE_CHECKING:
     from .link.client import LinkClient
+    from .spacetopics import SpaceTopicBridge
 
 
 class Hub:
@@ -59,6 +60,8 @@ class Hub:
         self.supervisor = Supervisor(config, self.runtime, self.topics, self.store)
         #: the link to the manager, when one is configured
         self.link: LinkClient | None = None
+        #: topics shared with the other hubs of the Space, when linked
+        self.space_topics: SpaceTopicBridge | None = None
 
     def adopt_id(self, hub_id: str) -> None:
         """Be known by the id the Space gave this hub (one id everywhere: /status, /config and
@@ -73,10 +76,16 @@ class Hub:
         return {
             "sequences": [s.info() for s in self.store.list()],
             "instances": [i.info() for i in self.supervisor.list()],
-            "topics": [t.info() for t in self.topics.list()],
+            "topics": [self._topic_summary(t) for t in self.topics.list()],
             # ended instances, newest last: those that ran while the link was down too
             "history": list(self.supervisor.history),
         }
+
+    def _topic_summary(self, topic: Topic) -> dict[str, Any]:
+        info: dict[str, Any] = dict(topic.info())
+        if self.space_topics is not None:
+            info["spoolBacklog"] = self.space_topics.backlog(topic.name)
+        return info
 
     def link_load(self) -> LoadCheck:
         """The load-check the heartbeat carries (blocking: call it in a thread)."""
@@ -120,13 +129,26 @@ async def run_hub(
             # Imported only when linking: websockets, cryptography and httpx cost a
             # hub that runs alone about 10 MB.
             from .link.client import LinkClient
+            from .spacetopics import SpaceTopicBridge
 
+            bridge = await trio.to_thread.run_sync(
+                partial(
+                    SpaceTopicBridge,
+                    Path(config.data_dir) / "topics",
+                    hub.topics,
+                    spool_bytes=config.topic_spool_bytes,
+                    spool_total_bytes=config.topic_spool_total_bytes,
+                )
+            )
+            hub.space_topics = hub.topics.space = bridge
+            await nursery.start(bridge.run)
             hub.link = LinkClient(
                 config,
                 app,
                 load=hub.link_load,
                 summary=hub.link_summary,
                 on_hub_id=hub.adopt_id,
+                on_session=bridge.set_session,
                 backoff_cap=config.link_backoff_cap,
             )
             await nursery.start(hub.link.run)

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass, field
-from typing import Final
+from typing import Final, Protocol
 
 import trio
 
 from spacehub.models import TopicInfo
+from spacehub.protocol.topics import MAX_ENTRY_BYTES, split_records
 
 from . import limits
 from .errors import BadRequest, Conflict, NotFound, UnsupportedMediaType
@@ -60,16 +61,42 @@ def check_content_type(content_type: str | None) -> str:
     return value
 
 
+class SpaceBridge(Protocol):
+    """What carries a topic to and from the other hubs of the Space (agent/spacetopics.py)."""
+
+    async def produced(self, topic: Topic, records: bytes) -> None:
+        """Whole records written here by a local producer (waits while the spool is full)."""
+
+    def consumers_changed(self, topic: Topic) -> None:
+        """A local reader came or went."""
+
+
 @dataclass(eq=False)
 class Topic:
     name: str
     content_type: str
-    stream: Broadcast = field(default_factory=lambda: Broadcast(limits.TOPIC_BUFFER_BYTES))
+    stream: Broadcast = field(init=False)
     #: writers take turns in arrival order (trio.Lock is fair)
     turn: trio.Lock = field(default_factory=trio.Lock)
     #: who writes and reads now: "api" or instance ids, with a count each
     providers: dict[str, int] = field(default_factory=dict)
     consumers: dict[str, int] = field(default_factory=dict)
+    #: told the mark (every local reader has taken the stream up to it) as it moves
+    mark_listeners: list[Callable[[int], None]] = field(default_factory=list)
+    #: the last byte a local producer wrote (b"" before any)
+    last_byte: bytes = b""
+
+    def __post_init__(self) -> None:
+        self.stream = Broadcast(limits.TOPIC_BUFFER_BYTES, on_mark=self._mark_moved)
+
+    def _mark_moved(self, position: int) -> None:
+        for listener in self.mark_listeners:
+            listener(position)
+
+    @property
+    def whole_lines(self) -> bool:
+        """Whether its records are lines (text and NDJSON), kept whole when producers merge."""
+        return self.content_type != "application/octet-stream"
 
     def info(self) -> TopicInfo:
         return {
@@ -103,6 +130,8 @@ class TopicRouter:
     def __init__(self) -> None:
         self._topics: dict[str, Topic] = {}
         self.totals = TopicTotals()
+        #: the Space's side of every topic, once the hub links to a manager
+        self.space: SpaceBridge | None = None
 
     def list(self) -> list[Topic]:
         return list(self._topics.values())
@@ -147,42 +176,72 @@ class TopicRouter:
 
     async def write(self, topic: Topic, body: AsyncIterable[bytes], *, who: str) -> int:
         """Write ``body`` as one whole turn; returns the bytes written. The topic goes on
-        after it: the end of one producer's data is not the end of the topic."""
+        after it: the end of one producer's data is not the end of the topic.
+
+        Lines are written whole (a partial one waits for its end), so records from the
+        other hubs of the Space (:meth:`write_remote`) can come between any two writes."""
         written = 0
         _count(topic.providers, who, +1)
         try:
             async with topic.turn:
-                stream = topic.stream
-                last = b"\n"
-                totals = self.totals
+                pending = b""
+                whole_lines = topic.whole_lines
                 async for chunk in body:
                     if chunk:
-                        await stream.write(chunk)
+                        ready, pending = split_records(pending, chunk, whole_lines)
                         written += len(chunk)
-                        totals.bytes_in += len(chunk)
-                        totals.records_in += chunk.count(b"\n")
-                        last = chunk[-1:]
+                        if ready:
+                            await self._write_local(topic, ready)
                 # NDJSON readers must never see two writers' records glued together.
-                if topic.content_type in NDJSON_TYPES and last != b"\n":
-                    await stream.write(b"\n")
-                    totals.records_in += 1
+                if topic.content_type in NDJSON_TYPES and (pending or topic.last_byte not in (b"", b"\n")):
+                    pending += b"\n"
+                if pending:
+                    await self._write_local(topic, pending)
         finally:
             _count(topic.providers, who, -1)
         return written
 
+    async def _write_local(self, topic: Topic, records: bytes) -> None:
+        if self.space is not None:
+            for start in range(0, len(records), MAX_ENTRY_BYTES):
+                await self.space.produced(topic, records[start : start + MAX_ENTRY_BYTES])
+        await topic.stream.write(records)
+        self.totals.bytes_in += len(records)
+        self.totals.records_in += records.count(b"\n")
+        topic.last_byte = records[-1:]
+
+    async def write_remote(self, topic: Topic, records: bytes) -> None:
+        """Whole records from another hub of the Space: to local readers only."""
+        await topic.stream.write(records)
+        self.totals.bytes_in += len(records)
+        self.totals.records_in += records.count(b"\n")
+
     def subscribe(self, topic: Topic, *, who: str) -> TopicReader:
         """Attach a reader now (bytes written from here on reach it)."""
         _count(topic.consumers, who, +1)
-        return TopicReader(topic, who, topic.stream.subscribe(), self.totals)
+        reader = TopicReader(topic, who, topic.stream.subscribe(), self.totals, self)
+        if self.space is not None:
+            self.space.consumers_changed(topic)
+        return reader
+
+    def reader_closed(self, topic: Topic) -> None:
+        if self.space is not None:
+            self.space.consumers_changed(topic)
 
 
 class TopicReader:
     """A topic reader: its bytes until the topic's stream ends; close it when done."""
 
     def __init__(
-        self, topic: Topic, who: str, subscription: Subscription, totals: TopicTotals | None = None
+        self,
+        topic: Topic,
+        who: str,
+        subscription: Subscription,
+        totals: TopicTotals | None = None,
+        router: TopicRouter | None = None,
     ) -> None:
         self._totals = totals
+        self._router = router
         self._topic = topic
         self._who = who
         self._subscription = subscription
@@ -202,6 +261,8 @@ class TopicReader:
             self._closed = True
             self._subscription.close()
             _count(self._topic.consumers, self._who, -1)
+            if self._router is not None:
+                self._router.reader_closed(self._topic)
 
     def __enter__(self) -> TopicReader:
         return self

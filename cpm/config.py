@@ -64,6 +64,9 @@ class ManagerConfig:
     #: grace for a late message: a link silent for heartbeat_interval + this is closed by the
     #: manager, one silent for ping_interval + this by the hub
     pong_timeout: float = 10.0
+    #: bytes one Space-wide topic's log may hold (records its slowest consumer hub has not
+    #: taken yet); past it the topic's producers wait
+    topic_log_bytes: int = 512 * 1024 * 1024
 
     @property
     def registry_path(self) -> Path:
@@ -125,6 +128,12 @@ def _check(config: ManagerConfig) -> ManagerConfig:
         if not isinstance(url, str) or PUBLIC_URL.fullmatch(url.rstrip("/")) is None:
             raise ConfigError(f"public_url must look like https://HOST[:PORT], not {config.public_url!r}")
         config.public_url = config.public_url.rstrip("/")
+    if (
+        isinstance(config.topic_log_bytes, bool)
+        or not isinstance(config.topic_log_bytes, int)
+        or config.topic_log_bytes < 1024 * 1024
+    ):
+        raise ConfigError(f"topic_log_bytes must be at least 1 MiB, not {config.topic_log_bytes!r}")
     if not isinstance(config.tls, bool):
         raise ConfigError("tls must be true or false")
     return config

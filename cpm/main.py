@@ -24,6 +24,7 @@ import trio
 from spacehub.models import HubRecord
 from spacehub.server import speedups
 from spacehub.server.allocator import tune_malloc
+from spacehub.server.config import parse_size
 from spacehub.server.http import REQUEST_ID
 from spacehub.server.logformat import LOG_FORMATS, ContextFilter, JsonFormatter
 
@@ -57,6 +58,13 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _size_argument(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cpm",
@@ -71,6 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("-P", "--port", type=int, help="API port (default 9000; 0 picks a free one)")
     serve.add_argument("-H", "--hostname", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("-L", "--log-level", choices=LOG_LEVELS, help="log level (default info)")
+    serve.add_argument(
+        "--topic-log-bytes",
+        type=_size_argument,
+        metavar="BYTES",
+        help="most bytes a Space-wide topic keeps for consumer hubs that have not taken them"
+        " (a hub whose link is down); then its producers wait (default 512M; K, M, G suffixes)",
+    )
     serve.add_argument(
         "--fault-injection",
         action="store_true",
@@ -235,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             "missed_heartbeats",
             "ping_interval",
             "pong_timeout",
+            "topic_log_bytes",
         ):
             overrides[name] = getattr(args, name)
     try:

@@ -13,10 +13,13 @@ import contextlib
 import os
 import secrets
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
 
 from spacehub.server.metrics import HttpMetrics, Metrics
+
+from .topics import SpaceTopic
 
 if TYPE_CHECKING:
     from .service import Manager
@@ -84,8 +87,32 @@ class ManagerMetrics:
         )
         self.metrics.gauge_read(
             "link_streams_open",
-            "Streams open on the hub links now: calls being forwarded, live tails",
+            "Streams open on the hub links now: calls being forwarded, live tails, Space-wide topics"
+            " (each hub keeps one open for the wanted topics' names)",
             lambda: {(): float(sessions.open_streams())},
+        )
+        topics = manager.topics
+
+        def per_topic(read: Callable[[SpaceTopic], int]) -> dict[tuple[str, ...], float]:
+            return {(t.space, t.name): float(read(t)) for t in topics.all()}
+
+        self.metrics.counter_read(
+            "topic_bytes_in_total",
+            "Record bytes taken into each Space-wide topic (since the manager started)",
+            lambda: per_topic(lambda t: t.bytes_in),
+            ("space", "topic"),
+        )
+        self.metrics.counter_read(
+            "topic_bytes_out_total",
+            "Record bytes delivered from each Space-wide topic, each consumer hub and reader counted",
+            lambda: per_topic(lambda t: t.bytes_out),
+            ("space", "topic"),
+        )
+        self.metrics.gauge_read(
+            "topic_backlog_bytes",
+            "Bytes of each Space-wide topic its slowest consumer has not taken",
+            lambda: per_topic(lambda t: t.unread),
+            ("space", "topic"),
         )
         self.metrics.gauge_read(
             "links_open",

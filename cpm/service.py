@@ -33,6 +33,7 @@ from .joining import PackageShelf
 from .link.sessions import HubSessions
 from .registry import Registry
 from .tls import ca_fingerprint, ensure_ca_and_server_cert
+from .topics import SpaceTopics
 
 __all__ = ["Manager", "open_registry", "run_manager"]
 
@@ -63,6 +64,9 @@ class Manager:
         self.registry = registry
         self.id = manager_id(config.data_dir)
         self.sessions = HubSessions(registry, config, self.id)
+        #: every Space's topics, over all its hubs (cpm/topics.py)
+        self.topics = SpaceTopics(config.data_dir / "topics", config.topic_log_bytes)
+        self.sessions.on_hub_stream = self.topics.serve_hub_stream
         #: the .deb new hubs install from this manager (cpm/joining.py)
         self.packages = PackageShelf(config.package, config.data_dir)
         #: with --fault-injection only (cpm/faults.py)
@@ -144,8 +148,9 @@ async def run_manager(
 ) -> None:
     """Run the manager until cancelled; ``started`` with the API's bound addresses (host:port)."""
     registry, _ = await trio.to_thread.run_sync(prepare, config)
+    manager: Manager | None = None
     try:
-        manager = Manager(config, registry)
+        manager = await trio.to_thread.run_sync(Manager, config, registry)
         async with trio.open_nursery() as nursery:
             await nursery.start(manager.sessions.run_watchdog)
             await nursery.start(serve_admin, manager, socket_path(config.data_dir))
@@ -164,4 +169,6 @@ async def run_manager(
             await nursery.start(partial(notify.lifecycle, f"API on {', '.join(addresses)}"))
             task_status.started(addresses)
     finally:
+        if manager is not None:
+            manager.topics.close()
         registry.close()

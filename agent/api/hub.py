@@ -48,6 +48,7 @@ def register(router: Router, hub: Hub) -> None:
                 "version": __version__,
                 "build": build(),
                 "cpm": cpm,
+                **({"spaceTopics": hub.space_topics.status()} if hub.space_topics is not None else {}),
                 "uptime": hub.uptime(),
                 "tasks": count_tasks(),
             }

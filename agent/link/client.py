@@ -265,6 +265,7 @@ class LinkClient:
         load: Callable[[], LoadCheck | dict[str, Any]] | None = None,
         summary: Callable[[], dict[str, Any]] | None = None,
         on_hub_id: Callable[[str], None] | None = None,
+        on_session: Callable[[LinkSession | None], None] | None = None,
         heartbeat_interval: float = HEARTBEAT_INTERVAL,
         heartbeat_jitter: float = HEARTBEAT_JITTER,
         backoff_base: float = BACKOFF_BASE,
@@ -282,6 +283,8 @@ class LinkClient:
         self._summary = summary or (lambda: {"sequences": [], "instances": [], "topics": []})
         #: told the id the Space knows this hub by, as soon as it is known (joined before, or now)
         self._on_hub_id = on_hub_id or (lambda hub_id: None)
+        #: told each session once it is up, and None when it ends (Space-wide topics ride on it)
+        self._on_session = on_session or (lambda session: None)
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_jitter = heartbeat_jitter
         self.backoff_base = backoff_base
@@ -646,6 +649,7 @@ class LinkClient:
         session = LinkSession(connection, transport, on_stream=on_stream, on_control=on_control)
         session.batching = batching
         self._session = session
+        self._on_session(session)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._heartbeats, session)
@@ -663,6 +667,7 @@ class LinkClient:
             raise
         finally:
             self._session = None
+            self._on_session(None)
         raise AttemptFailed(f"the link closed: {session.close_reason}")
 
     async def _heartbeats(self, session: LinkSession) -> None:

@@ -113,7 +113,37 @@ OPERATIONS: Final[list[Operation]] = [
                 query=(("detail", {"enum": ["true", "false"]}, "true: whole items naming their hub"),),
             ),
         )
-        for kind in ("sequences", "instances", "topics")
+        for kind in ("sequences", "instances")
+    ),
+    (
+        "GET",
+        f"{SPACE}/topics",
+        _space(
+            "Each topic of the Space once: content type, producers and consumers on each hub,"
+            " bytes and records counted, backlogs (the manager's log, each consumer hub's, each"
+            " producer hub's spool)",
+            schema=LIST,
+        ),
+    ),
+    (
+        "POST",
+        f"{SPACE}/topic/:name",
+        _space(
+            "Write records into the Space's topic: they reach its consumers on every hub, whole"
+            " (lines for text and NDJSON); 200 with x-end-stream: true, else 202",
+            schema=OBJECT,
+            errors=(400, 415),
+        ),
+    ),
+    (
+        "GET",
+        f"{SPACE}/topic/:name",
+        _space(
+            "The Space's topic from now on: records from every hub and from POSTs, in the order"
+            " the manager took them; never ends by itself",
+            media="application/x-ndjson",
+            errors=(400, 415),
+        ),
     ),
     (
         "GET",

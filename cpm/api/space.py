@@ -14,7 +14,16 @@ from urllib.parse import parse_qs
 
 import trio
 
-from spacehub.server.http import Handler, Request, Response, Router, Send, json_response
+from spacehub.server.http import (
+    Handler,
+    Request,
+    Response,
+    Router,
+    Send,
+    StreamResponse,
+    json_response,
+    parse_bool_header,
+)
 from spacehub.server.load import load_check
 
 from ..errors import HubNotFound, HubUnavailable
@@ -59,13 +68,29 @@ def register(router: Router, manager: Manager) -> None:
             # Hubs revoked while their link was down are not in the space any more.
             listed = await sessions.db(manager.registry.list_hubs, space, include_revoked=False)
             items = sessions.aggregate(space, kind, {hub.id for hub in listed})
-            if kind in ("topics", "history") or _wants_detail(request):
+            if kind == "topics":
+                return json_response(topic_listing(manager, space, items))
+            if kind == "history" or _wants_detail(request):
                 return json_response(items)
             return json_response(original_shape(kind, items))
 
         return handler
 
+    async def topic_send(request: Request) -> Response:
+        space, name = request.params["space"], request.params["name"]
+        # As on a hub: x-end-stream ends this request's data, not the topic.
+        end = parse_bool_header(request.header("x-end-stream"), False)
+        await manager.topics.post(space, name, request.content_type, request.stream())
+        return json_response({}, 200 if end else 202)
+
+    async def topic_receive(request: Request) -> StreamResponse:
+        space, name = request.params["space"], request.params["name"]
+        topic, chunks, close = manager.topics.read(space, name, request.content_type)
+        return StreamResponse(chunks, topic.content_type or "application/x-ndjson", on_close=close)
+
     router.add("GET", f"{SPACE_BASE}/version", version)
+    router.add("POST", f"{SPACE_BASE}/topic/:name", topic_send)
+    router.add("GET", f"{SPACE_BASE}/topic/:name", topic_receive)
     router.add("GET", f"{SPACE_BASE}/load", load)
     router.add("GET", f"{SPACE_BASE}/list", hubs)
     router.add("GET", f"{SPACE_BASE}/sth/:id/info", hub_info)
@@ -75,6 +100,44 @@ def register(router: Router, manager: Manager) -> None:
     # Ended instances of every hub, newest first: those that started and ended while a
     # hub's link (or the hub) was down reach it at the hub's next heartbeat.
     router.add("GET", f"{SPACE_BASE}/instances/history", aggregate("history"))
+
+
+def topic_listing(manager: Manager, space: str, hub_items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each topic of the Space once: its content type, who produces and consumes it on
+    each hub (as the hubs last reported), and what the manager has seen and keeps."""
+    names: dict[str, dict[str, Any]] = {}
+
+    def entry(name: str) -> dict[str, Any]:
+        if name not in names:
+            names[name] = {"name": name, "topic": name, "topicName": name, "hubs": {}}
+        return names[name]
+
+    for item in hub_items:
+        name = item.get("topic") or item.get("name")
+        if not isinstance(name, str):
+            continue
+        listed = entry(name)
+        listed.setdefault("contentType", item.get("contentType"))
+        listed["hubs"][str(item.get("hub"))] = {
+            "providers": item.get("providers", []),
+            "consumers": item.get("consumers", []),
+            "spoolBacklog": item.get("spoolBacklog", 0),
+        }
+    for topic in manager.topics.in_space(space):
+        listed = entry(topic.name)
+        info = topic.info()
+        listed.update({k: v for k, v in info.items() if k != "contentType"})
+        listed.setdefault("contentType", info["contentType"])
+    for listed in names.values():
+        hubs = listed["hubs"]
+        listed["producers"] = sorted(
+            {hub for hub, seen in hubs.items() if seen["providers"]} | set(listed.get("pushing", []))
+        )
+        listed["consumers"] = sorted(
+            {hub for hub, seen in hubs.items() if seen["consumers"]} | set(listed.get("consumerBacklogs", {}))
+        )
+        listed["spoolBacklog"] = sum(int(seen.get("spoolBacklog") or 0) for seen in hubs.values())
+    return [names[name] for name in sorted(names)]
 
 
 def _wants_detail(request: Request) -> bool:

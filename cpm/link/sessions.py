@@ -70,7 +70,7 @@ import logging
 import math
 import sqlite3
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final, TypeVar, cast
@@ -103,7 +103,13 @@ from spacehub.protocol.link import (
     LinkProtocolError,
 )
 from spacehub.server.http import Request, Send
-from spacehub.server.link.session import LinkClosed, LinkSession, OutboundStream, StreamAborted
+from spacehub.server.link.session import (
+    InboundStream,
+    LinkClosed,
+    LinkSession,
+    OutboundStream,
+    StreamAborted,
+)
 
 from .. import __version__
 from ..config import ManagerConfig
@@ -307,6 +313,8 @@ class HubSessions:
         self.links_closed = 0
         #: told each registry call's name and seconds (metrics)
         self.on_db: Callable[[str, float], None] | None = None
+        #: serves the streams hubs open (Space-wide topics, cpm/topics.py): hub id, space, stream
+        self.on_hub_stream: Callable[[str, str, InboundStream], Awaitable[None]] | None = None
 
     @property
     def health_window(self) -> float:
@@ -429,7 +437,10 @@ class HubSessions:
         transport.hub_id = hub_id
         now = trio.current_time()
         session = HubSession(hub_id, space, transport, now, HubReport(hub_id, space, version))
-        link = session.link = LinkSession(connection, transport, on_control_nowait=session.on_control)
+        on_stream = None if self.on_hub_stream is None else partial(self.on_hub_stream, hub_id, space)
+        link = session.link = LinkSession(
+            connection, transport, on_control_nowait=session.on_control, on_stream=on_stream
+        )
         link.batching = batching
         old = self._live.get(hub_id)
         self._live[hub_id] = session

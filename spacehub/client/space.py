@@ -21,9 +21,10 @@ import httpx
 from spacehub.models import HubRecord, VersionInfo
 
 from . import _calls as calls
-from .aio import AsyncHubClient, _AsyncClosing, _AsyncTransport
+from ._calls import Body, Progress
+from .aio import AsyncBody, AsyncHubClient, AsyncResponseStream, _AsyncClosing, _AsyncTransport
 from .aio import _open_http as _open_async
-from .hub import HubClient, _Closing, _Transport
+from .hub import HubClient, ResponseStream, _Closing, _Transport
 from .hub import _open_http as _open_sync
 
 __all__ = ["AsyncManagerClient", "AsyncSpaceClient", "ManagerClient", "SpaceClient"]
@@ -81,7 +82,25 @@ class SpaceClient(_Closing):
         return list(self._transport.call(calls.space_instances()))
 
     def topics(self) -> list[Any]:
+        """Each topic of the Space once: content type, producers and consumers per hub,
+        counters and backlogs (docs/data-spaces.md)."""
         return list(self._transport.call(calls.list_topics()))
+
+    def send_topic(
+        self,
+        name: str,
+        data: Body,
+        *,
+        content_type: str = calls.DEFAULT_TOPIC_TYPE,
+        end: bool | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        """Write ``data`` into the Space's topic ``name``: it reaches its consumers on every hub."""
+        self._transport.upload(calls.send_topic(name, content_type, end), data, progress)
+
+    def get_topic(self, name: str, *, content_type: str = calls.DEFAULT_TOPIC_TYPE) -> ResponseStream:
+        """The records of the Space's topic ``name`` from any hub, from now on (never ends by itself)."""
+        return ResponseStream(self._transport, calls.get_topic(name, content_type))
 
     def create_join_token(
         self,
@@ -181,6 +200,20 @@ class AsyncSpaceClient(_AsyncClosing):
 
     async def topics(self) -> list[Any]:
         return list(await self._transport.call(calls.list_topics()))
+
+    async def send_topic(
+        self,
+        name: str,
+        data: AsyncBody,
+        *,
+        content_type: str = calls.DEFAULT_TOPIC_TYPE,
+        end: bool | None = None,
+        progress: Progress | None = None,
+    ) -> None:
+        await self._transport.upload(calls.send_topic(name, content_type, end), data, progress)
+
+    def get_topic(self, name: str, *, content_type: str = calls.DEFAULT_TOPIC_TYPE) -> AsyncResponseStream:
+        return AsyncResponseStream(self._transport, calls.get_topic(name, content_type))
 
     async def create_join_token(
         self,

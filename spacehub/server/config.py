@@ -12,7 +12,7 @@ import os
 import tomllib
 from collections.abc import Collection, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from .errors import ConfigError
 
@@ -69,3 +69,16 @@ def is_loopback(hostname: str) -> bool:
         return ipaddress.ip_address(hostname.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+_SIZE_SUFFIXES: Final = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """A byte count as an operator writes it: ``268435456``, ``256M``, ``1G``, ``1GiB``
+    (powers of 1024); ValueError otherwise."""
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    number, suffix = (value[:-1], value[-1]) if value[-1:] in _SIZE_SUFFIXES else (value, "")
+    if not number.isdigit():
+        raise ValueError(f"not a size: {text!r} (say 256M or 1G)")
+    return int(number) * _SIZE_SUFFIXES[suffix]

@@ -390,7 +390,9 @@ async def test_join_heartbeat_proxy_and_aggregates(tmp_path: Path) -> None:
                 sequences = (await client.get(f"{base}/sequences?detail=true", headers=headers)).json()
                 assert sequences == [{**SUMMARY["sequences"][0], "hub": hub_id}]
                 topics = (await client.get(f"{base}/topics", headers=headers)).json()
-                assert topics == [{**SUMMARY["topics"][0], "hub": hub_id}]
+                # One entry per topic of the Space, naming what each hub reported of it.
+                assert [(t["name"], t["contentType"]) for t in topics] == [("names", "text/plain")]
+                assert topics[0]["hubs"] == {hub_id: {"providers": [], "consumers": [], "spoolBacklog": 0}}
                 instances = (await client.get(f"{base}/instances?detail=1", headers=headers)).json()
                 assert instances == [{**SUMMARY["instances"][0], "hub": hub_id}]
 

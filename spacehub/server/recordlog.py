@@ -1,0 +1,196 @@
+"""An append-only log on disk in segment files, trimmed from the front: the spools of
+Space-wide topics (the hub's outbound spool, the manager's topic log).
+
+Theory of operation
+-------------------
+Offsets are byte positions that never restart; the files are segments named by the
+offset of their first byte (``00000000000000262144.seg``), so the log's extent is
+known from the directory listing alone. :meth:`RecordLog.append` writes at the end
+(a new segment every :attr:`segment_bytes`); :meth:`RecordLog.trim` deletes the
+segments every reader has passed, whole. Writes go to the page cache and are not
+synced: a daemon killed (``kill -9``, a crash, an upgrade) loses nothing; a power
+loss may lose the last seconds, as it does every process's output.
+
+A record is written with one ``pwrite``; a log whose last segment ends inside a
+record (a disk that filled) is cut back to its last whole record by its owner with
+:meth:`RecordLog.truncate`.
+
+:class:`OffsetFile` keeps one offset (8 bytes, rewritten in place): how far a
+reader has got.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+from pathlib import Path
+from typing import Final
+
+__all__ = ["OffsetFile", "RecordLog"]
+
+#: Digits of a segment's offset in its name (sorted as text = sorted by offset).
+_OFFSET_DIGITS: Final = 20
+_SUFFIX: Final = ".seg"
+_OFFSET: Final = struct.Struct("<Q")
+
+
+class RecordLog:
+    """Segments under ``directory``; see the module docstring."""
+
+    def __init__(self, directory: Path, segment_bytes: int) -> None:
+        if segment_bytes <= 0:
+            raise ValueError("segment_bytes must be positive")
+        self.directory = directory
+        self.segment_bytes = segment_bytes
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        #: (offset, size) of every segment, oldest first; the last one is written
+        self._segments: list[tuple[int, int]] = []
+        self._fd = -1
+        self.end = 0
+        self._load()
+
+    def _path(self, offset: int) -> Path:
+        return self.directory / f"{offset:0{_OFFSET_DIGITS}d}{_SUFFIX}"
+
+    def _load(self) -> None:
+        found: list[tuple[int, int]] = []
+        with contextlib.suppress(FileNotFoundError):
+            for item in os.scandir(self.directory):
+                stem = item.name[: -len(_SUFFIX)]
+                if item.name.endswith(_SUFFIX) and stem.isdigit():
+                    found.append((int(stem), item.stat().st_size))
+        found.sort()
+        # Segments are contiguous; after a gap (a disk, not a crash, can make one) the
+        # log starts again past it.
+        for offset, size in found:
+            if self._segments and offset != self._segments[-1][0] + self._segments[-1][1]:
+                for old, _size in self._segments:
+                    self._path(old).unlink(missing_ok=True)
+                self._segments.clear()
+            self._segments.append((offset, size))
+        if self._segments:
+            self.end = self._segments[-1][0] + self._segments[-1][1]
+
+    @property
+    def start(self) -> int:
+        """The oldest offset still on disk."""
+        return self._segments[0][0] if self._segments else self.end
+
+    @property
+    def size(self) -> int:
+        """Bytes on disk."""
+        return self.end - self.start
+
+    def begin_at(self, offset: int) -> None:
+        """Make an empty log start at ``offset`` (a log whose files were lost goes on
+        with the offsets its readers know)."""
+        if self._segments:
+            raise RuntimeError("only an empty log can be moved")
+        self.end = offset
+
+    def append(self, data: bytes | bytearray | memoryview) -> int:
+        """Write ``data`` at the end; the new end."""
+        if not data:
+            return self.end
+        if self._fd < 0 or self._segments[-1][1] >= self.segment_bytes:
+            self._rotate()
+        offset, size = self._segments[-1]
+        view = memoryview(data)
+        written = 0
+        while written < len(view):
+            written += os.pwrite(self._fd, view[written:], size + written)
+        self._segments[-1] = (offset, size + len(view))
+        self.end += len(view)
+        return self.end
+
+    def _rotate(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        if not self._segments or self._segments[-1][1] >= self.segment_bytes:
+            self._segments.append((self.end, 0))
+        offset, _size = self._segments[-1]
+        self._fd = os.open(self._path(offset), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def read(self, begin: int, limit: int) -> bytes:
+        """Up to ``limit`` bytes from ``begin`` (fewer at a segment's end; ``b""`` at the
+        log's end). ``begin`` must be on disk."""
+        if begin < self.start or begin > self.end:
+            raise ValueError(f"offset {begin} is not in the log (it holds {self.start}-{self.end})")
+        for offset, size in self._segments:
+            if offset <= begin < offset + size:
+                with open(self._path(offset), "rb") as file:
+                    file.seek(begin - offset)
+                    return file.read(min(limit, offset + size - begin))
+        return b""
+
+    def trim(self, upto: int) -> None:
+        """Delete the segments that end at or before ``upto`` (never the one written)."""
+        while len(self._segments) > 1 and self._segments[0][0] + self._segments[0][1] <= upto:
+            old, _size = self._segments.pop(0)
+            self._path(old).unlink(missing_ok=True)
+        if len(self._segments) == 1 and self.end <= upto and self._segments[0][1] >= self.segment_bytes:
+            # The only segment is full and read: the next append starts a new one.
+            old, _size = self._segments.pop(0)
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+            self._path(old).unlink(missing_ok=True)
+
+    def truncate(self, end: int) -> None:
+        """Cut the log back to ``end`` (within its last segment): a torn last record."""
+        if not self._segments or not self._segments[-1][0] <= end <= self.end:
+            raise ValueError(f"cannot cut the log back to {end}")
+        offset, _size = self._segments[-1]
+        os.truncate(self._path(offset), end - offset)
+        self._segments[-1] = (offset, end - offset)
+        self.end = end
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def remove(self) -> None:
+        """Delete every segment and the directory (the log is not wanted any more)."""
+        self.close()
+        for offset, _size in self._segments:
+            self._path(offset).unlink(missing_ok=True)
+        self._segments.clear()
+        with contextlib.suppress(OSError):
+            for item in self.directory.iterdir():
+                item.unlink()
+            self.directory.rmdir()
+
+
+class OffsetFile:
+    """One offset on disk, rewritten in place (8 bytes, one ``pwrite``)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd = -1
+        self.value: int | None = None
+        with contextlib.suppress(FileNotFoundError):
+            data = path.read_bytes()
+            if len(data) == _OFFSET.size:
+                self.value = _OFFSET.unpack(data)[0]
+
+    def set(self, value: int) -> None:
+        if value == self.value:
+            return
+        if self._fd < 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.pwrite(self._fd, _OFFSET.pack(value), 0)
+        self.value = value
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def remove(self) -> None:
+        self.close()
+        self.path.unlink(missing_ok=True)
+        self.value = None
