@@ -185,14 +185,15 @@ class SpaceTopicBridge:
     def consumers_changed(self, topic: Topic) -> None:
         self._poke.set()
 
-    async def produced(self, topic: Topic, records: bytes) -> None:
+    async def produced(self, topic: Topic, records: bytes | memoryview) -> bool:
         if topic.name not in self.wanted:
-            return
+            return False
         spool = self._spool(topic.name)
         while spool.backlog >= self.spool_bytes or self.backlog() >= self.spool_total_bytes:
             await self._room.park()
-        spool.log.append(ENTRY.pack(len(records)) + records)
+        spool.log.append(ENTRY.pack(len(records)), records)
         spool.grown.unpark_all()
+        return True
 
     def _spool(self, name: str) -> OutSpool:
         spool = self.spools.get(name)

@@ -79,6 +79,11 @@ class Broadcast:
     def buffered(self) -> int:
         return self._end - self._start
 
+    @property
+    def readers(self) -> int:
+        """Readers attached now."""
+        return len(self._readers)
+
     def _low_mark(self) -> int:
         if not self._readers:
             return self._start

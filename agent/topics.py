@@ -64,8 +64,9 @@ def check_content_type(content_type: str | None) -> str:
 class SpaceBridge(Protocol):
     """What carries a topic to and from the other hubs of the Space (agent/spacetopics.py)."""
 
-    async def produced(self, topic: Topic, records: bytes) -> None:
-        """Whole records written here by a local producer (waits while the spool is full)."""
+    async def produced(self, topic: Topic, records: bytes | memoryview) -> bool:
+        """Whole records written here by a local producer (waits while the spool is full);
+        whether the Space took them."""
 
     def consumers_changed(self, topic: Topic) -> None:
         """A local reader came or went."""
@@ -202,10 +203,15 @@ class TopicRouter:
         return written
 
     async def _write_local(self, topic: Topic, records: bytes) -> None:
+        shared = False
         if self.space is not None:
+            view = memoryview(records)
             for start in range(0, len(records), MAX_ENTRY_BYTES):
-                await self.space.produced(topic, records[start : start + MAX_ENTRY_BYTES])
-        await topic.stream.write(records)
+                shared = await self.space.produced(topic, view[start : start + MAX_ENTRY_BYTES])
+        # Records the Space took are not kept here for a local reader yet to come: a producer
+        # whose consumers are all on other hubs must not wait for one on this hub.
+        if not shared or topic.stream.readers:
+            await topic.stream.write(records)
         self.totals.bytes_in += len(records)
         self.totals.records_in += records.count(b"\n")
         topic.last_byte = records[-1:]

@@ -34,6 +34,7 @@ twice; a consumer position older than the last save only keeps records longer.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import logging
@@ -79,6 +80,8 @@ logger = logging.getLogger("cpm.topics")
 TOPIC_LOG_BYTES: Final = 512 * 1024 * 1024
 #: Size of one log segment file (the unit the log is trimmed by).
 LOG_SEGMENT_BYTES: Final = 16 * 1024 * 1024
+#: Bytes of the newest records a topic also keeps in memory for the readers at its end.
+RECENT_BYTES: Final = 4 * 1024 * 1024
 #: The smallest segment (a small capacity still trims in eighths).
 MIN_SEGMENT_BYTES: Final = 64 * 1024
 #: Bytes read from a log at a time for a reader, and the most one delivery carries.
@@ -149,6 +152,12 @@ class SpaceTopic:
     trimmed: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
     _saved_at: float = 0.0
     _dirty: bool = False
+    #: the newest entries (see _remember): their starts, and (end, origin, records) each
+    _recent_starts: list[int] = field(default_factory=list)
+    _recent: list[tuple[int, str, bytes]] = field(default_factory=list)
+    #: the oldest of them still counted; bytes of records from there on
+    _recent_head: int = 0
+    _recent_bytes: int = 0
 
     def __post_init__(self) -> None:
         segment = max(MIN_SEGMENT_BYTES, min(LOG_SEGMENT_BYTES, self.capacity // 8))
@@ -221,6 +230,9 @@ class SpaceTopic:
     def wanted(self) -> bool:
         return bool(self.consumers or self.readers)
 
+    def wanted_by_others(self, hub: str | None) -> bool:
+        return bool(self.readers) or any(consumer != hub for consumer in self.consumers)
+
     @property
     def low_mark(self) -> int:
         """The position every consumer hub and reader has taken the log up to."""
@@ -259,7 +271,7 @@ class SpaceTopic:
     # -- writing -------------------------------------------------------------------------------
     def _kept_for(self, origin: str) -> bool:
         """Whether records from ``origin`` have anyone to go to."""
-        return bool(self.readers) or any(hub != origin for hub in self.consumers)
+        return self.wanted_by_others(origin)
 
     async def append(self, origin: str, origin_end: int, records: bytes) -> None:
         """Store ``records`` (whole ones) from ``origin``; waits while the log is full."""
@@ -267,7 +279,9 @@ class SpaceTopic:
             while self.unread >= self.capacity:
                 await self.trimmed.park()
             raw = origin.encode()
-            self.log.append(_ENTRY.pack(len(records), len(raw), origin_end) + raw + records)
+            start = self.log.end
+            self.log.append(_ENTRY.pack(len(records), len(raw), origin_end), raw, records)
+            self._remember(start, origin, records)
             self.grown.unpark_all()
         if origin:
             self.producers[origin] = origin_end
@@ -276,9 +290,42 @@ class SpaceTopic:
         self.save()
 
     # -- reading -------------------------------------------------------------------------------
+    def _remember(self, start: int, origin: str, records: bytes) -> None:
+        """Keep the newest entries in memory too: readers at the end of the log (the usual
+        case) take them from here, not from the file."""
+        self._recent_starts.append(start)
+        self._recent.append((self.log.end, origin, records))
+        self._recent_bytes += len(records)
+        while self._recent_bytes > RECENT_BYTES and self._recent_head < len(self._recent) - 1:
+            self._recent_bytes -= len(self._recent[self._recent_head][2])
+            self._recent_head += 1
+        if self._recent_head > 1024 and self._recent_head * 2 > len(self._recent):
+            del self._recent[: self._recent_head], self._recent_starts[: self._recent_head]
+            self._recent_head = 0
+
+    def _entries_in_memory(self, position: int) -> tuple[list[tuple[int, str, bytes]], int] | None:
+        starts = self._recent_starts
+        index = bisect.bisect_left(starts, position, self._recent_head)
+        if index >= len(starts) or starts[index] != position:
+            return None
+        found: list[tuple[int, str, bytes]] = []
+        size = 0
+        while index < len(starts) and size < READ_BYTES:
+            entry = self._recent[index]
+            found.append(entry)
+            size += len(entry[2])
+            position = entry[0]
+            index += 1
+        return found, position
+
     def entries(self, position: int) -> tuple[list[tuple[int, str, bytes]], int]:
         """The entries from ``position`` (up to about :data:`READ_BYTES`) as ``(end, origin,
         records)``, and the position past them."""
+        if position >= self.log.end:
+            return [], position
+        remembered = self._entries_in_memory(position)
+        if remembered is not None:
+            return remembered
         found: list[tuple[int, str, bytes]] = []
         position = max(position, self.log.start)
         while position < self.log.end:
@@ -357,8 +404,10 @@ class SpaceTopics:
         topic.set_type(content_type)
         return topic
 
-    def wanted(self, space: str) -> list[str]:
-        return [topic.name for topic in self.in_space(space) if topic.wanted]
+    def wanted(self, space: str, hub: str | None = None) -> list[str]:
+        """The topics of ``space`` someone consumes; with ``hub``, someone other than that
+        hub (what it should send: its own consumers have its records already)."""
+        return [topic.name for topic in self.in_space(space) if topic.wanted_by_others(hub)]
 
     def _wanted_lot(self, space: str) -> trio.lowlevel.ParkingLot:
         return self._wanted_changed.setdefault(space, trio.lowlevel.ParkingLot())
@@ -432,7 +481,7 @@ class SpaceTopics:
         parts = [unquote(part) for part in path.strip("/").split("/")]
         try:
             if stream.method == "GET" and parts == ["space-topics"]:
-                await self._serve_wanted(space, stream)
+                await self._serve_wanted(space, hub, stream)
             elif len(parts) == 3 and parts[0] == "space-topics" and parts[2] in ("push", "pull"):
                 topic = self.ensure(space, parts[1])
                 if stream.method == "POST" and parts[2] == "push":
@@ -451,12 +500,12 @@ class SpaceTopics:
         except ManagerError as exc:
             await _answer(stream, exc.status, exc.message)
 
-    async def _serve_wanted(self, space: str, stream: InboundStream) -> None:
+    async def _serve_wanted(self, space: str, hub: str, stream: InboundStream) -> None:
         await stream.respond(200, [("content-type", "application/x-ndjson")])
         lot = self._wanted_lot(space)
         sent: list[str] | None = None
         while True:
-            wanted = self.wanted(space)
+            wanted = self.wanted(space, hub)
             if wanted != sent:
                 await stream.send(json.dumps({"wanted": wanted}).encode() + b"\n")
                 sent = wanted

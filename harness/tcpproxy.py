@@ -66,11 +66,19 @@ class TcpForwarder:
 
     async def cut(self, seconds: float) -> None:
         """Close every connection now and refuse new ones for ``seconds``."""
+        self.hold()
+        await trio.sleep(seconds)
+        self.release()
+
+    def hold(self) -> None:
+        """Close every connection now and refuse new ones until :meth:`release`."""
         self._open = trio.Event()
         self._scope.cancel()
         for stream in list(self._connections):
-            await trio.aclose_forcefully(stream)
-        await trio.sleep(seconds)
+            stream.socket.close()
+
+    def release(self) -> None:
+        """Listen again (on the same port)."""
         self._open.set()
 
 

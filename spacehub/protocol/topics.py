@@ -9,7 +9,7 @@ has the link's per-stream flow control):
 
 ``GET /space-topics``
     The manager answers with NDJSON lines ``{"wanted": ["t", ...]}``, the names the
-    Space has consumers of, at once and then on each change.
+    Space has consumers of other than this hub, at once and then on each change.
 ``POST /space-topics/<name>/push`` (``x-offset: N``, ``content-type``)
     The request body is the hub's spool of ``<name>`` from offset N on: *entries*,
     each :data:`ENTRY` (the length) and that many bytes of whole records. The
@@ -97,7 +97,8 @@ class FrameReader:
     what follows, or none for fixed frames such as :data:`ACK`) and the payload.
 
     Feed it bytes with :meth:`feed`, then iterate :meth:`frames` for ``(fields, payload)``.
-    Holds at most one frame and one chunk fed."""
+    Holds at most one partial frame; frames wholly inside a chunk fed are cut from it
+    without copying the chunk first (records go through here at link speed)."""
 
     def __init__(
         self, header: struct.Struct, *, sized: bool = True, max_payload: int = MAX_ENTRY_BYTES
@@ -105,33 +106,39 @@ class FrameReader:
         self._header = header
         self._sized = sized
         self._max_payload = max_payload
-        self._buffer = bytearray()
+        #: the bytes not yet returned: a chunk as fed, or the partial frame joined with it
+        self._data: bytes | bytearray = b""
         self._position = 0
 
     @property
     def pending(self) -> int:
         """Bytes fed and not yet returned in a frame."""
-        return len(self._buffer) - self._position
+        return len(self._data) - self._position
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        if self._position:
-            del self._buffer[: self._position]
-            self._position = 0
-        self._buffer += data
+        if self._position >= len(self._data):
+            self._data = bytes(data)
+        else:
+            rest = bytearray(memoryview(self._data)[self._position :])
+            rest += data
+            self._data = rest
+        self._position = 0
 
     def frames(self) -> Iterator[tuple[tuple[int, ...], bytes]]:
         header = self._header
+        data = self._data
+        view = memoryview(data)
         while True:
             start = self._position
-            if len(self._buffer) - start < header.size:
+            if len(data) - start < header.size:
                 return
-            fields = header.unpack_from(self._buffer, start)
+            fields = header.unpack_from(data, start)
             size = fields[-1] if self._sized else 0
             if size > self._max_payload:
                 raise FrameError(f"a frame of {size} bytes is over the bound of {self._max_payload}")
             end = start + header.size + size
-            if len(self._buffer) < end:
+            if len(data) < end:
                 return
-            payload = bytes(self._buffer[start + header.size : end])
+            payload = bytes(view[start + header.size : end])
             self._position = end
             yield fields, payload

@@ -47,6 +47,9 @@ class RecordLog:
         #: (offset, size) of every segment, oldest first; the last one is written
         self._segments: list[tuple[int, int]] = []
         self._fd = -1
+        #: the segment read last, kept open for the next read (readers go forward)
+        self._read_fd = -1
+        self._read_segment = -1
         self.end = 0
         self._load()
 
@@ -89,19 +92,21 @@ class RecordLog:
             raise RuntimeError("only an empty log can be moved")
         self.end = offset
 
-    def append(self, data: bytes | bytearray | memoryview) -> int:
-        """Write ``data`` at the end; the new end."""
-        if not data:
+    def append(self, *parts: bytes | bytearray | memoryview) -> int:
+        """Write ``parts`` one after the other at the end, in one system call (no copy to
+        join them); the new end."""
+        total = sum(len(part) for part in parts)
+        if not total:
             return self.end
         if self._fd < 0 or self._segments[-1][1] >= self.segment_bytes:
             self._rotate()
         offset, size = self._segments[-1]
-        view = memoryview(data)
-        written = 0
-        while written < len(view):
-            written += os.pwrite(self._fd, view[written:], size + written)
-        self._segments[-1] = (offset, size + len(view))
-        self.end += len(view)
+        written = os.pwritev(self._fd, parts, size)
+        while written < total:  # a short write (a signal, a nearly full disk): the rest
+            rest = b"".join(bytes(part) for part in parts)[written:]
+            written += os.pwrite(self._fd, rest, size + written)
+        self._segments[-1] = (offset, size + total)
+        self.end += total
         return self.end
 
     def _rotate(self) -> None:
@@ -120,15 +125,24 @@ class RecordLog:
             raise ValueError(f"offset {begin} is not in the log (it holds {self.start}-{self.end})")
         for offset, size in self._segments:
             if offset <= begin < offset + size:
-                with open(self._path(offset), "rb") as file:
-                    file.seek(begin - offset)
-                    return file.read(min(limit, offset + size - begin))
+                if self._read_segment != offset:
+                    self._close_reader()
+                    self._read_fd = os.open(self._path(offset), os.O_RDONLY | os.O_CLOEXEC)
+                    self._read_segment = offset
+                return os.pread(self._read_fd, min(limit, offset + size - begin), begin - offset)
         return b""
+
+    def _close_reader(self) -> None:
+        if self._read_fd >= 0:
+            os.close(self._read_fd)
+        self._read_fd, self._read_segment = -1, -1
 
     def trim(self, upto: int) -> None:
         """Delete the segments that end at or before ``upto`` (never the one written)."""
         while len(self._segments) > 1 and self._segments[0][0] + self._segments[0][1] <= upto:
             old, _size = self._segments.pop(0)
+            if old == self._read_segment:
+                self._close_reader()
             self._path(old).unlink(missing_ok=True)
         if len(self._segments) == 1 and self.end <= upto and self._segments[0][1] >= self.segment_bytes:
             # The only segment is full and read: the next append starts a new one.
@@ -136,6 +150,7 @@ class RecordLog:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+            self._close_reader()
             self._path(old).unlink(missing_ok=True)
 
     def truncate(self, end: int) -> None:
@@ -151,6 +166,7 @@ class RecordLog:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        self._close_reader()
 
     def remove(self) -> None:
         """Delete every segment and the directory (the log is not wanted any more)."""
