@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from spacehub.server.config import ConfigError as ConfigError
 from spacehub.server.config import is_loopback as is_loopback
-from spacehub.server.config import read_options, state_directory, user_data_home
+from spacehub.server.config import parse_size, read_options, state_directory, user_data_home
 from spacehub.server.logformat import LOG_FORMATS as LOG_FORMATS
 
 LOG_LEVELS = ("trace", "debug", "info", "warn", "error", "fatal")
@@ -210,7 +210,15 @@ def _check(config: HubConfig) -> HubConfig:
         raise ConfigError(f"log level must be one of {', '.join(LOG_LEVELS)}, not {config.log_level!r}")
     if not 0.1 <= config.link_backoff_cap <= 3600:
         raise ConfigError(f"link_backoff_cap is 0.1 to 3600 seconds, not {config.link_backoff_cap!r}")
-    for name in ("topic_spool_bytes", "topic_spool_total_bytes"):
+    for name in sorted(_SIZES):
+        value = getattr(config, name)
+        if isinstance(value, str):  # "256M" in the TOML file
+            try:
+                setattr(config, name, parse_size(value))
+            except ValueError as exc:
+                raise ConfigError(f"{name}: {exc}") from None
+        elif isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f'{name} must be a size such as 268435456 or "256M", not {value!r}')
         if not 1024 * 1024 <= getattr(config, name) <= 1 << 50:
             raise ConfigError(f"{name} must be at least 1 MiB, not {getattr(config, name)!r}")
     if config.log_format not in LOG_FORMATS:
@@ -266,6 +274,10 @@ def _check_link(config: HubConfig) -> None:
         raise ConfigError("a hub linked to a manager needs --space NAME")
 
 
+#: Options that are byte counts: a number, or a string such as "256M".
+_SIZES: Final = frozenset({"topic_spool_bytes", "topic_spool_total_bytes"})
+
+
 def load_config(path: Path | None, overrides: dict[str, Any]) -> HubConfig:
     """Defaults, then the TOML file at ``path`` (section ``[hub]`` or top level),
     then ``overrides`` (flags given on the command line; None values ignored)."""
@@ -284,6 +296,8 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> HubConfig:
         elif isinstance(current, bool):
             if not isinstance(value, bool):
                 raise ConfigError(f"{name} must be true or false")
+        elif name in _SIZES and isinstance(value, str):  # "256M": read in _check
+            pass
         elif isinstance(current, (int, float)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ConfigError(f"{name} must be a number ({types[name]})")

@@ -57,11 +57,21 @@ class Hub:
         logger.info("%d sequence(s) in %s", len(self.store.list()), config.sequences_root)
         self.runtime: Runtime = make_runtime(config, self.id, logger)
         self.topics = TopicRouter()
+        #: topics shared with the other hubs of the Space, when linked; attached before any
+        #: instance is taken back, so that what those produce meanwhile is spooled too
+        self.space_topics: SpaceTopicBridge | None = None
+        if config.cpm_url:
+            from .spacetopics import SpaceTopicBridge
+
+            self.space_topics = self.topics.space = SpaceTopicBridge(
+                Path(config.data_dir) / "topics",
+                self.topics,
+                spool_bytes=config.topic_spool_bytes,
+                spool_total_bytes=config.topic_spool_total_bytes,
+            )
         self.supervisor = Supervisor(config, self.runtime, self.topics, self.store)
         #: the link to the manager, when one is configured
         self.link: LinkClient | None = None
-        #: topics shared with the other hubs of the Space, when linked
-        self.space_topics: SpaceTopicBridge | None = None
 
     def adopt_id(self, hub_id: str) -> None:
         """Be known by the id the Space gave this hub (one id everywhere: /status, /config and
@@ -129,18 +139,9 @@ async def run_hub(
             # Imported only when linking: websockets, cryptography and httpx cost a
             # hub that runs alone about 10 MB.
             from .link.client import LinkClient
-            from .spacetopics import SpaceTopicBridge
 
-            bridge = await trio.to_thread.run_sync(
-                partial(
-                    SpaceTopicBridge,
-                    Path(config.data_dir) / "topics",
-                    hub.topics,
-                    spool_bytes=config.topic_spool_bytes,
-                    spool_total_bytes=config.topic_spool_total_bytes,
-                )
-            )
-            hub.space_topics = hub.topics.space = bridge
+            bridge = hub.space_topics
+            assert bridge is not None
             await nursery.start(bridge.run)
             hub.link = LinkClient(
                 config,

@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from spacehub.server.config import ConfigError, is_loopback, read_options, state_directory, user_data_home
+from spacehub.server.config import (
+    ConfigError,
+    is_loopback,
+    parse_size,
+    read_options,
+    state_directory,
+    user_data_home,
+)
 from spacehub.server.logformat import LOG_FORMATS
 
 from .tls import TlsFiles
@@ -128,6 +135,11 @@ def _check(config: ManagerConfig) -> ManagerConfig:
         if not isinstance(url, str) or PUBLIC_URL.fullmatch(url.rstrip("/")) is None:
             raise ConfigError(f"public_url must look like https://HOST[:PORT], not {config.public_url!r}")
         config.public_url = config.public_url.rstrip("/")
+    if isinstance(config.topic_log_bytes, str):  # "512M" in the TOML file
+        try:
+            config.topic_log_bytes = parse_size(config.topic_log_bytes)
+        except ValueError as exc:
+            raise ConfigError(f"topic_log_bytes: {exc}") from None
     if (
         isinstance(config.topic_log_bytes, bool)
         or not isinstance(config.topic_log_bytes, int)

@@ -41,6 +41,7 @@ import logging
 import re
 import struct
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,6 +83,8 @@ TOPIC_LOG_BYTES: Final = 512 * 1024 * 1024
 LOG_SEGMENT_BYTES: Final = 16 * 1024 * 1024
 #: Bytes of the newest records a topic also keeps in memory for the readers at its end.
 RECENT_BYTES: Final = 4 * 1024 * 1024
+#: Seconds the console's and the listing's rates are averaged over.
+RATE_WINDOW: Final = 10
 #: The smallest segment (a small capacity still trims in eighths).
 MIN_SEGMENT_BYTES: Final = 64 * 1024
 #: Bytes read from a log at a time for a reader, and the most one delivery carries.
@@ -120,6 +123,26 @@ def check_content_type(value: str | None) -> str | None:
     return kind
 
 
+class RateMeter:
+    """Bytes a second over the last :data:`RATE_WINDOW` seconds (one bucket a second)."""
+
+    def __init__(self) -> None:
+        self._buckets: deque[list[int]] = deque()
+
+    def add(self, count: int) -> None:
+        second = int(time.monotonic())
+        if self._buckets and self._buckets[-1][0] == second:
+            self._buckets[-1][1] += count
+        else:
+            self._buckets.append([second, count])
+            while self._buckets and self._buckets[0][0] <= second - RATE_WINDOW:
+                self._buckets.popleft()
+
+    def rate(self) -> float:
+        now = int(time.monotonic())
+        return sum(count for second, count in self._buckets if second > now - RATE_WINDOW) / RATE_WINDOW
+
+
 @dataclass(eq=False)
 class _Reader:
     """A Space API reader: its position in the log."""
@@ -148,6 +171,8 @@ class SpaceTopic:
     bytes_in: int = 0
     records_in: int = 0
     bytes_out: int = 0
+    rate_in: RateMeter = field(default_factory=RateMeter)
+    rate_out: RateMeter = field(default_factory=RateMeter)
     grown: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
     trimmed: trio.lowlevel.ParkingLot = field(default_factory=trio.lowlevel.ParkingLot)
     _saved_at: float = 0.0
@@ -256,6 +281,8 @@ class SpaceTopic:
             "bytes": self.bytes_in,
             "records": self.records_in,
             "bytesOut": self.bytes_out,
+            "bytesPerSecondIn": round(self.rate_in.rate()),
+            "bytesPerSecondOut": round(self.rate_out.rate()),
             "backlog": self.unread,
             "consumerBacklogs": {hub: self.backlog(hub) for hub in sorted(self.consumers)},
             "readers": len(self.readers),
@@ -286,6 +313,7 @@ class SpaceTopic:
         if origin:
             self.producers[origin] = origin_end
         self.bytes_in += len(records)
+        self.rate_in.add(len(records))
         self.records_in += records.count(b"\n")
         self.save()
 
@@ -464,6 +492,7 @@ class SpaceTopics:
                         continue
                     data = b"".join(records for _end, _origin, records in found)
                     topic.bytes_out += len(data)
+                    topic.rate_out.add(len(data))
                     if self.on_delivered is not None:
                         self.on_delivered(len(data))
                     yield data
@@ -599,8 +628,47 @@ class SpaceTopics:
                 await stream.send(delivery(position, data))
                 sent = position
                 topic.bytes_out += len(data)
+                topic.rate_out.add(len(data))
                 if self.on_delivered is not None:
                     self.on_delivered(len(data))
+
+
+def topic_listing(topics: SpaceTopics, space: str, hub_items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each topic of the Space once: its content type, who produces and consumes it on
+    each hub (as the hubs last reported), and what the manager has seen and keeps."""
+    names: dict[str, dict[str, Any]] = {}
+
+    def entry(name: str) -> dict[str, Any]:
+        if name not in names:
+            names[name] = {"name": name, "topic": name, "topicName": name, "hubs": {}}
+        return names[name]
+
+    for item in hub_items:
+        name = item.get("topic") or item.get("name")
+        if not isinstance(name, str):
+            continue
+        listed = entry(name)
+        listed.setdefault("contentType", item.get("contentType"))
+        listed["hubs"][str(item.get("hub"))] = {
+            "providers": item.get("providers", []),
+            "consumers": item.get("consumers", []),
+            "spoolBacklog": item.get("spoolBacklog", 0),
+        }
+    for topic in topics.in_space(space):
+        listed = entry(topic.name)
+        info = topic.info()
+        listed.update({k: v for k, v in info.items() if k != "contentType"})
+        listed.setdefault("contentType", info["contentType"])
+    for listed in names.values():
+        hubs = listed["hubs"]
+        listed["producers"] = sorted(
+            {hub for hub, seen in hubs.items() if seen["providers"]} | set(listed.get("pushing", []))
+        )
+        listed["consumers"] = sorted(
+            {hub for hub, seen in hubs.items() if seen["consumers"]} | set(listed.get("consumerBacklogs", {}))
+        )
+        listed["spoolBacklog"] = sum(int(seen.get("spoolBacklog") or 0) for seen in hubs.values())
+    return [names[name] for name in sorted(names)]
 
 
 def _count(table: dict[str, int], who: str, delta: int) -> None:

@@ -155,6 +155,8 @@ class Instance:
         self.stop_requested = bool(self._restored.get("desired") == "stopped")
         self._spools: dict[str, StreamSpool] = {}
         self._input_content_type: str | None = None
+        #: the content type the runner declared for its output topic (kept for the next hub)
+        self._output_content_type: str | None = None
         #: set by the supervisor while a restart waits for its backoff (a stop cancels it)
         self.restart_scope: trio.CancelScope | None = None
         self._started_at: float | None = None
@@ -269,6 +271,7 @@ class Instance:
             "provides": self.provides,
             "requires": self.requires,
             "inputContentType": self._input_content_type,
+            "outputContentType": self._output_content_type,
             "inputPreambleSent": self._input_preamble_sent,
             "inputEnded": self._input_ended,
             "stdinEnded": self._stdin_ended,
@@ -310,6 +313,7 @@ class Instance:
         self._input_ended = bool(saved.get("inputEnded"))
         self._stdin_ended = bool(saved.get("stdinEnded"))
         self._input_content_type = saved.get("inputContentType")
+        self._output_content_type = saved.get("outputContentType")
 
     def ran_seconds(self) -> float | None:
         """How long the runner ran under this hub (None if it never ran here)."""
@@ -451,7 +455,7 @@ class Instance:
                 # Its topics, bound again as the runner named them to the hub before.
                 if self._restored.get("provides"):
                     self.provides = str(self._restored["provides"])
-                    self._bind_output(self.provides, None)
+                    self._bind_output(self.provides, self._output_content_type)
                 if self._restored.get("requires"):
                     self.requires = str(self._restored["requires"])
                     self._bind_input(self.requires, self._input_content_type)
@@ -765,6 +769,7 @@ class Instance:
         content_type = pang.get("contentType") or None
         if pang.get("provides") and self.provides is None:
             self.provides = str(self.output_topic or pang["provides"])
+            self._output_content_type = content_type
             self._bind_output(self.provides, content_type)
             self.save_state()
         if pang.get("requires") and self.requires is None:

@@ -29,6 +29,7 @@ from spacehub.server.load import load_check
 from ..errors import HubNotFound, HubUnavailable
 from ..link.sessions import forward
 from ..registry import Hub
+from ..topics import topic_listing
 
 if TYPE_CHECKING:
     from ..service import Manager
@@ -69,7 +70,7 @@ def register(router: Router, manager: Manager) -> None:
             listed = await sessions.db(manager.registry.list_hubs, space, include_revoked=False)
             items = sessions.aggregate(space, kind, {hub.id for hub in listed})
             if kind == "topics":
-                return json_response(topic_listing(manager, space, items))
+                return json_response(topic_listing(manager.topics, space, items))
             if kind == "history" or _wants_detail(request):
                 return json_response(items)
             return json_response(original_shape(kind, items))
@@ -100,44 +101,6 @@ def register(router: Router, manager: Manager) -> None:
     # Ended instances of every hub, newest first: those that started and ended while a
     # hub's link (or the hub) was down reach it at the hub's next heartbeat.
     router.add("GET", f"{SPACE_BASE}/instances/history", aggregate("history"))
-
-
-def topic_listing(manager: Manager, space: str, hub_items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each topic of the Space once: its content type, who produces and consumes it on
-    each hub (as the hubs last reported), and what the manager has seen and keeps."""
-    names: dict[str, dict[str, Any]] = {}
-
-    def entry(name: str) -> dict[str, Any]:
-        if name not in names:
-            names[name] = {"name": name, "topic": name, "topicName": name, "hubs": {}}
-        return names[name]
-
-    for item in hub_items:
-        name = item.get("topic") or item.get("name")
-        if not isinstance(name, str):
-            continue
-        listed = entry(name)
-        listed.setdefault("contentType", item.get("contentType"))
-        listed["hubs"][str(item.get("hub"))] = {
-            "providers": item.get("providers", []),
-            "consumers": item.get("consumers", []),
-            "spoolBacklog": item.get("spoolBacklog", 0),
-        }
-    for topic in manager.topics.in_space(space):
-        listed = entry(topic.name)
-        info = topic.info()
-        listed.update({k: v for k, v in info.items() if k != "contentType"})
-        listed.setdefault("contentType", info["contentType"])
-    for listed in names.values():
-        hubs = listed["hubs"]
-        listed["producers"] = sorted(
-            {hub for hub, seen in hubs.items() if seen["providers"]} | set(listed.get("pushing", []))
-        )
-        listed["consumers"] = sorted(
-            {hub for hub, seen in hubs.items() if seen["consumers"]} | set(listed.get("consumerBacklogs", {}))
-        )
-        listed["spoolBacklog"] = sum(int(seen.get("spoolBacklog") or 0) for seen in hubs.values())
-    return [names[name] for name in sorted(names)]
 
 
 def _wants_detail(request: Request) -> bool:

@@ -50,6 +50,7 @@ from ..api.joining import base_url, instructions, join_ttl
 from ..errors import BadRequest, ConsoleRefused, HubUnavailable, NotFound
 from ..loadhistory import HISTORY_MINUTES
 from ..registry import DEFAULT_JOIN_TTL_SECONDS, Hub
+from ..topics import topic_listing
 from .auth import SESSION_SECONDS, ConsoleSession, ConsoleSessions, same_secret
 from .fleet import STATES, FleetView, hub_row
 from .hubcall import hub_json, hub_stream
@@ -588,10 +589,9 @@ def register(router: Router, console: Console) -> None:
     async def topics(request: Request, session: ConsoleSession) -> Response:
         hubs = await console._list_hubs(session.space)
         items = manager.sessions.aggregate(session.space, "topics", {hub.id for hub in hubs})
-        by_name: dict[str, list[dict[str, Any]]] = {}
-        for item in items:
-            by_name.setdefault(str(item.get("name")), []).append(item)
-        return console.page("topics.html", session, topics=sorted(by_name.items()))
+        return console.page(
+            "topics.html", session, topics=topic_listing(manager.topics, session.space, items)
+        )
 
     async def join_page(
         request: Request, session: ConsoleSession, made: dict[str, Any] | None = None

@@ -23,6 +23,7 @@ import pytest
 import trio
 
 from harness.tcpproxy import TcpForwarder
+from tests.console_helpers import sign_in
 from tests.cpm_helpers import ManagerProcess, cpm, run_cpm
 from tests.helpers import HubProcess, python_package, run_sth
 
@@ -219,6 +220,17 @@ async def test_a_topic_spans_the_hubs_of_a_space(tmp_path: Path) -> None:
                 assert topic["records"] >= total + 50 and topic["bytes"] > 0
                 assert set(topic["consumerBacklogs"]) == {hub_ids[hub_b], hub_ids[hub_c]}
                 assert topic["readers"] == 1
+
+                def console_topics() -> str:
+                    with httpx.Client(
+                        base_url=manager.base, verify=ssl_context(manager), timeout=20
+                    ) as browser:
+                        sign_in(browser, token)
+                        return browser.get("/console/topics").text
+
+                page = await trio.to_thread.run_sync(console_topics)
+                assert "<b>t</b>" in page and "1 API reader" in page
+                assert all(hub_ids[h] in page for h in (hub_a, hub_b, hub_c))
                 nursery.cancel_scope.cancel()
         assert manager.alive()
 
@@ -500,4 +512,65 @@ async def test_a_slow_consumer_holds_back_only_its_own_topic(tmp_path: Path) -> 
                 with trio.fail_after(30):
                     await posted.wait()
                 nursery.cancel_scope.cancel()
+        assert manager.alive()
+
+
+async def test_a_producer_hub_killed_with_a_backlog_sends_it_all_after(tmp_path: Path) -> None:
+    """A's link is cut, its spool fills with what its instance makes, A is killed (-9) and
+    started again while still cut: its instance is taken back, and once the link returns the
+    spool (kept on disk) and everything after reach B once, in order."""
+    data = tmp_path / "cpm"
+    cpm(data, "space", "create", "demo")
+    joins = [join_token(data) for _ in range(2)]
+    with run_cpm(data, *FAST) as manager:
+        host, port = manager.address.rsplit(":", 1)
+        async with trio.open_nursery() as network:
+            to_a = TcpForwarder(host, int(port))
+            url_a = f"wss://127.0.0.1:{await network.start(to_a.run)}"
+            a_dir = tmp_path / "a"
+            with linked_hub(tmp_path, manager.link_url, manager, "b", "--join-token", joins[1]) as b:
+                first = linked_hub(
+                    tmp_path, url_a, manager, "a", "--join-token", joins[0], keep_instances=True
+                )
+                a = first.__enter__()
+                a_port = a.address.rsplit(":", 1)[1]
+                try:
+                    async with client_of(b.url) as hub_b, trio.open_nursery() as nursery:
+                        async with client_of(a.url) as hub_a:
+                            consumer = await start(hub_b, CONSUMER)
+                            on_b = Records()
+                            nursery.start_soon(follow, hub_b, f"/instance/{consumer}/output", on_b)
+                            await wait_wanted(hub_a, "t")
+                            total = 1500
+                            await start(hub_a, PRODUCER, "a", str(total), "0.005")
+                            await until(lambda: on_b.count("a") >= 100, 30, "records before the cut")
+                            to_a.hold()
+                            with trio.fail_after(20):
+                                while (await hub_a.get("/status")).json()["spaceTopics"][
+                                    "spoolBacklogBytes"
+                                ] < 2000:
+                                    await trio.sleep(0.1)
+                        a.process.send_signal(signal.SIGKILL)
+                        a.process.wait(10)
+                        first.__exit__(None, None, None)
+                        with linked_hub(
+                            tmp_path, url_a, manager, "a", "-P", a_port, keep_instances=True
+                        ) as again:
+                            async with client_of(again.url) as hub_a:
+                                status = (await hub_a.get("/status")).json()
+                                assert status["spaceTopics"]["spoolBacklogBytes"] >= 2000  # kept on disk
+                                assert status["cpm"]["connected"] is False
+                                # The producer taken back keeps its topic's declared type.
+                                [topic] = (await hub_a.get("/topics")).json()
+                                assert topic["contentType"] == "application/x-ndjson"
+                                to_a.release()
+                                await until(lambda: on_b.count("a") >= total, 90, "every record")
+                                await trio.sleep(1)
+                                on_b.check("a", total)
+                                nursery.cancel_scope.cancel()
+                finally:
+                    from harness.daemons import stop_instances
+
+                    stop_instances(a_dir / "sequences")
+            network.cancel_scope.cancel()
         assert manager.alive()

@@ -226,3 +226,37 @@ def test_the_out_spool_trims_what_the_manager_acknowledged(tmp_path: Path) -> No
     again = OutSpool("t", tmp_path / "t")
     assert (again.acked, again.backlog) == (14, 7)
     assert struct.unpack("<I", again.log.read(14, 4))[0] == 3
+
+
+# ------------------------------------------------------------------ the bounds' settings
+
+
+def test_spool_and_log_sizes_read_from_toml_and_flags(tmp_path: Path) -> None:
+    from agent.config import ConfigError as HubConfigError
+    from agent.config import load_config as load_hub_config
+    from cpm.config import ConfigError as ManagerConfigError
+    from cpm.config import load_config as load_manager_config
+    from spacehub.server.config import parse_size
+
+    assert [parse_size(t) for t in ("1024", "256M", "1G", "2GiB", "64k")] == [
+        1024,
+        256 << 20,
+        1 << 30,
+        2 << 30,
+        64 << 10,
+    ]
+    with pytest.raises(ValueError):
+        parse_size("lots")
+    hub_file = tmp_path / "sth.toml"
+    hub_file.write_text('[hub]\ntopic_spool_bytes = "64M"\ntopic_spool_total_bytes = 134217728\n')
+    hub = load_hub_config(hub_file, {})
+    assert (hub.topic_spool_bytes, hub.topic_spool_total_bytes) == (64 << 20, 128 << 20)
+    hub_file.write_text('[hub]\ntopic_spool_bytes = "12"\n')
+    with pytest.raises(HubConfigError, match="at least 1 MiB"):
+        load_hub_config(hub_file, {})
+    manager_file = tmp_path / "cpm.toml"
+    manager_file.write_text('[manager]\ntopic_log_bytes = "1G"\n')
+    assert load_manager_config(manager_file, {}).topic_log_bytes == 1 << 30
+    manager_file.write_text('[manager]\ntopic_log_bytes = "big"\n')
+    with pytest.raises(ManagerConfigError, match="topic_log_bytes"):
+        load_manager_config(manager_file, {})
