@@ -59,6 +59,8 @@ logger = logging.getLogger("agent.spacetopics")
 UNSUBSCRIBE_AFTER: Final = 10.0
 #: Seconds before a pusher or puller whose stream failed tries again.
 RETRY_SECONDS: Final = 1.0
+#: Seconds between a puller's acknowledgements while records keep coming.
+ACK_INTERVAL: Final = 0.05
 #: Bytes of spool sent per read.
 PUSH_READ_BYTES: Final = 256 * 1024
 #: The largest delivery a puller takes (a delivery header and its records).
@@ -370,6 +372,10 @@ class SpaceTopicBridge:
                 if cursor.offset is not None and cursor.offset != sent:
                     sent = cursor.offset
                     yield ack(sent)
+                    # At most one ack per interval: it only lets the manager trim its log
+                    # (where to start again is on disk here), and each is a message to pay for.
+                    await trio.sleep(ACK_INTERVAL)
+                    continue  # it may have moved meanwhile
                 await cursor.moved.park()
 
         try:

@@ -32,6 +32,7 @@ from spacehub.protocol.topics import MAX_ENTRY_BYTES, split_records
 
 from . import limits
 from .errors import BadRequest, Conflict, NotFound, UnsupportedMediaType
+from .instances.spool import PartialLine
 from .streams import Broadcast, Subscription
 
 #: Content types a topic may carry.
@@ -175,7 +176,9 @@ class TopicRouter:
         del self._topics[name]
         logger.info("topic %s deleted", name)
 
-    async def write(self, topic: Topic, body: AsyncIterable[bytes], *, who: str) -> int:
+    async def write(
+        self, topic: Topic, body: AsyncIterable[bytes], *, who: str, partial: PartialLine | None = None
+    ) -> int:
         """Write ``body`` as one whole turn; returns the bytes written. The topic goes on
         after it: the end of one producer's data is not the end of the topic.
 
@@ -185,7 +188,7 @@ class TopicRouter:
         _count(topic.providers, who, +1)
         try:
             async with topic.turn:
-                pending = b""
+                pending = partial.restore() if partial is not None else b""
                 whole_lines = topic.whole_lines
                 async for chunk in body:
                     if chunk:
@@ -193,13 +196,19 @@ class TopicRouter:
                         written += len(chunk)
                         if ready:
                             await self._write_local(topic, ready)
+                        if partial is not None:
+                            partial.save(pending)
                 # NDJSON readers must never see two writers' records glued together.
                 if topic.content_type in NDJSON_TYPES and (pending or topic.last_byte not in (b"", b"\n")):
                     pending += b"\n"
                 if pending:
                     await self._write_local(topic, pending)
+                if partial is not None:
+                    partial.clear()
         finally:
             _count(topic.providers, who, -1)
+            if partial is not None:
+                partial.close()
         return written
 
     async def _write_local(self, topic: Topic, records: bytes) -> None:

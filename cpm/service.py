@@ -67,6 +67,7 @@ class Manager:
         #: every Space's topics, over all its hubs (cpm/topics.py)
         self.topics = SpaceTopics(config.data_dir / "topics", config.topic_log_bytes)
         self.sessions.on_hub_stream = self.topics.serve_hub_stream
+        self.sessions.on_standing = self.topics.forget_revoked
         #: the .deb new hubs install from this manager (cpm/joining.py)
         self.packages = PackageShelf(config.package, config.data_dir)
         #: with --fault-injection only (cpm/faults.py)

@@ -82,7 +82,9 @@ TOPIC_LOG_BYTES: Final = 512 * 1024 * 1024
 #: Size of one log segment file (the unit the log is trimmed by).
 LOG_SEGMENT_BYTES: Final = 16 * 1024 * 1024
 #: Bytes of the newest records a topic also keeps in memory for the readers at its end.
-RECENT_BYTES: Final = 4 * 1024 * 1024
+RECENT_BYTES: Final = 2 * 1024 * 1024
+#: A producer hub is acknowledged at least every this many bytes while its entries keep coming.
+ACK_EVERY_BYTES: Final = 4 * 1024 * 1024
 #: Seconds the console's and the listing's rates are averaged over.
 RATE_WINDOW: Final = 10
 #: The smallest segment (a small capacity still trims in eighths).
@@ -384,7 +386,16 @@ class SpaceTopic:
         return found, position
 
     def trim(self) -> None:
-        self.log.trim(self.low_mark)
+        low = self.low_mark
+        self.log.trim(low)
+        # What every consumer has taken is not kept in memory either: an idle topic holds none.
+        while self._recent_head < len(self._recent) and self._recent[self._recent_head][0] <= low:
+            self._recent_bytes -= len(self._recent[self._recent_head][2])
+            self._recent_head += 1
+        if self._recent_head == len(self._recent):
+            self._recent.clear()
+            self._recent_starts.clear()
+            self._recent_head = 0
         self.trimmed.unpark_all()
 
     def close(self) -> None:
@@ -448,6 +459,23 @@ class SpaceTopics:
     def close(self) -> None:
         for topic in self._topics.values():
             topic.close()
+
+    def forget_revoked(self, standing: dict[str, tuple[str, str | None]]) -> None:
+        """Keep nothing more for hubs revoked or removed (given every hub's space and
+        revocation reason): a hub that will not come back must not hold a topic's backlog."""
+        for topic in self._topics.values():
+            gone = [
+                hub
+                for hub in topic.consumers
+                if standing.get(hub, (None, "removed"))[1] is not None or standing[hub][0] != topic.space
+            ]
+            for hub in gone:
+                del topic.consumers[hub]
+                logger.info(
+                    "space %s: revoked hub %s consumes topic %s no more", topic.space, hub, topic.name
+                )
+            if gone:
+                self._changed(topic)
 
     # -- the Space API -------------------------------------------------------------------------
     async def post(self, space: str, name: str, content_type: str | None, body: AsyncIterator[bytes]) -> int:
@@ -564,7 +592,9 @@ class SpaceTopics:
                     if position > stored:
                         await topic.append(hub, position, records)
                         stored = position
-                if stored != acked:
+                # One ack for what came in together: while more is already buffered, the
+                # next chunk's ack covers this one (an ack is a message each way to pay for).
+                if stored != acked and (stream.buffered == 0 or stored - acked >= ACK_EVERY_BYTES):
                     await stream.send(ack(stored))
                     acked = stored
             await stream.end()

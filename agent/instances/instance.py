@@ -296,7 +296,7 @@ class Instance:
         for name in SPOOLED_STREAMS:
             self._spools[name] = StreamSpool(self.state_dir, name, fresh=fresh)
         if fresh:
-            for name in ("monitoring", "log"):
+            for name in ("monitoring", "log", "topic"):
                 PartialLine(self.state_dir, name).clear()
 
     def _restore_streams(self) -> None:
@@ -811,8 +811,12 @@ class Instance:
     async def _feed_topic(self, topic: Topic, subscription: Subscription) -> None:
         assert self._topics is not None
         try:
+            # The partial line the topic holds back is kept on disk: the output's mark has
+            # passed it, so the next hub goes on from it instead of losing it.
             with subscription:
-                await self._topics.write(topic, subscription, who=self.id)
+                await self._topics.write(
+                    topic, subscription, who=self.id, partial=PartialLine(self.state_dir, "topic")
+                )
         except trio.ClosedResourceError:
             self._hub_log("warn", f"topic {topic.name} was deleted while this instance fed it")
 

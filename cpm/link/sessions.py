@@ -313,6 +313,9 @@ class HubSessions:
         self.links_closed = 0
         #: told each registry call's name and seconds (metrics)
         self.on_db: Callable[[str, float], None] | None = None
+        #: told every hub's (space, revoked reason) when the registry changed (cpm/topics.py
+        #: stops keeping records for revoked hubs)
+        self.on_standing: Callable[[dict[str, tuple[str, str | None]]], None] | None = None
         #: serves the streams hubs open (Space-wide topics, cpm/topics.py): hub id, space, stream
         self.on_hub_stream: Callable[[str, str, InboundStream], Awaitable[None]] | None = None
 
@@ -706,6 +709,8 @@ class HubSessions:
         self._seen_version = version
         if standing is None:
             return
+        if self.on_standing is not None:
+            self.on_standing(standing)
         for session in list(self._live.values()):
             space, revoked_reason = standing.get(session.hub_id, (None, None))
             if space == session.space and revoked_reason is None:

@@ -260,3 +260,28 @@ def test_spool_and_log_sizes_read_from_toml_and_flags(tmp_path: Path) -> None:
     manager_file.write_text('[manager]\ntopic_log_bytes = "big"\n')
     with pytest.raises(ManagerConfigError, match="topic_log_bytes"):
         load_manager_config(manager_file, {})
+
+
+async def test_readers_at_the_end_are_served_from_memory_and_an_idle_topic_keeps_none(tmp_path: Path) -> None:
+    topic = SpaceTopics(tmp_path).ensure("demo", "t")
+    topic.consumers["hub-b"] = 0
+    for n in range(5):
+        await topic.append("hub-a", n + 1, f"{n}\n".encode())
+    from_memory = topic.entries(0)
+    topic.log.close()
+    topic.log._segments.clear()  # the files out of reach: what is read now came from memory
+    assert topic.entries(0) == from_memory
+    assert [records for _end, _origin, records in from_memory[0]] == [b"0\n", b"1\n", b"2\n", b"3\n", b"4\n"]
+    topic.consumers["hub-b"] = from_memory[1]  # hub-b took it all
+    topic.trim()
+    assert topic._recent == [] and topic._recent_bytes == 0
+
+
+async def test_a_revoked_hub_holds_no_backlog(tmp_path: Path) -> None:
+    topics = SpaceTopics(tmp_path)
+    topic = topics.ensure("demo", "t")
+    topic.consumers.update({"hub-b": 0, "hub-c": 0, "hub-d": 0})
+    await topic.append("hub-a", 1, b"x\n")
+    topics.forget_revoked({"hub-b": ("demo", None), "hub-c": ("demo", "stolen")})  # hub-d: removed
+    assert set(topic.consumers) == {"hub-b"}
+    assert json.loads((tmp_path / "demo" / "t" / "state.json").read_text())["consumers"] == {"hub-b": 0}
