@@ -130,8 +130,10 @@ OPERATIONS: Final[list[Operation]] = [
         f"{SPACE}/topic/:name",
         _space(
             "Write records into the Space's topic: they reach its consumers on every hub, whole"
-            " (lines for text and NDJSON); 200 with x-end-stream: true, else 202",
+            " (lines for text and NDJSON)",
+            ok=202,
             schema=OBJECT,
+            description="200 when `x-end-stream: true`, 202 otherwise, as a hub's topic",
             errors=(400, 415),
         ),
     ),

@@ -197,9 +197,14 @@ async def test_a_topic_spans_the_hubs_of_a_space(tmp_path: Path) -> None:
                 nursery.start_soon(follow, space, "/topic/t", on_space)
                 await wait_wanted(hub_a, "t")
                 total = 300
+                # Producers on two hubs at once: C's records reach B and the Space reader, and
+                # C's own consumer once (locally), never a second time back from the manager.
                 await start(hub_a, PRODUCER, "a", str(total), "0.002")
+                await start(hub_c, PRODUCER, "c", str(total), "0.002")
                 await until(
-                    lambda: min(r.count("a") for r in (on_b, on_c, on_space)) >= total, 60, "every record"
+                    lambda: min(r.count(o) for r in (on_b, on_c, on_space) for o in "ac") >= total,
+                    60,
+                    "every record",
                 )
                 # Records posted to the Space's topic reach every consumer hub as well.
                 posted = b"".join(json.dumps({"from": "api", "n": n}).encode() + b"\n" for n in range(50))
@@ -208,14 +213,16 @@ async def test_a_topic_spans_the_hubs_of_a_space(tmp_path: Path) -> None:
                 )
                 assert response.status_code == 202, response.text
                 await until(lambda: min(r.count("api") for r in (on_b, on_c, on_space)) >= 50, 30, "posted")
+                await trio.sleep(1)  # anything echoed back would arrive now
                 for records in (on_b, on_c, on_space):
                     records.check("a", total)
+                    records.check("c", total)
                     records.check("api", 50)
                 listing = (await space.get("/topics")).json()
                 [topic] = [item for item in listing if item["name"] == "t"]
                 assert topic["contentType"] == "application/x-ndjson"
                 hub_ids = {h: (await h.get("/status")).json()["cpm"]["hubId"] for h in (hub_a, hub_b, hub_c)}
-                assert topic["producers"] == [hub_ids[hub_a]]
+                assert topic["producers"] == sorted([hub_ids[hub_a], hub_ids[hub_c]])
                 assert set(topic["consumers"]) == {hub_ids[hub_b], hub_ids[hub_c]}
                 assert topic["records"] >= total + 50 and topic["bytes"] > 0
                 assert set(topic["consumerBacklogs"]) == {hub_ids[hub_b], hub_ids[hub_c]}
