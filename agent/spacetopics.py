@@ -42,13 +42,13 @@ from urllib.parse import quote
 
 import trio
 
-from spacehub.protocol.topics import ACK, DELIVERY, ENTRY, FrameError, FrameReader, ack
+from spacehub.protocol.topics import ACK, DELIVERY, ENTRY, NAME_PATTERN, FrameError, FrameReader, ack
 from spacehub.server.files import write_atomic
 from spacehub.server.link.session import LinkClosed, LinkSession, OutboundStream, StreamAborted
 from spacehub.server.recordlog import OffsetFile, RecordLog
 
 from . import limits
-from .topics import NAME_PATTERN, Topic, TopicRouter
+from .topics import Topic, TopicRouter
 
 __all__ = ["UNSUBSCRIBE_AFTER", "SpaceTopicBridge"]
 
@@ -257,15 +257,24 @@ class SpaceTopicBridge:
                             await self._pull(session, name)
                         else:
                             await self._watch_wanted(session)
-                    except BaseException as exc:  # sorted below; anything else is re-raised
+                    except BaseException as exc:  # sorted below; cancellation is re-raised
                         closed, failed, rest = _sort_failure(exc)
-                        if rest is not None:
+                        if rest is not None and not _only_errors(rest):
                             raise
-                        if closed:
+                        if rest is not None:  # a bug or a disk error: the hub goes on, this is retried
+                            logger.error(
+                                "space topic %s (%s) failed; again in %g s",
+                                name,
+                                kind,
+                                RETRY_SECONDS,
+                                exc_info=rest,
+                            )
+                        elif closed:
                             return
-                        logger.warning(
-                            "space topic %s (%s): %s; again in %g s", name, kind, failed, RETRY_SECONDS
-                        )
+                        else:
+                            logger.warning(
+                                "space topic %s (%s): %s; again in %g s", name, kind, failed, RETRY_SECONDS
+                            )
                     await trio.sleep(RETRY_SECONDS)
             running.pop((kind, name), None)
 
@@ -285,7 +294,7 @@ class SpaceTopicBridge:
                     self._idle_since.pop(topic.name, None)
                     start("pull", topic.name)
             for name in list(self.cursors):
-                topic_now = next((t for t in self.router.list() if t.name == name), None)
+                topic_now = self.router.find(name)
                 if topic_now is not None and topic_now.consumers:
                     continue
                 since = self._idle_since.setdefault(name, now)
@@ -293,7 +302,15 @@ class SpaceTopicBridge:
                     scope = running.pop(("pull", name), None)
                     if scope is not None:
                         scope.cancel()
-                    await self._unsubscribe(session, name)
+                    try:
+                        await self._unsubscribe(session, name)
+                    except BaseException as exc:  # cancellation is re-raised
+                        closed, failed, rest = _sort_failure(exc)
+                        if rest is not None and not _only_errors(rest):
+                            raise
+                        if closed:
+                            return
+                        logger.warning("space topic %s: not given up yet: %s", name, failed or rest)
             with trio.move_on_after(1.0):
                 await self._poke.wait()
 
@@ -323,7 +340,7 @@ class SpaceTopicBridge:
 
     async def _push(self, session: LinkSession, name: str) -> None:
         spool = self.spools[name]
-        topic = next((t for t in self.router.list() if t.name == name), None)
+        topic = self.router.find(name)
         headers = [("x-offset", str(spool.acked))]
         if topic is not None:
             headers.append(("content-type", topic.content_type))
@@ -358,7 +375,7 @@ class SpaceTopicBridge:
         cursor = self.cursors.get(name)
         if cursor is None:
             cursor = self.cursors[name] = InCursor(name, OffsetFile(self.directory / "in" / name))
-        topic = next((t for t in self.router.list() if t.name == name), None)
+        topic = self.router.find(name)
         if topic is None:
             return
         cursor.pending.clear()
@@ -424,6 +441,13 @@ def _sort_failure(exc: BaseException) -> tuple[bool, BaseException | None, BaseE
         failed, rest = rest.split(_RETRIED) if rest is not None else (None, None)
         return closed is not None, failed, rest
     return False, None, exc
+
+
+def _only_errors(exc: BaseException) -> bool:
+    """Whether ``exc`` (or every exception of a group) is an ordinary error, not a cancellation."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(Exception)[1] is None
+    return isinstance(exc, Exception)
 
 
 async def _cancel_when(event: trio.Event, scope: trio.CancelScope) -> None:

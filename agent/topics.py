@@ -20,27 +20,28 @@ before any reader arrives is kept (up to the bound) for the first one.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass, field
-from typing import Final, Protocol
+from typing import Protocol
 
 import trio
 
 from spacehub.models import TopicInfo
-from spacehub.protocol.topics import MAX_ENTRY_BYTES, split_records
+from spacehub.protocol.topics import (
+    CONTENT_TYPES,
+    DEFAULT_CONTENT_TYPE,
+    MAX_ENTRY_BYTES,
+    NAME_PATTERN,
+    NAME_RULE,
+    NDJSON_TYPES,
+    media_type,
+    split_records,
+)
 
 from . import limits
 from .errors import BadRequest, Conflict, NotFound, UnsupportedMediaType
 from .instances.spool import PartialLine
 from .streams import Broadcast, Subscription
-
-#: Content types a topic may carry.
-CONTENT_TYPES: Final = ("application/x-ndjson", "text/x-ndjson", "text/plain", "application/octet-stream")
-DEFAULT_CONTENT_TYPE: Final = "application/x-ndjson"
-NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9_+-]{1,128}$")
-NAME_RULE: Final = "1-128 characters: letters, digits, '_', '+', '-'"
-NDJSON_TYPES: Final = frozenset({"application/x-ndjson", "text/x-ndjson"})
 
 logger = logging.getLogger("agent.topics")
 
@@ -54,10 +55,11 @@ def check_name(name: str) -> str:
 def check_content_type(content_type: str | None) -> str:
     if content_type is None:
         return DEFAULT_CONTENT_TYPE
-    value = content_type.split(";", 1)[0].strip().lower()
-    if value not in CONTENT_TYPES:
+    value = media_type(content_type)
+    if value is None:
         raise UnsupportedMediaType(
-            f"Unsupported content-type {value!r}: a topic carries one of {', '.join(CONTENT_TYPES)}"
+            f"Unsupported content-type {content_type.split(';', 1)[0].strip().lower()!r}:"
+            f" a topic carries one of {', '.join(CONTENT_TYPES)}"
         )
     return value
 
@@ -137,6 +139,10 @@ class TopicRouter:
 
     def list(self) -> list[Topic]:
         return list(self._topics.values())
+
+    def find(self, name: str) -> Topic | None:
+        """Topic ``name`` if it exists (no check of the name)."""
+        return self._topics.get(name)
 
     def get(self, name: str) -> Topic:
         try:

@@ -38,7 +38,6 @@ import bisect
 import contextlib
 import json
 import logging
-import re
 import struct
 import time
 from collections import deque
@@ -52,12 +51,18 @@ import trio
 
 from spacehub.protocol.topics import (
     ACK,
+    CONTENT_TYPES,
+    DEFAULT_CONTENT_TYPE,
     ENTRY,
     MAX_ENTRY_BYTES,
+    NAME_PATTERN,
+    NAME_RULE,
+    NDJSON_TYPES,
     FrameError,
     FrameReader,
     ack,
     delivery,
+    media_type,
     split_records,
 )
 from spacehub.server.files import write_atomic
@@ -93,10 +98,6 @@ MIN_SEGMENT_BYTES: Final = 64 * 1024
 READ_BYTES: Final = 256 * 1024
 #: state.json is rewritten at most this often while records flow.
 STATE_SAVE_SECONDS: Final = 1.0
-CONTENT_TYPES: Final = ("application/x-ndjson", "text/x-ndjson", "text/plain", "application/octet-stream")
-DEFAULT_CONTENT_TYPE: Final = "application/x-ndjson"
-NDJSON_TYPES: Final = frozenset({"application/x-ndjson", "text/x-ndjson"})
-TOPIC_NAME: Final = re.compile(r"^[A-Za-z0-9_+-]{1,128}$")
 #: The entry header in a topic's log (see the module docstring).
 _ENTRY: Final = struct.Struct("<IBQ")
 #: The origin of records posted to the Space API rather than produced on a hub.
@@ -109,18 +110,19 @@ class UnsupportedMediaType(ManagerError):
 
 
 def check_name(name: str) -> str:
-    if not TOPIC_NAME.match(name):
-        raise BadRequest(f"Topic name {name!r} is invalid: use 1-128 letters, digits, '_', '+', '-'")
+    if not NAME_PATTERN.match(name):
+        raise BadRequest(f"Topic name {name!r} is invalid: use {NAME_RULE}")
     return name
 
 
 def check_content_type(value: str | None) -> str | None:
     if value is None:
         return None
-    kind = value.split(";", 1)[0].strip().lower()
-    if kind not in CONTENT_TYPES:
+    kind = media_type(value)
+    if kind is None:
         raise UnsupportedMediaType(
-            f"Unsupported content-type {kind!r}: a topic carries one of {', '.join(CONTENT_TYPES)}"
+            f"Unsupported content-type {value.split(';', 1)[0].strip().lower()!r}:"
+            f" a topic carries one of {', '.join(CONTENT_TYPES)}"
         )
     return kind
 
@@ -419,7 +421,7 @@ class SpaceTopics:
             if not space_dir.is_dir():
                 continue
             for topic_dir in sorted(space_dir.iterdir()):
-                if topic_dir.is_dir() and TOPIC_NAME.match(topic_dir.name):
+                if topic_dir.is_dir() and NAME_PATTERN.match(topic_dir.name):
                     self._topics[(space_dir.name, topic_dir.name)] = SpaceTopic(
                         space_dir.name, topic_dir.name, topic_dir, capacity
                     )

@@ -29,6 +29,8 @@ import struct
 from pathlib import Path
 from typing import Final
 
+from spacehub.server.recordlog import find_segments
+
 from .. import limits
 
 #: Digits of a segment's offset in its name (sorted as text = sorted by offset).
@@ -70,21 +72,12 @@ class StreamSpool:
 
     def _load(self) -> None:
         prefix = f"{self._name}."
-        found: list[tuple[int, int]] = []
-        with contextlib.suppress(FileNotFoundError):
-            for entry in os.scandir(self._directory):
-                tail = entry.name[len(prefix) :]
-                if entry.name.startswith(prefix) and tail.isdigit():
-                    found.append((int(tail), entry.stat().st_size))
-        found.sort()
-        # Segments are contiguous; anything else (a crash between two renames cannot
-        # make one, but a disk can) starts the history after the gap.
-        for offset, size in found:
-            if self._segments and offset != self._segments[-1][0] + self._segments[-1][1]:
-                for old, _size in self._segments:
-                    self._path(old).unlink(missing_ok=True)
-                self._segments.clear()
-            self._segments.append((offset, size))
+
+        def offset_of(name: str) -> int | None:
+            tail = name[len(prefix) :]
+            return int(tail) if name.startswith(prefix) and tail.isdigit() else None
+
+        self._segments = find_segments(self._directory, offset_of)
         if self._segments:
             self.end = self._segments[-1][0] + self._segments[-1][1]
         mark_path = self._directory / f"{self._name}.mark"

@@ -32,22 +32,37 @@ bound on the size of one frame.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Iterator
 from typing import Final
 
 __all__ = [
     "ACK",
+    "CONTENT_TYPES",
+    "DEFAULT_CONTENT_TYPE",
     "DELIVERY",
     "ENTRY",
     "MAX_ENTRY_BYTES",
+    "NAME_PATTERN",
+    "NAME_RULE",
+    "NDJSON_TYPES",
     "FrameError",
     "FrameReader",
     "ack",
     "delivery",
     "entry",
+    "media_type",
     "split_records",
 ]
+
+#: Content types a topic may carry (on a hub and in a Space alike).
+CONTENT_TYPES: Final = ("application/x-ndjson", "text/x-ndjson", "text/plain", "application/octet-stream")
+DEFAULT_CONTENT_TYPE: Final = "application/x-ndjson"
+NDJSON_TYPES: Final = frozenset({"application/x-ndjson", "text/x-ndjson"})
+#: A topic's name, and the rule told to whoever breaks it.
+NAME_PATTERN: Final = re.compile(r"^[A-Za-z0-9_+-]{1,128}$")
+NAME_RULE: Final = "1-128 characters: letters, digits, '_', '+', '-'"
 
 #: A spool entry's header: the length of the records that follow.
 ENTRY: Final = struct.Struct("<I")
@@ -63,6 +78,13 @@ MAX_ENTRY_BYTES: Final = 256 * 1024
 
 class FrameError(ValueError):
     """The peer sent a frame this end cannot take (too large)."""
+
+
+def media_type(content_type: str) -> str | None:
+    """The topic type a ``Content-Type`` names (parameters and case dropped); None if a
+    topic cannot carry it."""
+    kind = content_type.split(";", 1)[0].strip().lower()
+    return kind if kind in CONTENT_TYPES else None
 
 
 def entry(records: bytes | bytearray | memoryview) -> bytes:

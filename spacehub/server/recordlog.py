@@ -24,15 +24,42 @@ from __future__ import annotations
 import contextlib
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
-__all__ = ["OffsetFile", "RecordLog"]
+__all__ = ["OffsetFile", "RecordLog", "find_segments"]
 
 #: Digits of a segment's offset in its name (sorted as text = sorted by offset).
 _OFFSET_DIGITS: Final = 20
 _SUFFIX: Final = ".seg"
 _OFFSET: Final = struct.Struct("<Q")
+
+
+def find_segments(directory: Path, offset_of: Callable[[str], int | None]) -> list[tuple[int, int]]:
+    """``(offset, size)`` of the segment files in ``directory``, oldest first (``offset_of``
+    reads a file's offset from its name, None for other files). Segments are contiguous;
+    after a gap (a disk, not a crash, can make one) what came before it is deleted."""
+    found: list[tuple[int, int, str]] = []
+    with contextlib.suppress(FileNotFoundError):
+        for item in os.scandir(directory):
+            offset = offset_of(item.name)
+            if offset is not None:
+                found.append((offset, item.stat().st_size, item.name))
+    found.sort()
+    kept: list[tuple[int, int, str]] = []
+    for offset, size, name in found:
+        if kept and offset != kept[-1][0] + kept[-1][1]:
+            for _offset, _size, old in kept:
+                (directory / old).unlink(missing_ok=True)
+            kept.clear()
+        kept.append((offset, size, name))
+    return [(offset, size) for offset, size, _name in kept]
+
+
+def _offset_in_name(name: str) -> int | None:
+    stem = name[: -len(_SUFFIX)]
+    return int(stem) if name.endswith(_SUFFIX) and stem.isdigit() else None
 
 
 class RecordLog:
@@ -57,21 +84,7 @@ class RecordLog:
         return self.directory / f"{offset:0{_OFFSET_DIGITS}d}{_SUFFIX}"
 
     def _load(self) -> None:
-        found: list[tuple[int, int]] = []
-        with contextlib.suppress(FileNotFoundError):
-            for item in os.scandir(self.directory):
-                stem = item.name[: -len(_SUFFIX)]
-                if item.name.endswith(_SUFFIX) and stem.isdigit():
-                    found.append((int(stem), item.stat().st_size))
-        found.sort()
-        # Segments are contiguous; after a gap (a disk, not a crash, can make one) the
-        # log starts again past it.
-        for offset, size in found:
-            if self._segments and offset != self._segments[-1][0] + self._segments[-1][1]:
-                for old, _size in self._segments:
-                    self._path(old).unlink(missing_ok=True)
-                self._segments.clear()
-            self._segments.append((offset, size))
+        self._segments = find_segments(self.directory, _offset_in_name)
         if self._segments:
             self.end = self._segments[-1][0] + self._segments[-1][1]
 
