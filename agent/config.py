@@ -22,6 +22,8 @@ from spacehub.server.config import is_loopback as is_loopback
 from spacehub.server.config import parse_size, read_options, state_directory, user_data_home
 from spacehub.server.logformat import LOG_FORMATS as LOG_FORMATS
 
+from . import limits
+
 LOG_LEVELS = ("trace", "debug", "info", "warn", "error", "fatal")
 RUNTIMES = ("process", "podman")
 PODMAN_NETWORKS = ("none", "host")
@@ -96,8 +98,8 @@ class HubConfig:
     link_backoff_cap: float = 60.0
     #: Space-wide topics: bytes one topic's outbound spool may hold, and all of them together
     #: (records the manager has not acknowledged yet); past either, producers wait
-    topic_spool_bytes: int = 256 * 1024 * 1024
-    topic_spool_total_bytes: int = 1024 * 1024 * 1024
+    topic_spool_bytes: int = limits.TOPIC_SPOOL_BYTES
+    topic_spool_total_bytes: int = limits.TOPIC_SPOOL_TOTAL_BYTES
     #: shown by the manager
     description: str = ""
     tags: list[str] = field(default_factory=list)

@@ -13,7 +13,7 @@ import trio
 
 from spacehub.server import speedups
 from spacehub.server.allocator import tune_malloc
-from spacehub.server.config import parse_size
+from spacehub.server.config import size_argument
 
 from . import __version__
 from .config import (
@@ -26,13 +26,6 @@ from .config import (
     load_config,
 )
 from .service import run_hub
-
-
-def _size_argument(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     link.add_argument(
         "--topic-spool-bytes",
-        type=_size_argument,
+        type=size_argument,
         metavar="BYTES",
         help="most bytes one topic's outbound spool keeps for the Space (records not yet"
         " acknowledged by the manager, e.g. while the link is down); then producers wait"
@@ -150,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     link.add_argument(
         "--topic-spool-total-bytes",
-        type=_size_argument,
+        type=size_argument,
         metavar="BYTES",
         help="most bytes all outbound topic spools keep together (default 1G)",
     )

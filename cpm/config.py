@@ -36,6 +36,10 @@ def default_data_dir() -> Path:
     return state_directory() or user_data_home() / "spacehub-cpm"
 
 
+#: The default of topic_log_bytes (--topic-log-bytes).
+TOPIC_LOG_BYTES: Final = 512 * 1024 * 1024
+
+
 @dataclass(slots=True)
 class ManagerConfig:
     hostname: str = "127.0.0.1"
@@ -73,7 +77,7 @@ class ManagerConfig:
     pong_timeout: float = 10.0
     #: bytes one Space-wide topic's log may hold (records its slowest consumer hub has not
     #: taken yet); past it the topic's producers wait
-    topic_log_bytes: int = 512 * 1024 * 1024
+    topic_log_bytes: int = TOPIC_LOG_BYTES
 
     @property
     def registry_path(self) -> Path:

@@ -24,7 +24,7 @@ import trio
 from spacehub.models import HubRecord
 from spacehub.server import speedups
 from spacehub.server.allocator import tune_malloc
-from spacehub.server.config import parse_size
+from spacehub.server.config import size_argument
 from spacehub.server.http import REQUEST_ID
 from spacehub.server.logformat import LOG_FORMATS, ContextFilter, JsonFormatter
 
@@ -58,13 +58,6 @@ def _common(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _size_argument(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="cpm",
@@ -81,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("-L", "--log-level", choices=LOG_LEVELS, help="log level (default info)")
     serve.add_argument(
         "--topic-log-bytes",
-        type=_size_argument,
+        type=size_argument,
         metavar="BYTES",
         help="most bytes a Space-wide topic keeps for consumer hubs that have not taken them"
         " (a hub whose link is down); then its producers wait (default 512M; K, M, G suffixes)",

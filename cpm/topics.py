@@ -69,6 +69,7 @@ from spacehub.server.files import write_atomic
 from spacehub.server.link.session import InboundStream, LinkClosed, StreamAborted
 from spacehub.server.recordlog import RecordLog
 
+from .config import TOPIC_LOG_BYTES
 from .errors import BadRequest, ManagerError
 
 __all__ = [
@@ -82,8 +83,6 @@ __all__ = [
 
 logger = logging.getLogger("cpm.topics")
 
-#: Bytes a topic's log may hold before producers wait (the default of --topic-log-bytes).
-TOPIC_LOG_BYTES: Final = 512 * 1024 * 1024
 #: Size of one log segment file (the unit the log is trimmed by).
 LOG_SEGMENT_BYTES: Final = 16 * 1024 * 1024
 #: Bytes of the newest records a topic also keeps in memory for the readers at its end.
@@ -414,8 +413,6 @@ class SpaceTopics:
         self._topics: dict[tuple[str, str], SpaceTopic] = {}
         #: per space: unparked when its wanted names change
         self._wanted_changed: dict[str, trio.lowlevel.ParkingLot] = {}
-        #: told of records that reached a consumer hub or reader (metrics)
-        self.on_delivered: Callable[[int], None] | None = None
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         for space_dir in sorted(directory.iterdir()):
             if not space_dir.is_dir():
@@ -523,8 +520,6 @@ class SpaceTopics:
                     data = b"".join(records for _end, _origin, records in found)
                     topic.bytes_out += len(data)
                     topic.rate_out.add(len(data))
-                    if self.on_delivered is not None:
-                        self.on_delivered(len(data))
                     yield data
                     reader.position = position
                     topic.trim()
@@ -661,8 +656,6 @@ class SpaceTopics:
                 sent = position
                 topic.bytes_out += len(data)
                 topic.rate_out.add(len(data))
-                if self.on_delivered is not None:
-                    self.on_delivered(len(data))
 
 
 def topic_listing(topics: SpaceTopics, space: str, hub_items: list[dict[str, Any]]) -> list[dict[str, Any]]:

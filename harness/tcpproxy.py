@@ -28,7 +28,6 @@ class TcpForwarder:
         self._open = trio.Event()
         self._open.set()
         self._scope = trio.CancelScope()
-        self.accepted = 0
 
     async def run(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         """Forward until cancelled; ``started`` with the listening port."""
@@ -47,7 +46,6 @@ class TcpForwarder:
                 await listener.aclose()
 
     async def _handle(self, client: trio.SocketStream) -> None:
-        self.accepted += 1
         try:
             upstream = await trio.open_tcp_stream(*self.target)
         except OSError:

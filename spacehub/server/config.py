@@ -7,6 +7,7 @@ Each daemon keeps its own dataclass of options and its own checks (``agent.confi
 
 from __future__ import annotations
 
+import argparse
 import ipaddress
 import os
 import tomllib
@@ -72,6 +73,14 @@ def is_loopback(hostname: str) -> bool:
 
 
 _SIZE_SUFFIXES: Final = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def size_argument(text: str) -> int:
+    """:func:`parse_size` for argparse (``type=size_argument``): its message on a bad size."""
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def parse_size(text: str) -> int:

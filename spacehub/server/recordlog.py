@@ -93,11 +93,6 @@ class RecordLog:
         """The oldest offset still on disk."""
         return self._segments[0][0] if self._segments else self.end
 
-    @property
-    def size(self) -> int:
-        """Bytes on disk."""
-        return self.end - self.start
-
     def begin_at(self, offset: int) -> None:
         """Make an empty log start at ``offset`` (a log whose files were lost goes on
         with the offsets its readers know)."""
@@ -180,17 +175,6 @@ class RecordLog:
             os.close(self._fd)
             self._fd = -1
         self._close_reader()
-
-    def remove(self) -> None:
-        """Delete every segment and the directory (the log is not wanted any more)."""
-        self.close()
-        for offset, _size in self._segments:
-            self._path(offset).unlink(missing_ok=True)
-        self._segments.clear()
-        with contextlib.suppress(OSError):
-            for item in self.directory.iterdir():
-                item.unlink()
-            self.directory.rmdir()
 
 
 class OffsetFile:
