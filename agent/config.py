@@ -82,8 +82,11 @@ class HubConfig:
     node: str = ""
     #: extra environment for every runner, e.g. {"HTTPS_PROXY": "..."}
     runner_env: dict[str, str] = field(default_factory=dict)
-    #: the manager to link to, wss://HOST:PORT ("" = no link)
+    #: the manager to link to, wss://HOST:PORT ("" = no link); the first of cpm_urls
     cpm_url: str = ""
+    #: every manager replica the hub may link to (cpm_url given as a list, or --cpm-url
+    #: repeated): it dials them in turn until one answers, and the next when a link drops
+    cpm_urls: list[str] = field(default_factory=list)
     #: the space this hub joins
     space: str = ""
     #: one-time join token (a secret; used only until the hub has joined)
@@ -158,6 +161,7 @@ class HubConfig:
             # Never the join token.
             "cpm": {
                 "url": self.cpm_url,
+                "urls": list(self.cpm_urls),
                 "space": self.space,
                 "insecure": self.cpm_insecure,
                 "description": self.description,
@@ -257,23 +261,30 @@ def _check_link(config: HubConfig) -> None:
         raise ConfigError("cpm_fingerprint must be a SHA-256 fingerprint (64 hex digits, colons allowed)")
     if not config.cpm_url:
         return
+    if not config.cpm_urls:
+        config.cpm_urls = [config.cpm_url]
+    for cpm_url in config.cpm_urls:
+        _check_cpm_url(cpm_url, config.cpm_insecure)
+    if not config.space or "\0" in config.space:
+        raise ConfigError("a hub linked to a manager needs --space NAME")
+
+
+def _check_cpm_url(cpm_url: str, insecure: bool) -> None:
     try:
-        url = urlsplit(config.cpm_url)
+        url = urlsplit(cpm_url)
         host = url.hostname
         url.port  # noqa: B018 - raises ValueError for a bad port
     except ValueError as exc:
-        raise ConfigError(f"cpm_url {config.cpm_url!r} is not a URL: {exc}") from None
+        raise ConfigError(f"cpm_url {cpm_url!r} is not a URL: {exc}") from None
     if url.scheme not in ("ws", "wss") or not host:
         raise ConfigError(
-            f"cpm_url must be wss://HOST:PORT (or ws:// to a loopback manager), not {config.cpm_url!r}"
+            f"cpm_url must be wss://HOST:PORT (or ws:// to a loopback manager), not {cpm_url!r}"
         )
-    if url.scheme == "ws" and not is_loopback(host) and not config.cpm_insecure:
+    if url.scheme == "ws" and not is_loopback(host) and not insecure:
         raise ConfigError(
-            f"cpm_url {config.cpm_url!r} is plain ws:// to a manager that is not on this machine: "
+            f"cpm_url {cpm_url!r} is plain ws:// to a manager that is not on this machine: "
             "the link would be unencrypted; use wss:// or pass --cpm-insecure"
         )
-    if not config.space or "\0" in config.space:
-        raise ConfigError("a hub linked to a manager needs --space NAME")
 
 
 #: Options that are byte counts: a number, or a string such as "256M".
@@ -287,6 +298,11 @@ def load_config(path: Path | None, overrides: dict[str, Any]) -> HubConfig:
     if path is not None:
         values.update(read_options(path, "hub", _TOML_KEYS, table_options={"runner_env"}))
     values.update({k: v for k, v in overrides.items() if v is not None})
+    urls = values.get("cpm_url")
+    if isinstance(urls, list):  # several replicas: TOML list or --cpm-url repeated
+        if not urls or not all(isinstance(u, str) and u for u in urls):
+            raise ConfigError("cpm_url must be a URL or a list of URLs")
+        values["cpm_url"], values["cpm_urls"] = urls[0], list(dict.fromkeys(urls))
     if "data_dir" in values and "sequences_root" not in values:
         values["sequences_root"] = Path(values["data_dir"]).expanduser() / "sequences"
     config = HubConfig()

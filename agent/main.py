@@ -113,7 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"the hub's state: link key, link.json and (unless -D) the sequences (default: {DATA_DIR_RULE})",
     )
     link = parser.add_argument_group("link to a manager (cpm)")
-    link.add_argument("--cpm-url", metavar="URL", help="the manager to link to: wss://HOST:PORT")
+    link.add_argument(
+        "--cpm-url",
+        metavar="URL",
+        action="append",
+        help="the manager to link to: wss://HOST:PORT; repeat it for a Space's replicas (tried in turn)",
+    )
     link.add_argument("--space", metavar="NAME", help="the space to join")
     link.add_argument("--join-token", metavar="TOKEN", help="one-time join token (only until the hub joined)")
     link.add_argument("--cpm-ca", metavar="FILE", help="the manager's CA certificate (PEM) to trust")

@@ -75,6 +75,12 @@ class ManagerConfig:
     #: grace for a late message: a link silent for heartbeat_interval + this is closed by the
     #: manager, one silent for ping_interval + this by the hub
     pong_timeout: float = 10.0
+    #: the registry in PostgreSQL (``postgresql://...``) shared by the Space's replicas;
+    #: None: SQLite in the data dir (one manager)
+    registry: str | None = None
+    #: how the other replicas reach this one, ``https://HOST:PORT`` (default: public_url, else
+    #: the address the API listens on)
+    advertise_url: str | None = None
     #: bytes one Space-wide topic's log may hold (records its slowest consumer hub has not
     #: taken yet); past it the topic's producers wait
     topic_log_bytes: int = TOPIC_LOG_BYTES
@@ -82,6 +88,11 @@ class ManagerConfig:
     @property
     def registry_path(self) -> Path:
         return self.data_dir / "registry.sqlite3"
+
+    @property
+    def registry_location(self) -> str:
+        """What :class:`cpm.registry.Registry` opens: the PostgreSQL URL, or the SQLite file."""
+        return self.registry if self.registry is not None else str(self.registry_path)
 
     @property
     def generated_tls(self) -> bool:
@@ -150,6 +161,16 @@ def _check(config: ManagerConfig) -> ManagerConfig:
         or config.topic_log_bytes < 1024 * 1024
     ):
         raise ConfigError(f"topic_log_bytes must be at least 1 MiB, not {config.topic_log_bytes!r}")
+    if config.registry is not None and (
+        not isinstance(config.registry, str)
+        or not config.registry.startswith(("postgresql://", "postgres://"))
+    ):
+        raise ConfigError("registry must be a postgresql://USER@HOST[:PORT]/DATABASE URL")
+    if config.advertise_url is not None:
+        url = config.advertise_url
+        if not isinstance(url, str) or PUBLIC_URL.fullmatch(url.rstrip("/")) is None:
+            raise ConfigError(f"advertise_url must look like https://HOST:PORT, not {url!r}")
+        config.advertise_url = url.rstrip("/")
     if not isinstance(config.tls, bool):
         raise ConfigError("tls must be true or false")
     return config

@@ -21,6 +21,7 @@ hub, next to the message the hub shows its operator::
         │   ├── HubNotFound (404)
         │   └── ApiTokenNotFound (404)
         ├── Conflict (409)                      space exists, public key already registered, ...
+        ├── RegistryUnavailable (503)           the registry's database cannot be reached now
         └── HubUnavailable (503)                the hub is not connected
             ├── ManagerNotRunning (503)         nothing answers on the admin socket
             └── HubLinkFailed (502)             the link broke or the hub answered nonsense mid-request
@@ -129,6 +130,13 @@ class JoinTokenNotFound(NotFound):
 class Conflict(ManagerError):
     status = 409
     default_message = "Conflict"
+
+
+class RegistryUnavailable(ManagerError):
+    """The registry's database (PostgreSQL, or a locked SQLite file) cannot serve a call now."""
+
+    status = 503
+    default_message = "The registry's database is unavailable; try again shortly"
 
 
 class HubUnavailable(ManagerError):

@@ -56,6 +56,12 @@ def _common(parser: argparse.ArgumentParser) -> None:
         help="where the registry and certificates live (default: $STATE_DIRECTORY under systemd,"
         " else ~/.local/share/spacehub-cpm)",
     )
+    parser.add_argument(
+        "--registry",
+        metavar="URL",
+        help="keep the registry in PostgreSQL, shared by every replica: postgresql://USER@HOST/DB"
+        " (default: SQLite in the data dir; docs/replicas.md)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
         dest="spaces",
         metavar="NAME",
         help="make this space if missing (repeatable)",
+    )
+    serve.add_argument(
+        "--advertise-url",
+        metavar="URL",
+        help="how the other replicas reach this one, https://HOST:PORT (with --registry postgresql://;"
+        " default: the public URL, else the listening address)",
     )
     serve.add_argument("--heartbeat-interval", type=float, metavar="SECONDS", help="(default 10)")
     serve.add_argument("--missed-heartbeats", type=int, metavar="N", help="before unhealthy (default 3)")
@@ -221,7 +233,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    overrides: dict[str, Any] = {"data_dir": args.data_dir}
+    overrides: dict[str, Any] = {"data_dir": args.data_dir, "registry": getattr(args, "registry", None)}
     if args.command == "join-token" and args.action == "create":
         overrides.update(public_url=args.public_url, package=args.package)
     if args.command == "serve":
@@ -244,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             "ping_interval",
             "pong_timeout",
             "topic_log_bytes",
+            "advertise_url",
         ):
             overrides[name] = getattr(args, name)
     try:
@@ -326,10 +339,15 @@ def _admin(args: argparse.Namespace, config: ManagerConfig) -> int:
             return 1
         print(ca_fingerprint(path))
         return 0
-    if args.command == "space" and args.action == "list" and not config.registry_path.exists():
+    on_file = config.registry is None  # PostgreSQL needs no file here
+    if args.command == "space" and args.action == "list" and on_file and not config.registry_path.exists():
         print(f"cpm: no registry in {config.data_dir} yet: no spaces", file=sys.stderr)
         return 0
-    if not (args.command == "space" and args.action == "create") and not config.registry_path.exists():
+    if (
+        not (args.command == "space" and args.action == "create")
+        and on_file
+        and not config.registry_path.exists()
+    ):
         # Opening would make an empty registry here, and the command would then fail on a
         # Space that lives in another data dir: say where we looked instead.
         print(

@@ -119,6 +119,27 @@ class ManagerMetrics:
             "Hub links up now",
             lambda: {(): float(sessions.links_opened - sessions.links_closed)},
         )
+        replicas = manager.replicas
+        self.metrics.counter_read(
+            "links_fenced_total",
+            "Hub links closed because another replica took the hub over (docs/replicas.md)",
+            lambda: {(): float(sessions.links_fenced)},
+        )
+        self.metrics.counter_read(
+            "forwarded_calls_total",
+            "Space API calls forwarded to the replica holding the hub's link",
+            lambda: {(): float(replicas.forwarded_calls)},
+        )
+        self.metrics.gauge_read(
+            "replica_peers",
+            "Other replicas seen alive in the shared registry",
+            lambda: {(): float(len(replicas.peers))},
+        )
+        self.metrics.counter_read(
+            "registry_statements_total",
+            "SQL statements this manager ran on its registry",
+            lambda: {(): float(manager.registry.database.statements)},
+        )
 
     async def scrape(self, accept: str = "") -> tuple[bytes, str]:
         sessions = self._manager.sessions

@@ -32,6 +32,7 @@ from .faults import Faults
 from .joining import PackageShelf
 from .link.sessions import HubSessions
 from .registry import Registry
+from .replicas import Replicas, share_ca
 from .tls import ca_fingerprint, ensure_ca_and_server_cert
 from .topics import SpaceTopics
 
@@ -48,7 +49,7 @@ APP_QUEUE: Final = 4
 def open_registry(config: ManagerConfig) -> Registry:
     """The registry in the data dir (made, private, on first use)."""
     config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    return Registry(config.registry_path)
+    return Registry(config.registry_location)
 
 
 def manager_id(data_dir: Path) -> str:
@@ -66,10 +67,13 @@ class Manager:
         self.sessions = HubSessions(registry, config, self.id)
         #: every Space's topics, over all its hubs (cpm/topics.py)
         self.topics = SpaceTopics(config.data_dir / "topics", config.topic_log_bytes)
-        self.sessions.on_hub_stream = self.topics.serve_hub_stream
         self.sessions.on_standing = self.topics.forget_revoked
         #: the .deb new hubs install from this manager (cpm/joining.py)
         self.packages = PackageShelf(config.package, config.data_dir)
+        #: this manager among its replicas (cpm/replicas.py; one of one on SQLite)
+        self.replicas = Replicas(self)
+        # Hubs' topic streams: served here, or relayed to the replica keeping the topics.
+        self.sessions.on_hub_stream = self.replicas.serve_hub_stream
         #: with --fault-injection only (cpm/faults.py)
         self.faults: Faults | None = None
         if config.fault_injection:
@@ -117,7 +121,10 @@ def prepare(config: ManagerConfig) -> tuple[Registry, str | None]:
             except Conflict:
                 pass
         fingerprint = None
-        if config.generated_tls:
+        if config.generated_tls and registry.shared:
+            # Replicas serve under one CA, kept in the shared database (cpm/replicas.py).
+            share_ca(registry, config.data_dir, config.public_names)
+        elif config.generated_tls:
             ensure_ca_and_server_cert(config.data_dir, config.public_names, [])
         if config.tls and config.ca_path is not None:
             fingerprint = ca_fingerprint(config.ca_path)
@@ -153,6 +160,7 @@ async def run_manager(
     try:
         manager = await trio.to_thread.run_sync(Manager, config, registry)
         async with trio.open_nursery() as nursery:
+            await manager.replicas.prepare()
             await nursery.start(manager.sessions.run_watchdog)
             await nursery.start(serve_admin, manager, socket_path(config.data_dir))
             # hypercorn types the app as a union of ASGI/WSGI callables; ours is ASGI 3.
@@ -160,6 +168,7 @@ async def run_manager(
             hypercorn_config = _hypercorn_config(config)
             binds: list[str] = await nursery.start(partial(serve, app, hypercorn_config, mode="asgi"))
             addresses = [b.split("://", 1)[-1] for b in binds]
+            await nursery.start(manager.replicas.run, manager.replicas.advertise(addresses))
             logger.info(
                 "API on %s (%s; %s)",
                 ", ".join(addresses),

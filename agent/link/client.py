@@ -278,6 +278,8 @@ class LinkClient:
         auth_timeout: float = AUTH_TIMEOUT,
     ) -> None:
         self._config = config
+        #: which of config.cpm_urls the next attempt dials (moves on after each failure)
+        self._url_index = 0
         self._app = app
         self._load = load or (lambda: {})
         self._summary = summary or (lambda: {"sequences": [], "instances": [], "topics": []})
@@ -331,7 +333,7 @@ class LinkClient:
         return {
             "connected": self.state is LinkState.CONNECTED,
             "state": self.state.value,
-            "cpmUrl": self._config.cpm_url,
+            "cpmUrl": self._url,
             "hubId": self._hub_id,
             "space": self._config.space,
             "lastError": self._last_error,
@@ -341,17 +343,27 @@ class LinkClient:
             "backoffAttempts": self.backoff_attempts,
         }
 
+    @property
+    def _url(self) -> str:
+        """The manager (replica) this attempt dials."""
+        urls = self._config.cpm_urls or [self._config.cpm_url]
+        return urls[self._url_index % len(urls)]
+
+    def _next_url(self) -> None:
+        """After a failed attempt or a lost link, the next replica (if several are given)."""
+        self._url_index += 1
+
     def _move(self, trigger: LinkTrigger) -> None:
         self.state = next_state(self.state, trigger)
 
     def _fail(self, reason: str, *, final: bool = False) -> None:
         self._last_error = reason
         if final:
-            logger.error("link to %s refused, not retrying: %s", self._config.cpm_url, reason)
+            logger.error("link to %s refused, not retrying: %s", self._url, reason)
         elif reason != self._last_logged:
-            logger.warning("link to %s: %s", self._config.cpm_url, reason)
+            logger.warning("link to %s: %s", self._url, reason)
         else:
-            logger.debug("link to %s: %s (again)", self._config.cpm_url, reason)
+            logger.debug("link to %s: %s (again)", self._url, reason)
         self._last_logged = reason
 
     # --- the service -----------------------------------------------------------
@@ -425,6 +437,7 @@ class LinkClient:
                     self.backoff_attempts = 0
             self._fail(reason)
             self._move(LinkTrigger.FAILED)
+            self._next_url()
             delay = backoff_delay(self.backoff_attempts, self.backoff_base, cap)
             # An unreachable manager costs nobody anything to retry (and its delay is
             # capped short, so a cut network is rejoined within seconds of coming
@@ -462,14 +475,14 @@ class LinkClient:
     # --- one attempt -----------------------------------------------------------
 
     def _link_url(self) -> str:
-        parts = urlsplit(self._config.cpm_url)
+        parts = urlsplit(self._url)
         path = parts.path.rstrip("/")
         if not path.endswith(LINK_PATH):
             path += LINK_PATH
         return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
 
     async def _ssl_context(self) -> ssl.SSLContext | None:
-        parts = urlsplit(self._config.cpm_url)
+        parts = urlsplit(self._url)
         if parts.scheme != "wss":
             return None
         fingerprint = self._config.cpm_fingerprint or None
@@ -488,7 +501,7 @@ class LinkClient:
         """The manager's CA, fetched without verification and then checked by its fingerprint."""
         import httpx  # only here, once per hub: the idle hub does not carry an HTTP client
 
-        parts = urlsplit(self._config.cpm_url)
+        parts = urlsplit(self._url)
         url = urlunsplit(("https", parts.netloc, "/api/v1/ca.pem", "", ""))
         unverified = ssl.create_default_context()
         unverified.check_hostname = False
@@ -517,7 +530,7 @@ class LinkClient:
     async def _attempt(self, connected_at: list[float]) -> None:
         """Dial, authenticate and serve until the link ends (returns) or fails (raises)."""
         context = await self._ssl_context()
-        host = urlsplit(self._config.cpm_url).hostname or ""
+        host = urlsplit(self._url).hostname or ""
         async with connect(
             self._link_url(),
             ssl=context,
@@ -540,9 +553,7 @@ class LinkClient:
             self._last_error = None
             self._last_logged = None
             self.connections += 1
-            logger.info(
-                "linked to %s as %s in space %s", self._config.cpm_url, self._hub_id, self._config.space
-            )
+            logger.info("linked to %s as %s in space %s", self._url, self._hub_id, self._config.space)
             interval = _seconds(welcome.heartbeat_interval, 1)
             if interval is not None:
                 self.heartbeat_interval = interval
@@ -612,7 +623,7 @@ class LinkClient:
         assert isinstance(reply, Welcome)  # the table allows welcome or refused only
         hub_id = reply.hub_id
         if joining:
-            record = {"hubId": hub_id, "space": space, "cpmUrl": self._config.cpm_url}
+            record = {"hubId": hub_id, "space": space, "cpmUrl": self._url}
             await trio.to_thread.run_sync(_write_private_json, self.link_path, record)
             logger.info("joined space %s as %s; the join token is not used again", space, hub_id)
             self._on_hub_id(hub_id)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote
 
@@ -50,6 +50,7 @@ from ..errors import Forbidden
 from ..faults import Faults
 from ..link.transport import AsgiWebSocketTransport
 from ..metrics import ManagerMetrics, metrics_token
+from ..replicas import PEER_LINK_PATH, forwarded
 from . import joining as joining_routes
 from . import space as space_routes
 from .tokens import DatabaseVersion, TokenCache
@@ -66,6 +67,8 @@ METRICS_PATH: Final = "/metrics"
 API_BASE: Final = "/api/v1"
 LINK_PATH: Final = "/api/v1/link"
 _SPACE_PREFIX: Final = re.compile(r"^/api/v1/space/([^/]+)(?:/|$)")
+#: The Space API's topic routes: /topics, /topic/:name
+_TOPIC_PATH: Final = re.compile(rb"^/api/v1/space/[^/]+/api/v1/topics?(?:/[^/]+)?/?$")
 
 
 def build_router(manager: Manager) -> Router:
@@ -121,13 +124,22 @@ class ManagerApp:
     def __init__(self, manager: Manager) -> None:
         self._manager = manager
         self._router = build_router(manager)
+        # Calls other replicas forward here are served by this same app (cpm/replicas.py).
+        manager.replicas.app = self
         registry = manager.registry
 
         async def check(space: str, token: str) -> bool:
             return await trio.to_thread.run_sync(registry.check_api_token, space, token)
 
         # An in-memory registry has no file another connection could watch: no caching then.
-        version = DatabaseVersion(registry.path) if registry.path != ":memory:" else (lambda: None)
+        # A shared one (PostgreSQL): the change counter the watchdog keeps reading.
+        version: Callable[[], int | None]
+        if registry.shared:
+            version = lambda: manager.sessions.registry_version  # noqa: E731
+        elif registry.path != ":memory:":
+            version = DatabaseVersion(registry.path)
+        else:
+            version = lambda: None  # noqa: E731
         self._tokens = TokenCache(check, version, trio.current_time)
         self.console = Console(manager, self._tokens.allows)
         register_console(self._router, self.console)
@@ -206,10 +218,20 @@ class ManagerApp:
 
     def _websocket(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
         # Hands back the link's coroutine too (see __call__): its chain is all a link keeps.
-        if scope["path"] != LINK_PATH:
-            return _refuse_websocket(receive, send)
         client = scope.get("client")
         peer = f"{client[0]}:{client[1]}" if client else "?"
+        if scope["path"] == PEER_LINK_PATH:  # another replica (cpm/replicas.py)
+            replicas = self._manager.replicas
+            authorization = None
+            for name, value in scope.get("headers", []):
+                if name.lower() == b"authorization":
+                    authorization = value.decode("latin-1")
+            if not replicas.admits(authorization):
+                logger.warning("refused a peer link from %s: not a replica of this Space", peer)
+                return _refuse_websocket(receive, send)
+            return replicas.serve_peer(AsgiWebSocketTransport(receive, send), peer)
+        if scope["path"] != LINK_PATH:
+            return _refuse_websocket(receive, send)
         transport = AsgiWebSocketTransport(receive, send)
         transport.faults = self._manager.faults
         return self._manager.sessions.serve(transport, peer)
@@ -227,6 +249,14 @@ class ManagerApp:
         if token is None or not await self._tokens.allows(space, token):
             raise Forbidden()
         raw_path: bytes = request.scope.get("raw_path") or request.path.encode()
+        replicas = self._manager.replicas
+        if replicas.active and _TOPIC_PATH.match(raw_path) and not forwarded(request):
+            # The Space-wide topics are kept by one replica (cpm/replicas.py).
+            home = await replicas.topics_home()
+            if home is not None:
+                request.route = f"{API_BASE}/space/:space/api/v1/topic*"
+                await replicas.forward_to_home(home, request, send)
+                return ANSWERED
         proxied = space_routes.PROXY_PATH.match(raw_path)
         if proxied is None:
             return None

@@ -29,6 +29,7 @@ from spacehub.server.load import load_check
 from ..errors import HubNotFound, HubUnavailable
 from ..link.sessions import forward
 from ..registry import Hub
+from ..replicas import forwarded
 from ..topics import topic_listing
 
 if TYPE_CHECKING:
@@ -57,18 +58,23 @@ def register(router: Router, manager: Manager) -> None:
         return json_response(await trio.to_thread.run_sync(load_check, [manager.config.data_dir]))
 
     async def hubs(request: Request) -> Response:
-        listed = await sessions.db(manager.registry.list_hubs, request.params["space"], include_revoked=False)
-        return json_response([sessions.record(hub) for hub in listed])
+        space = request.params["space"]
+        listed = await sessions.db(manager.registry.list_hubs, space, include_revoked=False)
+        remote = await manager.replicas.remote_hubs(space)
+        return json_response([sessions.record(hub, remote) for hub in listed])
 
     async def hub_info(request: Request) -> Response:
-        return json_response(sessions.record(await hub_of(request)))
+        hub = await hub_of(request)
+        remote = await manager.replicas.remote_hubs(hub.space) if sessions.live(hub.id) is None else None
+        return json_response(sessions.record(hub, remote))
 
     def aggregate(kind: str) -> Handler:
         async def handler(request: Request) -> Response:
             space = request.params["space"]
             # Hubs revoked while their link was down are not in the space any more.
             listed = await sessions.db(manager.registry.list_hubs, space, include_revoked=False)
-            items = sessions.aggregate(space, kind, {hub.id for hub in listed})
+            remote = await manager.replicas.remote_hubs(space)
+            items = sessions.aggregate(space, kind, {hub.id for hub in listed}, remote)
             if kind == "topics":
                 return json_response(topic_listing(manager.topics, space, items))
             if kind == "history" or _wants_detail(request):
@@ -129,6 +135,12 @@ async def proxy(manager: Manager, request: Request, send: Send, space: str, hub_
         hub = await manager.sessions.db(manager.registry.get_hub, hub_id)
         if hub.space != space:
             raise HubNotFound(f"hub {hub_id!r} not found")
+        if manager.replicas.active and not forwarded(request):
+            # Its link may be held by another replica: the call goes there (cpm/replicas.py).
+            owner = await manager.sessions.db(manager.registry.hub_owner, hub_id)
+            if owner is not None and owner.replica != manager.id:
+                await manager.replicas.forward(owner, request, send)
+                return
         raise HubUnavailable(f"Hub {hub_id} is not connected")
     if session.space != space:  # a live link was authenticated for its space: no registry trip
         raise HubNotFound(f"hub {hub_id!r} not found")

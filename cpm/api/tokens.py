@@ -7,6 +7,12 @@ when any connection commits: this manager's, or ``cpm token revoke`` in another
 process), and for at most :data:`TOKEN_CACHE_SECONDS`. So a revocation still takes
 effect at once, and a token made a moment ago is never refused from memory (refusals
 are not remembered).
+
+On a registry shared by replicas (PostgreSQL) the version is the change counter the
+watchdog reads every couple of seconds (cpm/link/sessions.py), so a token revoked on
+another replica stops working here within that. While the database cannot be reached,
+a token accepted before goes on being accepted (the replica keeps serving what it
+knows); one never seen is refused with 503, not 403: nobody can tell yet.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Final
+
+from ..errors import RegistryUnavailable
 
 __all__ = ["MAX_CACHED_TOKENS", "TOKEN_CACHE_SECONDS", "DatabaseVersion", "TokenCache"]
 
@@ -81,7 +89,13 @@ class TokenCache:
             accepted_at_version, expires = remembered
             if accepted_at_version == version and self._now() < expires:
                 return True
-        if not await self._check(space, token):
+        try:
+            allowed = await self._check(space, token)
+        except RegistryUnavailable:
+            if remembered is not None:
+                return True
+            raise
+        if not allowed:
             self._accepted.pop(key, None)
             return False
         if version is not None:

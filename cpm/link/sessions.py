@@ -68,9 +68,8 @@ import itertools
 import json
 import logging
 import math
-import sqlite3
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Final, TypeVar, cast
@@ -135,7 +134,16 @@ from .transport import (
     AsgiWebSocketTransport,
 )
 
-__all__ = ["HANDSHAKE_TIMEOUT", "HubReport", "HubSession", "HubSessions", "forward"]
+__all__ = [
+    "HANDSHAKE_TIMEOUT",
+    "HubReport",
+    "HubSession",
+    "HubSessions",
+    "RemoteHub",
+    "forward",
+    "forward_on",
+    "remote_hubs",
+]
 
 logger = logging.getLogger("cpm.link")
 T = TypeVar("T")
@@ -235,6 +243,34 @@ class HubReport:
             self.summary_items = _summary_items(message.summary)
 
 
+@dataclass(frozen=True, slots=True)
+class RemoteHub:
+    """A hub whose link another replica holds: its state and report there."""
+
+    state: str
+    report: HubReport
+
+
+def remote_hubs(space: str, raw: object) -> dict[str, RemoteHub]:
+    """Another replica's :meth:`HubSessions.reports`, read defensively (what does not fit is left out)."""
+    hubs: dict[str, RemoteHub] = {}
+    if not isinstance(raw, dict):
+        return hubs
+    for hub_id, entry in raw.items():
+        if not isinstance(entry, dict) or entry.get("state") not in ("connected", "unhealthy"):
+            continue
+        version, last, load, items = (entry.get(k) for k in ("version", "lastHeartbeat", "load", "items"))
+        report = HubReport(hub_id, space, version if isinstance(version, str) else "")
+        if isinstance(last, int | float) and not isinstance(last, bool):
+            report.last_heartbeat_wall = float(last)
+        if isinstance(load, str):
+            report.load_json = load
+        if isinstance(items, dict):
+            report.summary_items = _summary_items(items)
+        hubs[hub_id] = RemoteHub(entry["state"], report)
+    return hubs
+
+
 @dataclass(eq=False, slots=True)
 class HubSession:
     """One connected hub: its link, its report, and the state of our pings."""
@@ -245,6 +281,8 @@ class HubSession:
     #: trio clock
     connected_at: float
     report: HubReport
+    #: the ownership epoch this link was admitted with (cpm/replicas.py: fencing)
+    epoch: int = 0
     link: LinkSession = field(init=False)
     connected: bool = True
     was_healthy: bool = True
@@ -306,8 +344,13 @@ class HubSessions:
         #: links ended since the heap was last compacted (see _forget_schedule)
         self._stale_due = 0
         self._wakeup = trio.Event()
-        #: the registry's PRAGMA data_version when the watchdog last read the hubs
+        #: the registry's data version when the watchdog last read the hubs
         self._seen_version: int | None = None
+        #: the registry's data version as last read (None: unreadable now); the API's token
+        #: cache keys on it when the registry is shared (cpm/api/tokens.py)
+        self.registry_version: int | None = None
+        #: links closed because another replica took their hub over (metrics)
+        self.links_fenced = 0
         #: links accepted and ended since start (metrics)
         self.links_opened = 0
         self.links_closed = 0
@@ -374,14 +417,18 @@ class HubSessions:
             return "disconnected"
         return "connected" if live.healthy(trio.current_time(), self.health_window) else "unhealthy"
 
-    def record(self, hub: Hub) -> HubRecord:
-        """The Space API's hub record: the registry's, plus what the link knows."""
+    def record(self, hub: Hub, remote: Mapping[str, RemoteHub] | None = None) -> HubRecord:
+        """The Space API's hub record: the registry's, plus what the link knows (the link
+        here, or the one another replica holds: ``remote``, see cpm/replicas.py)."""
         record = hub.record()
         live = self._live.get(hub.id)
         last = self._last.get(hub.id)
         state = self.state(hub.id)
+        elsewhere = remote.get(hub.id) if remote and live is None else None
+        if elsewhere is not None:
+            last, state = elsewhere.report, elsewhere.state
         record["healthy"] = state == "connected"
-        record["isConnectionActive"] = live is not None
+        record["isConnectionActive"] = live is not None or elsewhere is not None
         record["state"] = state
         seen = [t for t in (hub.last_connected, hub.last_disconnected) if t is not None]
         if last is not None and last.last_heartbeat_wall is not None:
@@ -401,20 +448,33 @@ class HubSessions:
             record["topics"] = [item.get("name") for item in last.items("topics")]
         return record
 
-    def aggregate(self, space: str, kind: str, hubs: Collection[str]) -> list[dict[str, Any]]:
+    def aggregate(
+        self,
+        space: str,
+        kind: str,
+        hubs: Collection[str],
+        remote: Mapping[str, RemoteHub] | None = None,
+    ) -> list[dict[str, Any]]:
         """``sequences``, ``instances`` or ``topics`` over the space's hubs, each naming its hub.
 
-        Connected hubs give their last heartbeat's summary; for ``instances``, hubs whose
-        link is down give their last known instances with ``"status": "unknown"``. Only the
-        hubs named in ``hubs`` (the space's hubs that are not revoked) are counted.
+        Connected hubs give their last heartbeat's summary (``remote``: those linked to
+        other replicas); for ``instances``, hubs whose link is down give their last known
+        instances with ``"status": "unknown"``. Only the hubs named in ``hubs`` (the space's
+        hubs that are not revoked) are counted.
         """
         items: list[dict[str, Any]] = []
-        for hub_id in sorted(self._last):
-            report = self._last[hub_id]
+        reports = dict(self._last)
+        for hub_id, elsewhere in (remote or {}).items():
+            if hub_id not in self._live:
+                reports[hub_id] = elsewhere.report
+        for hub_id in sorted(reports):
+            report = reports[hub_id]
             if report.space != space or hub_id not in hubs:
                 continue
             live = self._live.get(hub_id)
-            connected = live is not None and live.report is report
+            connected = (live is not None and live.report is report) or (
+                remote is not None and hub_id in remote and live is None
+            )
             if not connected and kind not in ("instances", "history"):
                 continue
             for item in report.items(kind):
@@ -436,10 +496,10 @@ class HubSessions:
         admitted = await self._admit(connection, transport, peer)
         if admitted is None:
             return
-        hub_id, space, version, batching = admitted
+        hub_id, space, version, batching, epoch = admitted
         transport.hub_id = hub_id
         now = trio.current_time()
-        session = HubSession(hub_id, space, transport, now, HubReport(hub_id, space, version))
+        session = HubSession(hub_id, space, transport, now, HubReport(hub_id, space, version), epoch)
         on_stream = None if self.on_hub_stream is None else partial(self.on_hub_stream, hub_id, space)
         link = session.link = LinkSession(
             connection, transport, on_control_nowait=session.on_control, on_stream=on_stream
@@ -477,16 +537,17 @@ class HubSessions:
                         logger.info("hub %s disconnected: %s", hub_id, reason, extra=context)
                     with trio.move_on_after(NOTICE_TIMEOUT):
                         try:
-                            await self.db(self.registry.mark_disconnected, hub_id)
-                        except (sqlite3.Error, ManagerError) as exc:
+                            await self.db(self.registry.release_hub, hub_id, self.manager_id, epoch)
+                        except ManagerError as exc:
                             logger.error("cannot record that hub %s disconnected: %s", hub_id, exc)
             self._forget_schedule()
 
     async def _admit(
         self, connection: LinkConnection, transport: AsgiWebSocketTransport, peer: str
-    ) -> tuple[str, str, str, bool] | None:
-        """Accept the websocket and run the handshake: the hub's id, space, version and
-        whether it reads BATCH; None (the websocket closed, the reason logged) otherwise."""
+    ) -> tuple[str, str, str, bool, int] | None:
+        """Accept the websocket and run the handshake: the hub's id, space, version,
+        whether it reads BATCH and its ownership epoch; None (the websocket closed, the
+        reason logged) otherwise."""
         try:
             await transport.accept()
         except LinkClosed as exc:  # a peer that leaves at once is no error of ours
@@ -508,7 +569,7 @@ class HubSessions:
         except (LinkClosed, LinkError) as exc:
             logger.info("a link from %s failed during the handshake: %s", peer, exc)
             await transport.aclose(CLOSE_PROTOCOL, "handshake failed")
-        except (sqlite3.Error, ManagerError) as exc:
+        except ManagerError as exc:
             # The registry is busy or broken: not the hub's fault, so no refusal; it dials again.
             logger.error("cannot admit a hub from %s: %s", peer, exc)
             await transport.aclose(CLOSE_INTERNAL, "manager error")
@@ -516,9 +577,9 @@ class HubSessions:
 
     async def _handshake(
         self, connection: LinkConnection, transport: AsgiWebSocketTransport
-    ) -> tuple[str, str, str, bool]:
-        """The admitted hub's id, space, version and whether it reads BATCH frames (not its
-        registry row: the link would keep it)."""
+    ) -> tuple[str, str, str, bool, int]:
+        """The admitted hub's id, space, version, whether it reads BATCH frames (not its
+        registry row: the link would keep it), and the ownership epoch this link holds."""
         conversation = Conversation(Role.MANAGER)
         nonce = make_challenge()
         challenge = Challenge(nonce, self.manager_id, __version__)
@@ -538,7 +599,7 @@ class HubSessions:
             raise Refusal("space-unknown", f"The manager has no space {space!r}") from None
         hub = await (self._join(hello, nonce) if isinstance(hello, Join) else self._auth(hello, nonce))
         try:
-            hub = await self.db(self.registry.mark_connected, hub.id)
+            hub, epoch = await self.db(self.registry.claim_hub, hub.id, self.manager_id)
         except HubRevoked as exc:
             raise Refusal(exc.code, exc.message) from None
         welcome = Welcome(
@@ -554,7 +615,7 @@ class HubSessions:
             link_features=(BATCH_FEATURE,),
         )
         await transport.send(connection.send_control(conversation.send(welcome)))
-        return hub.id, hub.space, hello.version, BATCH_FEATURE in hello.link_features
+        return hub.id, hub.space, hello.version, BATCH_FEATURE in hello.link_features, epoch
 
     async def _join(self, message: Join, nonce: bytes) -> Hub:
         space, public_key = message.space, message.public_key
@@ -674,7 +735,11 @@ class HubSessions:
         """Ping the links; every :data:`WATCHDOG_INTERVAL`: log health changes, close revoked hubs' links."""
         async with trio.open_nursery() as nursery:
             await nursery.start(self._run_pings)
-            self._seen_version = await self.db(self.registry.data_version)
+            try:
+                self._seen_version = await self.db(self.registry.data_version)
+            except ManagerError as exc:  # the database is down: the first round finds out more
+                logger.error("cannot read the registry: %s", exc)
+            self.registry_version = self._seen_version
             task_status.started()
             while True:
                 await trio.sleep(WATCHDOG_INTERVAL)
@@ -693,20 +758,25 @@ class HubSessions:
                             )
                 await self._close_revoked()
 
-    def _hub_standing_if_changed(self) -> tuple[int, dict[str, tuple[str, str | None]] | None]:
-        """The registry's data version, and every hub's standing if another process wrote since."""
+    def _registry_changes(
+        self,
+    ) -> tuple[int, dict[str, tuple[str, str | None]] | None, dict[str, tuple[str, int]] | None]:
+        """The registry's data version; if another process (or replica) wrote since, every
+        hub's standing and, on a shared registry, who holds which hub."""
         version = self.registry.data_version()
         if version == self._seen_version:
-            return version, None
-        return version, self.registry.hub_standing()
+            return version, None, None
+        owners = self.registry.owners() if self.registry.shared else None
+        return version, self.registry.hub_standing(), owners
 
     async def _close_revoked(self) -> None:
         try:
-            version, standing = await self.db(self._hub_standing_if_changed)
-        except (sqlite3.Error, ManagerError) as exc:
+            version, standing, owners = await self.db(self._registry_changes)
+        except ManagerError as exc:
+            self.registry_version = None
             logger.error("cannot check the registry for revoked hubs: %s", exc)
             return
-        self._seen_version = version
+        self._seen_version = self.registry_version = version
         if standing is None:
             return
         if self.on_standing is not None:
@@ -719,6 +789,45 @@ class HubSessions:
             self._last.pop(session.hub_id, None)
             notice = Revoked(reason)
             await session.close(f"revoked: {reason}", notice, code=CLOSE_POLICY)
+        if owners is not None:
+            await self.fence(owners)
+
+    async def fence(self, owners: dict[str, tuple[str, int]]) -> list[str]:
+        """Close every link of ours that another replica has taken over since (its ownership
+        epoch is newer than the one our link was admitted with): two replicas never serve one
+        hub at once. The ids of the hubs let go."""
+        fenced: list[str] = []
+        for session in list(self._live.values()):
+            owner = owners.get(session.hub_id)
+            if owner is None or owner[0] == self.manager_id or owner[1] <= session.epoch:
+                continue
+            fenced.append(session.hub_id)
+            self.links_fenced += 1
+            await session.close(
+                f"taken over by replica {owner[0]} (epoch {owner[1]} > {session.epoch})", code=CLOSE_NORMAL
+            )
+        return fenced
+
+    def reports(self, space: str) -> dict[str, Any]:
+        """What this replica knows of the ``space`` hubs whose links it holds, as JSON for
+        the other replicas (``GET /api/v1/peer/reports``; :func:`remote_hubs` reads it)."""
+        reports: dict[str, Any] = {}
+        for hub_id, session in self._live.items():
+            if session.space != space:
+                continue
+            report = session.report
+            reports[hub_id] = {
+                "state": self.state(hub_id),
+                "version": report.version,
+                "lastHeartbeat": report.last_heartbeat_wall,
+                "load": report.load_json,
+                "items": report.summary_items,
+            }
+        return reports
+
+    def held(self) -> dict[str, int]:
+        """The hubs whose links this replica holds: ``{hub id: epoch}``."""
+        return {hub_id: session.epoch for hub_id, session in self._live.items()}
 
 
 # -- the proxy ----------------------------------------------------------------------------------
@@ -741,17 +850,39 @@ async def forward(session: HubSession, request: Request, send: Send, target: str
     Raises :class:`HubUnavailable` / :class:`HubLinkFailed` only before the response has
     started; after that, a broken link or a reset stream cuts the response short.
     """
+    await forward_on(
+        session.link,
+        request,
+        send,
+        target,
+        _request_headers(request),
+        unavailable=f"Hub {session.hub_id} is not connected",
+        failed=lambda reason: HubLinkFailed(f"Hub {session.hub_id} did not answer: {reason}"),
+    )
+
+
+async def forward_on(
+    link: LinkSession,
+    request: Request,
+    send: Send,
+    target: str,
+    headers: list[tuple[str, str]],
+    *,
+    unavailable: str,
+    failed: Callable[[str], ManagerError],
+) -> None:
+    """:func:`forward` over any link (a hub's, or another replica's: cpm/replicas.py):
+    :class:`HubUnavailable` (``unavailable``) if no stream can be opened, ``failed(reason)``
+    if it breaks before the answer's head."""
     # HTTP/1.1: a request has a body only with a length or a transfer coding. Without one,
     # OPEN and END go together (one message to a hub that reads BATCH).
     no_body = request.header("transfer-encoding") is None and request.header("content-length") in (None, "0")
     try:
-        stream = await session.link.open_stream(
-            request.method, target, _request_headers(request), end=no_body
-        )
+        stream = await link.open_stream(request.method, target, headers, end=no_body)
     except LinkClosed:
-        raise HubUnavailable(f"Hub {session.hub_id} is not connected") from None
+        raise HubUnavailable(unavailable) from None
     except LinkError as exc:
-        raise HubUnavailable(f"Hub {session.hub_id} cannot take the request now: {exc}") from None
+        raise HubUnavailable(f"{unavailable}: cannot take the request now: {exc}") from None
 
     done = False  # the exchange finished both ways: nothing to reset
     failure: str | None = None
@@ -791,7 +922,7 @@ async def forward(session: HubSession, request: Request, send: Send, target: str
             with trio.CancelScope(shield=True), trio.move_on_after(NOTICE_TIMEOUT):
                 await _reset(stream, "the HTTP client went away" if failure is None else failure)
     if failure is not None:
-        raise HubLinkFailed(f"Hub {session.hub_id} did not answer: {failure}")
+        raise failed(failure)
 
 
 async def _answer_quickly(stream: OutboundStream, send: Send) -> bool:

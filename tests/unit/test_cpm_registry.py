@@ -1,6 +1,8 @@
-"""cpm.registry: spaces, hubs, API tokens and join tokens in SQLite.
+"""cpm.registry: spaces, hubs, API tokens and join tokens, in SQLite and in PostgreSQL.
 
-Rules: every test uses its own file under ``tmp_path``; time comes from a fake clock
+Rules: every test of the registry's behaviour runs on both backends (the ``location``
+fixture: a file under ``tmp_path``, or a fresh database of the session's throw-away
+PostgreSQL cluster, harness/postgres.py); the file tests are SQLite's own; time comes from a fake clock
 (never ``sleep``); public keys are made-up 32-byte strings (the registry does not
 care whether they are valid Ed25519 points).
 """
@@ -11,6 +13,7 @@ import hashlib
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -25,12 +28,14 @@ from cpm.errors import (
     HubRevoked,
     JoinRefused,
     ManagerError,
+    RegistryUnavailable,
     SpaceNotFound,
     TokenExpired,
     TokenUnknown,
     TokenUsed,
 )
 from cpm.registry import SCHEMA_VERSION, Hub, Registry, iso_utc, migrate
+from harness.postgres import TemporaryPostgres
 
 ISO_MS_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 T0 = 1_700_000_000.0
@@ -58,10 +63,34 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "registry.sqlite3"
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def location(request: pytest.FixtureRequest, db_path: Path) -> str:
+    """Where the registry lives: an SQLite file, or a PostgreSQL database of its own."""
+    if request.param == "sqlite":
+        return str(db_path)
+    postgres: TemporaryPostgres = request.getfixturevalue("postgres")
+    return postgres.new_database()
+
+
 @pytest.fixture
-def registry(db_path: Path, clock: FakeClock) -> Iterator[Registry]:
+def registry(location: str, clock: FakeClock) -> Iterator[Registry]:
+    with Registry(location, clock=clock) as registry:
+        yield registry
+
+
+@pytest.fixture
+def sqlite_registry(db_path: Path, clock: FakeClock) -> Iterator[Registry]:
     with Registry(db_path, clock=clock) as registry:
         yield registry
+
+
+def dump(registry: Registry, *tables: str) -> str:
+    """Every row of ``tables``, as text, read through the registry's own database."""
+    lines: list[str] = []
+    with registry.database.transaction(write=False) as tx:
+        for table in tables:
+            lines.extend(repr(tuple(row)) for row in tx.execute(f"SELECT * FROM {table}").fetchall())
+    return "\n".join(lines)
 
 
 @pytest.fixture
@@ -80,8 +109,12 @@ def join(
 # -- the file ---------------------------------------------------------------------------------
 
 
-def test_schema_version_and_wal(registry: Registry, db_path: Path) -> None:
+def test_schema_version(registry: Registry) -> None:
     assert registry.schema_version == SCHEMA_VERSION
+
+
+def test_schema_version_and_wal(sqlite_registry: Registry, db_path: Path) -> None:
+    assert sqlite_registry.schema_version == SCHEMA_VERSION
     raw = sqlite3.connect(db_path)
     try:
         assert raw.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
@@ -90,11 +123,11 @@ def test_schema_version_and_wal(registry: Registry, db_path: Path) -> None:
         raw.close()
 
 
-def test_file_is_private(registry: Registry, db_path: Path) -> None:
+def test_file_is_private(sqlite_registry: Registry, db_path: Path) -> None:
     assert db_path.stat().st_mode & 0o077 == 0
 
 
-def test_migrate_is_idempotent(registry: Registry, db_path: Path) -> None:
+def test_migrate_is_idempotent(sqlite_registry: Registry, db_path: Path) -> None:
     raw = sqlite3.connect(db_path, isolation_level=None)
     try:
         assert migrate(raw) == SCHEMA_VERSION
@@ -110,14 +143,47 @@ def test_refuses_a_newer_schema(db_path: Path) -> None:
         Registry(db_path)
 
 
-def test_persists_across_reopen(db_path: Path, clock: FakeClock) -> None:
-    with Registry(db_path, clock=clock) as registry:
+def test_postgres_migrates_once_and_refuses_a_newer_schema(postgres: TemporaryPostgres) -> None:
+    url = postgres.new_database()
+    with Registry(url) as first, Registry(url) as second:  # the second finds it migrated
+        assert first.schema_version == second.schema_version == SCHEMA_VERSION
+        with first.database.transaction() as tx:
+            tx.execute("UPDATE spacehub_schema SET version = ?", (SCHEMA_VERSION + 1,))
+    with pytest.raises(ManagerError, match="newer"):
+        Registry(url)
+
+
+def test_postgres_down_is_a_503_and_it_recovers(postgres: TemporaryPostgres) -> None:
+    # Its own cluster: stopping the session's would break the other tests.
+    own = TemporaryPostgres()
+    try:
+        with Registry(own.new_database()) as registry:
+            registry.create_space("lab")
+            own.stop()
+            with pytest.raises(RegistryUnavailable) as caught:
+                registry.list_spaces()
+            assert caught.value.status == 503
+            own.start()
+            for _ in range(50):  # the pool reconnects by itself
+                try:
+                    assert [s.name for s in registry.list_spaces()] == ["lab"]
+                    break
+                except RegistryUnavailable:
+                    time.sleep(0.2)
+            else:
+                raise AssertionError("the registry did not come back with its database")
+    finally:
+        own.close()
+
+
+def test_persists_across_reopen(location: str, clock: FakeClock) -> None:
+    with Registry(location, clock=clock) as registry:
         registry.create_space("lab")
         api_token = registry.create_api_token("lab", "ci")
         join_token = registry.create_join_token("lab")
         hub = join(registry, "lab", key(1), description="pi", tags=["edge"])
         registry.mark_connected(hub.id, T0 + 5)
-    with Registry(db_path, clock=clock) as registry:
+    with Registry(location, clock=clock) as registry:
         assert [space.name for space in registry.list_spaces()] == ["lab"]
         assert registry.check_api_token("lab", api_token)
         again = registry.get_hub(hub.id)
@@ -138,7 +204,7 @@ def test_usable_from_other_threads(registry: Registry, space: str) -> None:
     def work(n: int) -> None:
         try:
             join(registry, space, key(n))
-        except (ManagerError, sqlite3.Error) as exc:
+        except ManagerError as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(n,)) for n in range(10)]
@@ -213,19 +279,16 @@ def test_delete_space_forced_takes_everything(registry: Registry, space: str) ->
 # -- API tokens -------------------------------------------------------------------------------
 
 
-def test_api_token_stored_hashed(registry: Registry, space: str, db_path: Path) -> None:
+def test_api_token_stored_hashed(registry: Registry, space: str) -> None:
     token = registry.create_api_token(space, "ci")
     assert token.startswith("shk_")
     assert len(token) > 40
-    raw = sqlite3.connect(db_path)
-    try:
-        rows = raw.execute("SELECT hash, space, description FROM api_tokens").fetchall()
-        dump = "\n".join(raw.iterdump())
-    finally:
-        raw.close()
+    with registry.database.transaction(write=False) as tx:
+        rows = [tuple(r) for r in tx.execute("SELECT hash, space, description FROM api_tokens").fetchall()]
+    everything = dump(registry, "api_tokens", "spaces")
     assert rows == [(hashlib.sha256(token.encode()).hexdigest(), space, "ci")]
-    assert token not in dump
-    assert token.removeprefix("shk_") not in dump
+    assert token not in everything
+    assert token.removeprefix("shk_") not in everything
 
 
 def test_api_token_check(registry: Registry, space: str) -> None:
@@ -310,15 +373,11 @@ def test_join_happy_path(registry: Registry, space: str, clock: FakeClock) -> No
     assert registry.list_hubs(space) == [hub]
 
 
-def test_join_token_stored_hashed(registry: Registry, space: str, db_path: Path) -> None:
+def test_join_token_stored_hashed(registry: Registry, space: str) -> None:
     token = registry.create_join_token(space)
-    raw = sqlite3.connect(db_path)
-    try:
-        dump = "\n".join(raw.iterdump())
-    finally:
-        raw.close()
-    assert hashlib.sha256(token.encode()).hexdigest() in dump
-    assert token.removeprefix("shj_") not in dump
+    everything = dump(registry, "join_tokens")
+    assert hashlib.sha256(token.encode()).hexdigest() in everything
+    assert token.removeprefix("shj_") not in everything
 
 
 def test_join_token_expired(registry: Registry, space: str, clock: FakeClock) -> None:
@@ -486,17 +545,24 @@ def test_errors_carry_status() -> None:
     assert TokenExpired("custom").message == "custom"
 
 
-def test_data_version_moves_only_for_other_connections(
-    registry: Registry, space: str, db_path: Path, clock: FakeClock
+def test_data_version_moves_for_other_connections(
+    registry: Registry, space: str, location: str, clock: FakeClock
 ) -> None:
-    # The running manager polls this instead of scanning the hubs: its own writes (connects,
-    # disconnects) must not look like a change, another process's (cpm hub revoke) must.
+    # The running manager polls this instead of scanning the hubs: another process's
+    # writes (cpm hub revoke, another replica) must move it. On SQLite its own writes
+    # (connects, disconnects) do not; on PostgreSQL every commit that changed a row does.
     hub = join(registry, space, key(1))
     before = registry.data_version()
     registry.mark_connected(hub.id)
     registry.mark_disconnected(hub.id)
-    assert registry.data_version() == before
-    with Registry(db_path, clock=clock) as admin:
+    if not registry.shared:
+        assert registry.data_version() == before
+    else:
+        assert registry.data_version() == before + 2
+        before = registry.data_version()
+        registry.list_hubs(space)
+        assert registry.data_version() == before  # reads never move it
+    with Registry(location, clock=clock) as admin:
         admin.revoke_hub(hub.id, "stolen")
     assert registry.data_version() != before
 

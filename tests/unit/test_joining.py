@@ -35,9 +35,12 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
-@pytest.fixture
-def registry(tmp_path: Path, clock: FakeClock) -> Iterator[Registry]:
-    with Registry(tmp_path / "registry.sqlite3", clock=clock) as registry:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def registry(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock) -> Iterator[Registry]:
+    location = str(tmp_path / "registry.sqlite3")
+    if request.param == "postgresql":
+        location = request.getfixturevalue("postgres").new_database()
+    with Registry(location, clock=clock) as registry:
         registry.create_space("lab")
         registry.create_space("other")
         yield registry
@@ -122,6 +125,8 @@ def test_version_1_registry_is_migrated_with_its_tokens(tmp_path: Path) -> None:
     # Back to what a version-1 manager wrote.
     for column in ("description", "tags", "revoked_at"):
         raw.execute(f"ALTER TABLE join_tokens DROP COLUMN {column}")
+    for table in ("replicas", "hub_owners", "cluster", "registry_changes"):
+        raw.execute(f"DROP TABLE {table}")
     raw.execute("PRAGMA user_version = 1")
     assert migrate(raw) == 1
     raw.close()

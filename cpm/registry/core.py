@@ -20,8 +20,10 @@ same token cannot both win. After that the link proves the key by a signed chall
 Times are floats (seconds since the epoch) from an injectable ``clock`` so tests can
 expire tokens without sleeping; records show them as ISO-8601 UTC with milliseconds.
 
-The schema's version is ``PRAGMA user_version``; :func:`migrate` applies the steps in
-``_MIGRATIONS`` that a file lacks, each in its own transaction.
+The database is SQLite (one file in the data dir, the embedded default: :mod:`.sqlite`)
+or PostgreSQL shared by manager replicas (:mod:`.postgres`); the SQL here is written once
+for both (``?`` placeholders, rows read by column name). Each backend migrates its
+schema (:mod:`.database`) when opened.
 """
 
 from __future__ import annotations
@@ -29,11 +31,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import re
 import secrets
-import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -50,7 +49,7 @@ from cpm.errors import (
     HubNotFound,
     HubRevoked,
     JoinTokenNotFound,
-    ManagerError,
+    RegistryUnavailable,
     SpaceNotFound,
     TokenExpired,
     TokenRevoked,
@@ -59,23 +58,27 @@ from cpm.errors import (
 )
 from spacehub.models import HubRecord, SpaceRecord
 
+from .database import SCHEMA_VERSION, Database, Row, Transaction
+from .postgres import PostgresDatabase, is_postgres_url
+from .sqlite import SqliteDatabase
+
 __all__ = [
     "API_TOKEN_PREFIX",
     "DEFAULT_JOIN_TTL_SECONDS",
     "JOIN_TOKEN_PREFIX",
+    "MAX_JOIN_TTL_SECONDS",
     "SCHEMA_VERSION",
+    "TOKEN_ID_LENGTH",
     "ApiToken",
     "Hub",
+    "HubOwner",
     "IssuedJoinToken",
     "JoinToken",
     "Registry",
+    "Replica",
     "Space",
     "iso_utc",
-    "migrate",
 ]
-
-#: The schema version this code writes; ``PRAGMA user_version`` of an up-to-date file.
-SCHEMA_VERSION: Final = 2
 
 #: A space name: lower-case letters, digits and dashes, not starting with a dash, 1-63 chars.
 SPACE_NAME: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
@@ -95,56 +98,7 @@ MAX_TAG_LENGTH: Final = 128
 DEFAULT_JOIN_TTL_SECONDS: Final = 3600.0
 #: Longest a join token may live.
 MAX_JOIN_TTL_SECONDS: Final = 30 * 24 * 3600
-#: How long a statement waits for another process (e.g. an admin tool) holding the write lock.
-BUSY_TIMEOUT_SECONDS: Final = 5.0
 PUBLIC_KEY_SIZE: Final = 32
-
-# Each step takes the schema from version i to i + 1. Never edit a released step; add one.
-_MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
-    (
-        """CREATE TABLE spaces (
-            name TEXT PRIMARY KEY,
-            created REAL NOT NULL
-        )""",
-        """CREATE TABLE hubs (
-            id TEXT PRIMARY KEY,
-            space TEXT NOT NULL REFERENCES spaces(name) ON DELETE CASCADE,
-            public_key BLOB NOT NULL UNIQUE CHECK (length(public_key) = 32),
-            description TEXT NOT NULL DEFAULT '',
-            tags TEXT NOT NULL DEFAULT '[]',
-            created REAL NOT NULL,
-            last_connected REAL,
-            last_disconnected REAL,
-            revoked_at REAL,
-            revoked_reason TEXT
-        )""",
-        "CREATE INDEX hubs_space ON hubs(space)",
-        """CREATE TABLE api_tokens (
-            hash TEXT PRIMARY KEY,
-            space TEXT NOT NULL REFERENCES spaces(name) ON DELETE CASCADE,
-            description TEXT NOT NULL DEFAULT '',
-            created REAL NOT NULL,
-            revoked_at REAL
-        )""",
-        "CREATE INDEX api_tokens_space ON api_tokens(space)",
-        """CREATE TABLE join_tokens (
-            hash TEXT PRIMARY KEY,
-            space TEXT NOT NULL REFERENCES spaces(name) ON DELETE CASCADE,
-            created REAL NOT NULL,
-            expires_at REAL NOT NULL,
-            used_at REAL,
-            used_by_hub TEXT
-        )""",
-        "CREATE INDEX join_tokens_space ON join_tokens(space)",
-    ),
-    # 2: join tokens made over the API carry what the hub will be shown as, and can be revoked.
-    (
-        "ALTER TABLE join_tokens ADD COLUMN description TEXT NOT NULL DEFAULT ''",
-        "ALTER TABLE join_tokens ADD COLUMN tags TEXT NOT NULL DEFAULT '[]'",
-        "ALTER TABLE join_tokens ADD COLUMN revoked_at REAL",
-    ),
-)
-assert len(_MIGRATIONS) == SCHEMA_VERSION
 
 
 def iso_utc(timestamp: float) -> str:
@@ -194,6 +148,25 @@ class Hub:
             "description": self.description,
             "tags": list(self.tags),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class HubOwner:
+    """The replica holding a hub's link, at which epoch, and how to reach it (None if the
+    replica left no liveness row)."""
+
+    replica: str
+    epoch: int
+    url: str | None
+    seen: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Replica:
+    id: str
+    url: str
+    started: float
+    seen: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,61 +240,31 @@ class IssuedJoinToken:
     listing: JoinToken
 
 
-def migrate(db: sqlite3.Connection) -> int:
-    """Bring ``db`` (in autocommit mode) up to :data:`SCHEMA_VERSION`; returns the version found.
-
-    Raises :class:`ManagerError` for a file written by a newer manager.
-    """
-    found = _user_version(db)
-    if found > SCHEMA_VERSION:
-        raise ManagerError(
-            f"the registry's schema is version {found}, newer than this manager's {SCHEMA_VERSION}; "
-            "upgrade the manager"
-        )
-    for version in range(found, SCHEMA_VERSION):
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            # Another process may have migrated while we waited for the lock.
-            if _user_version(db) == version:
-                for statement in _MIGRATIONS[version]:
-                    db.execute(statement)
-                db.execute(f"PRAGMA user_version = {version + 1:d}")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
-    return found
-
-
 class Registry:
     """Spaces, hubs and tokens in one SQLite file. Use as a context manager or call :meth:`close`."""
 
-    def __init__(self, path: Path | str, *, clock: Callable[[], float] = time.time) -> None:
-        self.path = str(path)
+    def __init__(self, location: Path | str | Database, *, clock: Callable[[], float] = time.time) -> None:
+        """``location``: an SQLite file's path (or ``":memory:"``), a ``postgresql://`` URL,
+        or a :class:`~.database.Database` already open."""
         self._clock = clock
-        self._lock = threading.Lock()
         #: when it answers True, a transaction that wrote fails (fault injection, cpm/faults.py)
         self.fail_writes: Callable[[], bool] | None = None
-        if self.path != ":memory:" and not os.path.exists(self.path):
-            # Create it private; SQLite gives the -wal and -shm files the same mode.
-            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves, identically on 3.11-3.13.
-        self._db = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_SECONDS
-        )
-        try:
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode = WAL")
-            self._db.execute("PRAGMA synchronous = NORMAL")  # durable across crashes in WAL mode
-            self._db.execute("PRAGMA foreign_keys = ON")
-            migrate(self._db)
-        except BaseException:
-            self._db.close()
-            raise
+        if isinstance(location, str) and is_postgres_url(location):
+            self.database: Database = PostgresDatabase(location)
+        elif isinstance(location, str | Path):
+            self.database = SqliteDatabase(location)
+        else:
+            self.database = location
+        #: the SQLite file's path, or the database's URL without its password
+        self.path = getattr(self.database, "path", self.database.location)
+
+    @property
+    def shared(self) -> bool:
+        """Whether other manager replicas may use this database too (PostgreSQL)."""
+        return self.database.dialect == "postgresql"
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self.database.close()
 
     def __enter__(self) -> Self:
         return self
@@ -336,8 +279,7 @@ class Registry:
 
     @property
     def schema_version(self) -> int:
-        with self._lock:
-            return _user_version(self._db)
+        return self.database.schema_version()
 
     # -- spaces ---------------------------------------------------------------------------------
 
@@ -355,11 +297,11 @@ class Registry:
         return space
 
     def get_space(self, name: str) -> Space:
-        with self._transaction() as db:
+        with self._transaction(write=False) as db:
             return self._space(db, name)
 
     def list_spaces(self) -> list[Space]:
-        with self._transaction() as db:
+        with self._transaction(write=False) as db:
             rows = db.execute("SELECT name, created FROM spaces ORDER BY name").fetchall()
         return [Space(row["name"], row["created"]) for row in rows]
 
@@ -398,7 +340,7 @@ class Registry:
         if not isinstance(token, str) or len(token) > MAX_TOKEN_LENGTH:
             return False
         digest = _hash_token(token)
-        with self._transaction() as db:
+        with self._transaction(write=False) as db:
             row = db.execute(
                 "SELECT hash, space, revoked_at FROM api_tokens WHERE hash = ?", (digest,)
             ).fetchone()
@@ -449,7 +391,7 @@ class Registry:
 
     def list_api_tokens(self, space: str, *, include_revoked: bool = False) -> list[ApiToken]:
         """The space's API tokens, oldest first, without their secrets."""
-        with self._transaction() as db:
+        with self._transaction(write=False) as db:
             self._space(db, space)
             rows = db.execute(
                 "SELECT * FROM api_tokens WHERE space = ? AND (? OR revoked_at IS NULL)"
@@ -497,7 +439,7 @@ class Registry:
         """The space's join tokens a hub can still use (all of them with ``include_spent``:
         used, expired and revoked ones too), oldest first, without their secrets."""
         now = self._clock()
-        with self._transaction() as db:
+        with self._transaction(write=False) as db:
             self._space(db, space)
             rows = db.execute(
                 "SELECT * FROM join_tokens WHERE space = ? ORDER BY created, hash", (space,)
@@ -601,12 +543,12 @@ class Registry:
         return hub
 
     def get_hub(self, hub_id: str) -> Hub:
-        with self._transaction() as db:
+        with self._transaction(write=False) as db:
             return self._hub(db, hub_id)
 
     def hub_by_key(self, public_key: bytes) -> Hub:
         """The hub registered with this raw public key; :class:`HubNotFound` if none."""
-        with self._transaction() as db:
+        with self._transaction(write=False) as db:
             row = db.execute("SELECT * FROM hubs WHERE public_key = ?", (bytes(public_key),)).fetchone()
         if row is None:
             raise HubNotFound()
@@ -614,7 +556,7 @@ class Registry:
 
     def list_hubs(self, space: str, *, include_revoked: bool = True) -> list[Hub]:
         """The space's hubs, oldest first."""
-        with self._transaction() as db:
+        with self._transaction(write=False) as db:
             self._space(db, space)
             rows = db.execute(
                 "SELECT * FROM hubs WHERE space = ? AND (? OR revoked_at IS NULL) ORDER BY created, id",
@@ -628,7 +570,7 @@ class Registry:
         A revoked hub's reason is ``""`` if none was given. One narrow scan, no parsing: the
         manager calls it only when :meth:`data_version` says another process wrote the file.
         """
-        with self._transaction() as db:
+        with self._transaction(write=False) as db:
             rows = db.execute("SELECT id, space, revoked_at, revoked_reason FROM hubs").fetchall()
         return {
             row["id"]: (row["space"], None if row["revoked_at"] is None else row["revoked_reason"] or "")
@@ -636,15 +578,10 @@ class Registry:
         }
 
     def data_version(self) -> int:
-        """SQLite's ``PRAGMA data_version`` of this registry's connection.
-
-        It changes when *another* connection (another process, e.g. ``cpm hub revoke``)
-        commits to the file, never for this connection's own writes, so a running manager
-        can tell, without reading a table, whether anyone else changed the registry.
-        """
-        with self._lock:
-            (version,) = self._db.execute("PRAGMA data_version").fetchone()
-        return int(version)
+        """A number that changes when another process commits to the registry (``cpm hub
+        revoke``, another replica), so a running manager can tell, without reading a table,
+        whether anyone else changed it. (On PostgreSQL our own commits move it too.)"""
+        return self.database.data_version()
 
     def revoke_hub(self, hub_id: str, reason: str) -> Hub:
         """Revoke a hub's key for good; revoking again keeps the first time and reason.
@@ -686,49 +623,171 @@ class Registry:
             )
             return self._hub(db, hub_id)
 
+    # -- replicas: who holds each hub's link ----------------------------------------------------
+
+    def claim_hub(self, hub_id: str, replica: str, when: float | None = None) -> tuple[Hub, int]:
+        """Record that ``replica`` holds the hub's link from now on (it came up there): the hub
+        and the new ownership epoch, one more than any before it. :class:`HubRevoked` for a
+        revoked hub. Any other replica still holding a link of this hub sees the newer epoch
+        and closes its link (fencing: cpm/replicas.py)."""
+        with self._transaction() as db:
+            hub = self._hub(db, hub_id)
+            if hub.revoked:
+                raise HubRevoked(
+                    f"{HubRevoked.default_message}: {hub.revoked_reason}"
+                    if hub.revoked_reason
+                    else HubRevoked.default_message
+                )
+            db.execute(
+                "UPDATE hubs SET last_connected = ? WHERE id = ?",
+                (self._clock() if when is None else when, hub_id),
+            )
+            (epoch,) = db.execute(
+                "INSERT INTO hub_owners (hub_id, replica, epoch) VALUES (?, ?, 1)"
+                " ON CONFLICT (hub_id) DO UPDATE SET replica = excluded.replica,"
+                " epoch = hub_owners.epoch + 1 RETURNING epoch",
+                (hub_id, replica),
+            ).fetchone()
+            return self._hub(db, hub_id), int(epoch)
+
+    def release_hub(self, hub_id: str, replica: str, epoch: int, when: float | None = None) -> bool:
+        """The link ``replica`` held at ``epoch`` ended: forget the ownership and record
+        ``lastDisconnected``, unless a newer link (here or on another replica) took over."""
+        with self._transaction() as db:
+            gone = db.execute(
+                "DELETE FROM hub_owners WHERE hub_id = ? AND replica = ? AND epoch = ?",
+                (hub_id, replica, epoch),
+            ).rowcount
+            if gone:
+                db.execute(
+                    "UPDATE hubs SET last_disconnected = ? WHERE id = ?",
+                    (self._clock() if when is None else when, hub_id),
+                )
+        return bool(gone)
+
+    def hub_owner(self, hub_id: str) -> HubOwner | None:
+        """Which replica holds the hub's link (with how to reach it), if any does."""
+        with self._transaction(write=False) as db:
+            row = db.execute(
+                "SELECT o.replica, o.epoch, r.url, r.seen FROM hub_owners o"
+                " LEFT JOIN replicas r ON r.id = o.replica WHERE o.hub_id = ?",
+                (hub_id,),
+            ).fetchone()
+        if row is None:
+            return None
+        return HubOwner(row["replica"], int(row["epoch"]), row["url"], row["seen"])
+
+    def owners(self) -> dict[str, tuple[str, int]]:
+        """Every held hub: ``{hub id: (replica, epoch)}``."""
+        with self._transaction(write=False) as db:
+            rows = db.execute("SELECT hub_id, replica, epoch FROM hub_owners").fetchall()
+        return {row["hub_id"]: (row["replica"], int(row["epoch"])) for row in rows}
+
+    def owned_by(self, replica: str) -> dict[str, int]:
+        """The hubs ``replica`` holds: ``{hub id: epoch}``."""
+        with self._transaction(write=False) as db:
+            rows = db.execute("SELECT hub_id, epoch FROM hub_owners WHERE replica = ?", (replica,)).fetchall()
+        return {row["hub_id"]: int(row["epoch"]) for row in rows}
+
+    def reassert_hubs(self, replica: str, held: dict[str, int]) -> None:
+        """Put back the ownership rows of links ``replica`` still holds ({hub: epoch}) that
+        another replica removed while this one could not reach the database; a hub someone
+        else has claimed meanwhile keeps its newer owner (and this replica is fenced)."""
+        with self._transaction() as db:
+            for hub_id, epoch in held.items():
+                db.execute(
+                    "INSERT INTO hub_owners (hub_id, replica, epoch) SELECT ?, ?, ?"
+                    " WHERE EXISTS (SELECT 1 FROM hubs WHERE id = ?) ON CONFLICT (hub_id) DO NOTHING",
+                    (hub_id, replica, epoch, hub_id),
+                )
+
+    def replica_alive(self, replica: str, url: str, started: float) -> None:
+        """This replica's liveness row: how peers reach it, and when it last said it lives.
+        Not counted as a change (the change counter is what replicas poll)."""
+        with self.database.transaction(write=False, counted=False) as db:
+            db.execute(
+                "INSERT INTO replicas (id, url, started, seen) VALUES (?, ?, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET url = excluded.url, started = excluded.started,"
+                " seen = excluded.seen",
+                (replica, url, started, self._clock()),
+            )
+
+    def replicas(self) -> list[Replica]:
+        """Every replica with a liveness row, by id."""
+        with self._transaction(write=False) as db:
+            rows = db.execute("SELECT id, url, started, seen FROM replicas ORDER BY id").fetchall()
+        return [Replica(row["id"], row["url"], row["started"], row["seen"]) for row in rows]
+
+    def forget_replica(self, replica: str) -> int:
+        """A replica stops (or starts afresh): its liveness row and every ownership it held
+        go; those hubs are recorded disconnected. How many hubs it held."""
+        now = self._clock()
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE hubs SET last_disconnected = ? WHERE id IN"
+                " (SELECT hub_id FROM hub_owners WHERE replica = ?)",
+                (now, replica),
+            )
+            gone = db.execute("DELETE FROM hub_owners WHERE replica = ?", (replica,)).rowcount
+            db.execute("DELETE FROM replicas WHERE id = ?", (replica,))
+            # What it was home to (the Space-wide topics) goes to the next replica to need it.
+            db.execute("DELETE FROM cluster WHERE substr(name, 1, 5) = 'home:' AND value = ?", (replica,))
+        return gone
+
+    def dead_replicas(self, silent_for: float) -> list[str]:
+        """Replicas whose liveness row is older than ``silent_for`` seconds, or that own hubs
+        with no liveness row at all."""
+        cutoff = self._clock() - silent_for
+        with self._transaction(write=False) as db:
+            rows = db.execute(
+                "SELECT id FROM replicas WHERE seen < ?"
+                " UNION SELECT DISTINCT replica FROM hub_owners"
+                " WHERE replica NOT IN (SELECT id FROM replicas)",
+                (cutoff,),
+            ).fetchall()
+        return sorted(row[0] for row in rows)
+
+    def cluster_value(self, name: str, make: Callable[[], str]) -> str:
+        """A setting every replica shares (the peers' secret, the CA): the stored one, or
+        ``make()``'s, stored now if no replica stored one first."""
+        with self._transaction() as db:
+            row = db.execute("SELECT value FROM cluster WHERE name = ?", (name,)).fetchone()
+            if row is not None:
+                return str(row["value"])
+            value = make()
+            db.execute("INSERT INTO cluster (name, value) VALUES (?, ?)", (name, value))
+            return value
+
     # -- helpers --------------------------------------------------------------------------------
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """One transaction under the lock. IMMEDIATE takes the write lock up front, so a
-        read-then-write (e.g. redeeming a token) cannot be overtaken by another process."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            changes = self._db.total_changes
-            try:
-                yield self._db
-                if self.fail_writes is not None and self._db.total_changes != changes and self.fail_writes():
-                    raise sqlite3.OperationalError("fault injected: the registry refuses writes")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _transaction(self, *, write: bool = True) -> Iterator[Transaction]:
+        """One transaction; a writing one cannot be overtaken by another process's write."""
+        with self.database.transaction(write=write) as tx:
+            yield tx
+            if self.fail_writes is not None and tx.wrote and self.fail_writes():
+                raise RegistryUnavailable("fault injected: the registry refuses writes")
 
     @staticmethod
-    def _space(db: sqlite3.Connection, name: str) -> Space:
+    def _space(db: Transaction, name: str) -> Space:
         row = db.execute("SELECT name, created FROM spaces WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise SpaceNotFound(f"space {name!r} not found")
         return Space(row["name"], row["created"])
 
     @staticmethod
-    def _hub(db: sqlite3.Connection, hub_id: str) -> Hub:
+    def _hub(db: Transaction, hub_id: str) -> Hub:
         row = db.execute("SELECT * FROM hubs WHERE id = ?", (hub_id,)).fetchone()
         if row is None:
             raise HubNotFound(f"hub {hub_id!r} not found")
         return _hub(row)
 
     @staticmethod
-    def _new_hub_id(db: sqlite3.Connection) -> str:
+    def _new_hub_id(db: Transaction) -> str:
         while True:  # 32 random bits: a clash is rare, and then we simply draw again
             hub_id = HUB_ID_PREFIX + secrets.token_hex(4)
             if db.execute("SELECT 1 FROM hubs WHERE id = ?", (hub_id,)).fetchone() is None:
                 return hub_id
-
-
-def _user_version(db: sqlite3.Connection) -> int:
-    (version,) = db.execute("PRAGMA user_version").fetchone()
-    return int(version)
 
 
 def _hash_token(token: str) -> str:
@@ -753,7 +812,7 @@ def _check_tags(tags: Iterable[str]) -> tuple[str, ...]:
     return checked
 
 
-def _hub(row: sqlite3.Row) -> Hub:
+def _hub(row: Row) -> Hub:
     return Hub(
         id=row["id"],
         space=row["space"],
@@ -768,7 +827,7 @@ def _hub(row: sqlite3.Row) -> Hub:
     )
 
 
-def _api_token(row: sqlite3.Row) -> ApiToken:
+def _api_token(row: Row) -> ApiToken:
     return ApiToken(
         id=row["hash"][:TOKEN_ID_LENGTH],
         space=row["space"],
@@ -778,7 +837,7 @@ def _api_token(row: sqlite3.Row) -> ApiToken:
     )
 
 
-def _join_token(row: sqlite3.Row) -> JoinToken:
+def _join_token(row: Row) -> JoinToken:
     return JoinToken(
         id=row["hash"][:TOKEN_ID_LENGTH],
         space=row["space"],

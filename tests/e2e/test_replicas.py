@@ -1,0 +1,315 @@
+"""End-to-end: a Space served by three `cpm` replicas sharing one real PostgreSQL
+(docs/replicas.md).
+
+Each test takes a fresh database of the session's throw-away cluster (harness/postgres.py)
+and starts three real `cpm serve --registry postgresql://...` processes, each with its own
+data dir; real `sth` hubs link to them. The replicas share one CA (the first one's, kept in
+the database), so a hub trusting the CA file of any of them can link to all.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+import trio
+
+from harness.postgres import TemporaryPostgres
+from tests.cpm_helpers import ManagerProcess, cpm, run_cpm
+from tests.helpers import HubProcess, python_package, run_sth
+
+from .test_link_e2e import FAST, TIMEOUT, ssl_context
+
+pytest.importorskip("agent.link.client")
+
+ECHO = """
+async def run(context, input, *args):
+    async for chunk in input:
+        yield chunk
+"""
+
+
+@contextmanager
+def replicas(tmp: Path, url: str, count: int = 3, *args: str) -> Iterator[list[ManagerProcess]]:
+    with ExitStack() as stack:
+        started = [
+            stack.enter_context(run_cpm(tmp / f"r{i}", "--registry", url, *FAST, *args)) for i in range(count)
+        ]
+        yield started
+
+
+def admin(data: Path, url: str, *args: str) -> str:
+    return cpm(data, *args, "--registry", url)
+
+
+@contextmanager
+def hub_on(
+    tmp: Path, name: str, managers: list[ManagerProcess], join: str | None = None
+) -> Iterator[HubProcess]:
+    """A hub dialling ``managers`` in turn (the first one first)."""
+    data = tmp / name
+    data.mkdir(exist_ok=True)
+    args = ["--data-dir", str(data), "--space", "demo", "--cpm-ca", str(managers[0].ca_file)]
+    for manager in managers:
+        args += ["--cpm-url", manager.link_url]
+    if join is not None:
+        args += ["--join-token", join]
+    args += ["--link-backoff-cap", "2", "--kill-grace", "1"]
+    with run_sth(data / "sequences", *args) as hub:
+        yield hub
+
+
+@asynccontextmanager
+async def space_of(manager: ManagerProcess, token: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        base_url=manager.space_url("demo"),
+        headers={"Authorization": f"Bearer {token}"},
+        verify=ssl_context(manager),
+        timeout=TIMEOUT,
+    ) as client:
+        yield client
+
+
+async def hub_id_of(hub: HubProcess) -> str:
+    async with httpx.AsyncClient(base_url=hub.url, timeout=TIMEOUT) as http:
+        with trio.fail_after(30):
+            while True:
+                link = (await http.get("/status")).json().get("cpm") or {}
+                if link.get("connected") and link.get("hubId"):
+                    return str(link["hubId"])
+                await trio.sleep(0.1)
+
+
+async def until_listed(space: httpx.AsyncClient, hubs: set[str], seconds: float = 30) -> list[dict[str, Any]]:
+    """The space's /list once every hub in ``hubs`` shows connected and healthy."""
+    with trio.fail_after(seconds):
+        while True:
+            response = await space.get("/list")
+            if response.status_code == 200:
+                listed = response.json()
+                healthy = {r["id"] for r in listed if r["isConnectionActive"] and r["healthy"]}
+                if hubs <= healthy:
+                    return list(listed)
+            await trio.sleep(0.2)
+
+
+def owners(url: str) -> dict[str, tuple[str, int]]:
+    with psycopg.connect(url) as connection:
+        rows = connection.execute("SELECT hub_id, replica, epoch FROM hub_owners").fetchall()
+    return {hub: (replica, epoch) for hub, replica, epoch in rows}
+
+
+def manager_id(manager: ManagerProcess) -> str:
+    return (manager.data_dir / "manager-id").read_text().strip()
+
+
+async def test_every_route_answers_the_same_from_every_replica(
+    tmp_path: Path, postgres: TemporaryPostgres
+) -> None:
+    url = postgres.new_database()
+    data = tmp_path / "r0"
+    with replicas(tmp_path, url) as managers:
+        admin(data, url, "space", "create", "demo")
+        token = admin(data, url, "token", "create", "--space", "demo")
+        joins = [admin(data, url, "join-token", "create", "--space", "demo") for _ in managers]
+        # All three replicas serve under the one CA the first made.
+        assert len({m.ca_file.read_bytes() for m in managers}) == 1
+        assert len({m.fingerprint for m in managers}) == 1
+        with ExitStack() as stack:
+            # Hub i links to replica i (each told only its own replica).
+            hubs = [
+                stack.enter_context(hub_on(tmp_path, f"h{i}", [m], joins[i])) for i, m in enumerate(managers)
+            ]
+            ids = [await hub_id_of(hub) for hub in hubs]
+            held = owners(url)
+            assert [held[hub_id][0] for hub_id in ids] == [manager_id(m) for m in managers]
+            async with (
+                space_of(managers[0], token) as s0,
+                space_of(managers[1], token) as s1,
+                space_of(managers[2], token) as s2,
+            ):
+                spaces = [s0, s1, s2]
+                for space in spaces:
+                    listed = await until_listed(space, set(ids))
+                    assert sorted(r["id"] for r in listed) == sorted(ids)
+                # Every hub through every replica: two of three calls are forwarded.
+                for space in spaces:
+                    for hub_id in ids:
+                        version = await space.get(f"/sth/{hub_id}/api/v1/version")
+                        assert version.status_code == 200, version.text
+                        info = await space.get(f"/sth/{hub_id}/info")
+                        assert info.status_code == 200 and info.json()["healthy"], info.text
+                # A streamed upload through replica 1 to the hub on replica 2; started through
+                # replica 0; input through replica 1 and output read through replica 0.
+                package = python_package(ECHO)
+                uploaded = await s1.post(f"/sth/{ids[2]}/api/v1/sequence", content=package)
+                assert uploaded.status_code == 202, uploaded.text
+                sequence = uploaded.json()["id"]
+                started = await s0.post(f"/sth/{ids[2]}/api/v1/sequence/{sequence}/start", json={})
+                assert started.status_code == 200, started.text
+                instance = started.json()["id"]
+                lines = [f"line {n}\n".encode() for n in range(2000)]
+
+                async def chunks() -> AsyncIterator[bytes]:
+                    for line in lines:
+                        yield line
+
+                sent = await s1.post(
+                    f"/sth/{ids[2]}/api/v1/instance/{instance}/input",
+                    content=chunks(),  # chunked: streamed through both replicas' links
+                    headers={"content-type": "text/plain"},
+                )
+                assert sent.status_code == 200, sent.text
+                received = bytearray()
+                with trio.fail_after(30):
+                    async with s0.stream(
+                        "GET", f"/sth/{ids[2]}/api/v1/instance/{instance}/output"
+                    ) as response:
+                        assert response.status_code == 200
+                        async for chunk in response.aiter_raw():
+                            received.extend(chunk)
+                assert bytes(received) == b"".join(lines)
+                # The Space's listings are the same from every replica.
+                for kind in ("sequences", "instances", "topics"):
+                    answers = []
+                    for space in spaces:
+                        with trio.fail_after(15):
+                            while True:
+                                answer = (await space.get(f"/{kind}", params={"detail": "true"})).json()
+                                if kind == "topics" or any(i.get("hub") == ids[2] for i in answer):
+                                    break
+                                await trio.sleep(0.3)
+                        answers.append(json.dumps(answer, sort_keys=True))
+                    assert answers[0] == answers[1] == answers[2], kind
+                states = [
+                    sorted(
+                        (r["id"], r["state"], r["isConnectionActive"]) for r in (await s.get("/list")).json()
+                    )
+                    for s in spaces
+                ]
+                assert states[0] == states[1] == states[2]
+                # An unknown hub is a 404 from every replica; a bad token is refused everywhere.
+                for space in spaces:
+                    assert (await space.get("/sth/sth-00000000/api/v1/version")).status_code == 404
+                    refused = await space.get("/list", headers={"Authorization": "Bearer shk_nope"})
+                    assert refused.status_code == 403
+                # A token revoked through one replica stops working on the others within seconds.
+                admin(data, url, "token", "revoke", "--space", "demo", token)
+                with trio.fail_after(10):
+                    while [(await s.get("/list")).status_code for s in spaces] != [403, 403, 403]:
+                        await trio.sleep(0.3)
+
+
+async def test_a_replica_killed_its_hubs_come_back_on_the_others(
+    tmp_path: Path, postgres: TemporaryPostgres
+) -> None:
+    url = postgres.new_database()
+    data = tmp_path / "r0"
+    with replicas(tmp_path, url) as managers:
+        admin(data, url, "space", "create", "demo")
+        token = admin(data, url, "token", "create", "--space", "demo")
+        joins = [admin(data, url, "join-token", "create", "--space", "demo") for _ in range(3)]
+        doomed, survivors = managers[2], managers[:2]
+        with ExitStack() as stack:
+            # Two hubs start on the doomed replica and know the others; one knows only it.
+            movers = [
+                stack.enter_context(hub_on(tmp_path, f"m{i}", [doomed, *survivors], joins[i]))
+                for i in range(2)
+            ]
+            stranded = stack.enter_context(hub_on(tmp_path, "stranded", [doomed], joins[2]))
+            mover_ids = [await hub_id_of(hub) for hub in movers]
+            stranded_id = await hub_id_of(stranded)
+            doomed_id = manager_id(doomed)
+            assert {owners(url)[h][0] for h in [*mover_ids, stranded_id]} == {doomed_id}
+            async with space_of(survivors[0], token) as s0, space_of(survivors[1], token) as s1:
+                await until_listed(s0, {*mover_ids, stranded_id})
+                doomed.process.send_signal(signal.SIGKILL)
+                doomed.process.wait(timeout=10)
+                killed_at = trio.current_time()
+                # A call made now either reaches the hub (it moved already) or is a clear 503.
+                early = await s0.get(f"/sth/{mover_ids[0]}/api/v1/version")
+                assert early.status_code in (200, 503), early.text
+                if early.status_code == 503:
+                    assert early.json()["error"], early.text
+                # The hubs that know other replicas are back, healthy, within 15 s.
+                for space in (s0, s1):
+                    await until_listed(space, set(mover_ids), seconds=15 - (trio.current_time() - killed_at))
+                for space in (s0, s1):
+                    for hub_id in mover_ids:
+                        answer = await space.get(f"/sth/{hub_id}/api/v1/version")
+                        assert answer.status_code == 200, answer.text
+                held = owners(url)
+                assert {held[h][0] for h in mover_ids} <= {manager_id(m) for m in survivors}
+                # The hub that knew only the dead replica is not left owned by it: its row is
+                # released once the replica's liveness row is old, and it shows disconnected.
+                with trio.fail_after(40):
+                    while stranded_id in owners(url):
+                        await trio.sleep(0.5)
+                listed = {r["id"]: r for r in (await s1.get("/list")).json()}
+                assert not listed[stranded_id]["isConnectionActive"]
+                gone = await s1.get(f"/sth/{stranded_id}/api/v1/version")
+                assert gone.status_code == 503 and "not connected" in gone.json()["error"]
+
+
+async def test_one_hub_identity_on_two_replicas_is_served_by_one(
+    tmp_path: Path, postgres: TemporaryPostgres
+) -> None:
+    """Fencing: a hub's data dir (its key) copied to a second machine, each copy linking to
+    another replica. Every take-over bumps the hub's ownership epoch and closes the other
+    replica's link (links_fenced_total on /metrics), again and again, and the registry
+    names one owner of the hub at any time."""
+    url = postgres.new_database()
+    data = tmp_path / "r0"
+    with replicas(tmp_path, url, 2) as managers:
+        admin(data, url, "space", "create", "demo")
+        token = admin(data, url, "token", "create", "--space", "demo")
+        join = admin(data, url, "join-token", "create", "--space", "demo")
+        with hub_on(tmp_path, "original", [managers[0]], join) as original:
+            hub_id = await hub_id_of(original)
+            assert owners(url)[hub_id][1] == 1
+        # Its identity, twice: the same key and link.json on two "machines".
+        clone = tmp_path / "clone"
+        clone.mkdir()
+        for name in ("hub.key", "link.json"):
+            source = tmp_path / "original" / name
+            if source.exists():
+                (clone / name).write_bytes(source.read_bytes())
+                (clone / name).chmod(0o600)
+        with hub_on(tmp_path, "original", [managers[0]]), hub_on(tmp_path, "clone", [managers[1]]):
+            async with space_of(managers[0], token) as s0, space_of(managers[1], token) as s1:
+                fenced_before = sum(_fenced(m) for m in managers)
+                epochs = []
+                with trio.fail_after(60):
+                    while sum(_fenced(m) for m in managers) - fenced_before < 2:
+                        await trio.sleep(0.5)
+                        for space in (s0, s1):
+                            assert (await space.get("/list")).status_code == 200
+                        epochs.append(owners(url)[hub_id][1])
+                # Both replicas fenced a link of it at least once, and the epoch only grew.
+                assert all(_fenced(m) >= 1 for m in managers)
+                # (epoch 1 was the original's first link; each take-over since added one)
+                assert epochs == sorted(epochs) and epochs[-1] >= 3
+        for m in managers:
+            assert m.alive()
+
+
+def _fenced(manager: ManagerProcess) -> int:
+    """links_fenced_total from the replica's /metrics."""
+    metrics_token = cpm(manager.data_dir, "metrics-token")
+    answer = httpx.get(
+        f"{manager.base}/metrics",
+        headers={"Authorization": f"Bearer {metrics_token}"},
+        verify=ssl_context(manager),
+        timeout=10,
+    )
+    for line in answer.text.splitlines():
+        if line.startswith("spacehub_cpm_links_fenced_total "):
+            return int(float(line.split()[1]))
+    raise AssertionError("no spacehub_cpm_links_fenced_total in /metrics")
