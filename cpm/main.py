@@ -286,6 +286,9 @@ def _setup_logging(level: str, log_format: str = "text") -> None:
         logger = logging.getLogger(name)
         logger.setLevel(_LOG_LEVELS[level])
         logger.addHandler(handler)
+    # The registry's connection pool logs every failed reconnection; the manager says once
+    # that the database is unavailable, and again when it is back.
+    logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
 
 
 #: The cyclic garbage collector's thresholds for the serving manager (Python's are 700, 10, 10).

@@ -274,7 +274,9 @@ class Replicas:
                     await trio.sleep(LIVENESS_INTERVAL)
                     try:
                         await self.db(self.registry.replica_alive, self.id, self.url, self.started)
-                        await self._look_around()
+                        # Right after an outage every row looks old: give the others a round
+                        # to write theirs before taking anyone for dead.
+                        await self._look_around(release_dead=not self._db_failing)
                         if self._db_failing:
                             logger.warning("the registry's database is back")
                         self._db_failing = False
@@ -291,11 +293,12 @@ class Replicas:
                 except ManagerError as exc:
                     logger.warning("cannot remove this replica's rows: %s", exc)
 
-    async def _look_around(self) -> None:
+    async def _look_around(self, *, release_dead: bool = True) -> None:
         now = time.time()
         replicas = await self.db(self.registry.replicas)
         self.peers = [r for r in replicas if r.id != self.id and now - r.seen < REPLICA_DEAD_AFTER]
-        for dead in await self.db(self.registry.dead_replicas, REPLICA_DEAD_AFTER):
+        dead_ones = await self.db(self.registry.dead_replicas, REPLICA_DEAD_AFTER) if release_dead else []
+        for dead in dead_ones:
             if dead == self.id:
                 continue
             released = await self.db(self.registry.forget_replica, dead)

@@ -26,9 +26,9 @@ from spacehub.server.http import (
 )
 from spacehub.server.load import load_check
 
-from ..errors import HubNotFound, HubUnavailable
+from ..errors import HubNotFound, HubUnavailable, RegistryUnavailable
 from ..link.sessions import forward
-from ..registry import Hub
+from ..registry import Hub, HubOwner
 from ..replicas import forwarded
 from ..topics import topic_listing
 
@@ -127,20 +127,40 @@ def original_shape(kind: str, items: list[dict[str, Any]]) -> list[Any]:
     return list(per_hub.values())
 
 
+def known_owner(manager: Manager, hub_id: str) -> tuple[str, HubOwner | None]:
+    """The hub's space and owner as last read from the registry (it cannot be read now);
+    :class:`RegistryUnavailable` if nothing was known of the hub."""
+    standing = manager.sessions.known_standing.get(hub_id)
+    if standing is None or standing[1] is not None:
+        raise RegistryUnavailable()
+    held = manager.sessions.known_owners.get(hub_id)
+    peers = {peer.id: peer for peer in manager.replicas.peers}
+    if held is None or held[0] not in peers:
+        return standing[0], None
+    peer = peers[held[0]]
+    return standing[0], HubOwner(peer.id, held[1], peer.url, peer.seen)
+
+
 async def proxy(manager: Manager, request: Request, send: Send, space: str, hub_id: str, rest: str) -> None:
     """Forward to hub ``hub_id`` of ``space`` as ``/api/v1<rest>`` with the same query string."""
     session = manager.sessions.live(hub_id)
     if session is None:
-        # Not connected: the registry tells "no such hub here" (404) from "offline" (503).
-        hub = await manager.sessions.db(manager.registry.get_hub, hub_id)
-        if hub.space != space:
+        # Not connected here: the registry tells "no such hub here" (404) from "offline"
+        # (503) and, with replicas, which replica holds its link (cpm/replicas.py).
+        try:
+            hub = await manager.sessions.db(manager.registry.get_hub, hub_id)
+            hub_space = hub.space
+            owner = None
+            if manager.replicas.active and not forwarded(request) and hub_space == space:
+                owner = await manager.sessions.db(manager.registry.hub_owner, hub_id)
+        except RegistryUnavailable:
+            # The database is down: what the watchdog last read of it still routes the call.
+            hub_space, owner = known_owner(manager, hub_id)
+        if hub_space != space:
             raise HubNotFound(f"hub {hub_id!r} not found")
-        if manager.replicas.active and not forwarded(request):
-            # Its link may be held by another replica: the call goes there (cpm/replicas.py).
-            owner = await manager.sessions.db(manager.registry.hub_owner, hub_id)
-            if owner is not None and owner.replica != manager.id:
-                await manager.replicas.forward(owner, request, send)
-                return
+        if owner is not None and owner.replica != manager.id and not forwarded(request):
+            await manager.replicas.forward(owner, request, send)
+            return
         raise HubUnavailable(f"Hub {hub_id} is not connected")
     if session.space != space:  # a live link was authenticated for its space: no registry trip
         raise HubNotFound(f"hub {hub_id!r} not found")

@@ -351,6 +351,10 @@ class HubSessions:
         self.registry_version: int | None = None
         #: links closed because another replica took their hub over (metrics)
         self.links_fenced = 0
+        #: every hub's (space, revoked reason) and (owner replica, epoch), as last read: used
+        #: while the registry's database cannot be reached
+        self.known_standing: dict[str, tuple[str, str | None]] = {}
+        self.known_owners: dict[str, tuple[str, int]] = {}
         #: links accepted and ended since start (metrics)
         self.links_opened = 0
         self.links_closed = 0
@@ -740,6 +744,8 @@ class HubSessions:
             except ManagerError as exc:  # the database is down: the first round finds out more
                 logger.error("cannot read the registry: %s", exc)
             self.registry_version = self._seen_version
+            if self.registry.shared:
+                self._seen_version = None  # the first round reads the standing and owners
             task_status.started()
             while True:
                 await trio.sleep(WATCHDOG_INTERVAL)
@@ -779,6 +785,11 @@ class HubSessions:
         self._seen_version = self.registry_version = version
         if standing is None:
             return
+        # Kept for when the database is down: calls for hubs held by other replicas can
+        # still be forwarded (cpm/api/space.py).
+        self.known_standing = standing
+        if owners is not None:
+            self.known_owners = owners
         if self.on_standing is not None:
             self.on_standing(standing)
         for session in list(self._live.values()):

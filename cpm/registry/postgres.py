@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -46,6 +47,9 @@ STATEMENT_TIMEOUT_MS: Final = 5000
 WRITE_LOCK: Final = 0x73746872
 #: Key of the advisory lock held while the schema is migrated.
 MIGRATION_LOCK: Final = 0x73746873
+#: Seconds after a failure during which calls fail at once instead of waiting for a connection
+#: (while the database is down, every call would otherwise wait CONNECT_WAIT_SECONDS).
+FAIL_FAST_SECONDS: Final = 1.0
 #: Seconds between the pool's attempts to reconnect grow up to about this.
 RECONNECT_TIMEOUT_SECONDS: Final = 365 * 24 * 3600.0
 
@@ -114,6 +118,9 @@ class PostgresDatabase:
     def __init__(self, url: str, *, pool_size: int = POOL_SIZE) -> None:
         self.location = safe_location(url)
         self.statements = 0
+        #: monotonic time until which calls fail at once (see FAIL_FAST_SECONDS), and why
+        self._down_until = 0.0
+        self._down_reason = ""
         self._pool = ConnectionPool(
             url,
             min_size=1,
@@ -167,6 +174,8 @@ class PostgresDatabase:
 
     @contextmanager
     def transaction(self, *, write: bool = True, counted: bool = True) -> Iterator[_PgTransaction]:
+        if time.monotonic() < self._down_until:
+            raise RegistryUnavailable(f"the registry's database is unavailable: {self._down_reason}")
         try:
             with self._pool.connection() as connection, connection.transaction():
                 tx = _PgTransaction(self, connection)
@@ -176,10 +185,14 @@ class PostgresDatabase:
                 if tx.wrote and counted:
                     tx.execute("UPDATE registry_changes SET counter = counter + 1 WHERE id = 1")
         except PoolTimeout:
-            raise RegistryUnavailable(f"the registry's database {self.location} does not answer") from None
+            self._failed(f"{self.location} does not answer")
         except psycopg.OperationalError as exc:
-            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise RegistryUnavailable(f"the registry's database is unavailable: {first_line}") from None
+            self._failed(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+
+    def _failed(self, reason: str) -> NoReturn:
+        self._down_until = time.monotonic() + FAIL_FAST_SECONDS
+        self._down_reason = reason
+        raise RegistryUnavailable(f"the registry's database is unavailable: {reason}") from None
 
     def schema_version(self) -> int:
         with self.transaction(write=False) as tx:

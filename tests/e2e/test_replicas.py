@@ -313,3 +313,147 @@ def _fenced(manager: ManagerProcess) -> int:
         if line.startswith("spacehub_cpm_links_fenced_total "):
             return int(float(line.split()[1]))
     raise AssertionError("no spacehub_cpm_links_fenced_total in /metrics")
+
+
+async def test_a_space_topic_spans_hubs_on_different_replicas(
+    tmp_path: Path, postgres: TemporaryPostgres
+) -> None:
+    """Producers on hubs linked to two replicas, consumers on hubs linked to the other two, a
+    Space API reader and a poster through yet others: every record once, in order, wherever
+    the topics home is; GET /topics is the same from every replica."""
+    from .test_space_topics import CONSUMER, PRODUCER, Records, follow, start, until, wait_wanted
+
+    url = postgres.new_database()
+    data = tmp_path / "r0"
+    with replicas(tmp_path, url) as managers:
+        admin(data, url, "space", "create", "demo")
+        token = admin(data, url, "token", "create", "--space", "demo")
+        joins = [admin(data, url, "join-token", "create", "--space", "demo") for _ in range(3)]
+        with (
+            hub_on(tmp_path, "a", [managers[0]], joins[0]) as a,
+            hub_on(tmp_path, "b", [managers[1]], joins[1]) as b,
+            hub_on(tmp_path, "c", [managers[2]], joins[2]) as c,
+        ):
+            async with (
+                space_of(managers[0], token) as s0,
+                space_of(managers[1], token) as s1,
+                space_of(managers[2], token) as s2,
+                httpx.AsyncClient(base_url=a.url, timeout=TIMEOUT) as hub_a,
+                httpx.AsyncClient(base_url=b.url, timeout=TIMEOUT) as hub_b,
+                httpx.AsyncClient(base_url=c.url, timeout=TIMEOUT) as hub_c,
+                trio.open_nursery() as nursery,
+            ):
+                ids = [await hub_id_of(h) for h in (a, b, c)]
+                await until_listed(s0, set(ids))
+                on_b, on_c, on_space = Records(), Records(), Records()
+                consumer_b = await start(hub_b, CONSUMER)
+                consumer_c = await start(hub_c, CONSUMER)
+                nursery.start_soon(follow, hub_b, f"/instance/{consumer_b}/output", on_b)
+                nursery.start_soon(follow, hub_c, f"/instance/{consumer_c}/output", on_c)
+                nursery.start_soon(follow, s1, "/topic/t", on_space)  # a reader through replica 1
+                await wait_wanted(hub_a, "t")
+                total = 300
+                await start(hub_a, PRODUCER, "a", str(total), "0.002")
+                await start(hub_c, PRODUCER, "c", str(total), "0.002")
+                posted = b"".join(json.dumps({"from": "api", "n": n}).encode() + b"\n" for n in range(50))
+                response = await s2.post(
+                    "/topic/t", content=posted, headers={"content-type": "application/x-ndjson"}
+                )
+                assert response.status_code == 202, response.text
+                await until(
+                    lambda: (
+                        min(r.count(o) for r in (on_b, on_c, on_space) for o in ("a", "c", "api")) >= 50
+                        and min(r.count(o) for r in (on_b, on_c, on_space) for o in "ac") >= total
+                    ),
+                    60,
+                    "every record",
+                )
+                await trio.sleep(1)  # anything repeated or echoed back would arrive now
+                for records in (on_b, on_c, on_space):
+                    records.check("a", total)
+                    records.check("c", total)
+                    records.check("api", 50)
+                listings = []
+                for space in (s0, s1, s2):
+                    [topic] = [t for t in (await space.get("/topics")).json() if t["name"] == "t"]
+                    assert topic["producers"] == sorted([ids[0], ids[2]])
+                    assert set(topic["consumers"]) == {ids[1], ids[2]}
+                    listings.append((topic["producers"], sorted(topic["consumers"]), topic["records"]))
+                assert listings[0] == listings[1] == listings[2]
+                # One replica keeps the topics; the hubs on the two others had theirs relayed.
+                with psycopg.connect(url) as connection:
+                    (home,) = connection.execute(
+                        "SELECT value FROM cluster WHERE name = 'home:topics'"
+                    ).fetchone()
+                assert home in {manager_id(m) for m in managers}
+                nursery.cancel_scope.cancel()
+
+
+async def test_the_database_stopped_and_started_under_load(tmp_path: Path) -> None:
+    """PostgreSQL goes down while calls flow through two replicas (to the hub each holds and,
+    forwarded, to the other's): the links stay up and those calls go on; what needs the
+    database answers 503 with a reason; everything resumes when it is back."""
+    own = TemporaryPostgres()  # stopped mid-test: not the session's cluster
+    try:
+        url = own.new_database()
+        data = tmp_path / "r0"
+        with replicas(tmp_path, url, 2) as managers:
+            admin(data, url, "space", "create", "demo")
+            token = admin(data, url, "token", "create", "--space", "demo")
+            joins = [admin(data, url, "join-token", "create", "--space", "demo") for _ in range(3)]
+            with (
+                hub_on(tmp_path, "h0", [managers[0]], joins[0]) as h0,
+                hub_on(tmp_path, "h1", [managers[1]], joins[1]) as h1,
+            ):
+                ids = [await hub_id_of(h0), await hub_id_of(h1)]
+                async with space_of(managers[0], token) as s0, space_of(managers[1], token) as s1:
+                    await until_listed(s0, set(ids))
+                    await until_listed(s1, set(ids))
+                    await trio.sleep(2.5)  # a watchdog round has read who holds which hub
+                    statuses: list[int] = []
+                    refused: list[str] = []
+                    stop_load = trio.Event()
+
+                    async def load() -> None:
+                        while not stop_load.is_set():
+                            for space in (s0, s1):
+                                for hub_id in ids:
+                                    with trio.fail_after(10):  # nothing hangs
+                                        answer = await space.get(f"/sth/{hub_id}/api/v1/version")
+                                    statuses.append(answer.status_code)
+                                    if answer.status_code != 200:
+                                        refused.append(f"{space.base_url} {hub_id}: {answer.text}")
+                            await trio.sleep(0.02)
+
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(load)
+                        await trio.sleep(1)
+                        await trio.to_thread.run_sync(own.stop)
+                        down_from = len(statuses)
+                        await trio.sleep(2)
+                        for space in (s0, s1):
+                            listed = await space.get("/list")
+                            assert listed.status_code == 503, listed.text
+                            assert "database" in listed.json()["error"], listed.text
+                        # A hub joining now is turned away (the hub retries): nothing is half made.
+                        with hub_on(tmp_path, "late", [managers[0]], joins[2]) as late:
+                            async with httpx.AsyncClient(base_url=late.url, timeout=TIMEOUT) as late_http:
+                                await trio.sleep(2)
+                                assert not (await late_http.get("/status")).json()["cpm"]["connected"]
+                            await trio.sleep(4)
+                            during = statuses[down_from:]
+                            await trio.to_thread.run_sync(own.start)
+                            # Back: the late hub gets in, the listings answer again.
+                            late_id = await hub_id_of(late)
+                            for space in (s0, s1):
+                                await until_listed(space, {*ids, late_id}, seconds=30)
+                        stop_load.set()
+                    # Through the outage every call for a linked hub, direct or forwarded, went on.
+                    assert during and set(during) == {200}, refused[:5]
+                    assert set(statuses) == {200}
+                    fresh = admin(data, url, "token", "create", "--space", "demo")
+                    for manager in managers:
+                        async with space_of(manager, fresh) as space:
+                            assert (await space.get("/list")).status_code == 200
+    finally:
+        own.close()
