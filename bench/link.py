@@ -53,6 +53,8 @@ HUBS = [int(n) for n in os.environ.get("BENCH_HUBS", "100,1000,5000").split(",")
 WORKERS = int(os.environ.get("BENCH_WORKERS", "2"))
 WINDOW = float(os.environ.get("BENCH_WINDOW", "30"))
 HEARTBEAT = float(os.environ.get("BENCH_HEARTBEAT", "10"))
+#: fleet: dials (TLS handshakes and link handshakes) each worker process runs at once
+DIAL_CONCURRENCY = int(os.environ.get("BENCH_DIAL_CONCURRENCY", "32"))
 #: soak: MB streamed (half through instances, half through topics), link drops, calls
 SOAK_MB = int(os.environ.get("BENCH_SOAK_MB", "2048"))
 DROPS = int(os.environ.get("BENCH_DROPS", "1000"))
@@ -683,8 +685,11 @@ async def _sim_hub(
     context: ssl.SSLContext | None,
     limiter: trio.Semaphore,
     stats: FleetStats,
+    first: int = 0,
 ) -> None:
-    """One simulated hub: LinkClient's dial, join/auth and session, with its own Ed25519 key."""
+    """One simulated hub: LinkClient's dial, join/auth and session, with its own Ed25519 key.
+    With several manager URLs (replicas), it starts at ``first`` and, as LinkClient, dials
+    the next one after every failed attempt or lost link."""
 
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
     from websockets.trio.client import connect
@@ -709,6 +714,8 @@ async def _sim_hub(
     space = config["space"]
     hub_id: str | None = None
     attempt = 0
+    urls: list[str] = config.get("urls") or [config["url"]]
+    turn = first
 
     async def control(transport: Any, connection: LinkConnection) -> ControlMessage:
         events = connection.receive_message(await transport.receive())
@@ -723,7 +730,7 @@ async def _sim_hub(
                 async with limiter:
                     websocket = await stack.enter_async_context(
                         connect(
-                            config["url"] + "/api/v1/link",
+                            urls[turn % len(urls)] + "/api/v1/link",
                             ssl=context,
                             ping_interval=None,  # as LinkClient: the manager's pings prove the link
                             close_timeout=CLOSE_TIMEOUT,
@@ -779,6 +786,7 @@ async def _sim_hub(
             stats.errors[name] = stats.errors.get(name, 0) + 1
         if not welcomed:
             attempt += 1
+        turn += random.randrange(1, len(urls)) if len(urls) > 1 else 0  # as LinkClient: another, at random
         await trio.sleep(random.uniform(0, min(10.0, 2.0**attempt)))
 
 
@@ -803,8 +811,10 @@ async def _fleet_worker(config: dict[str, Any]) -> None:
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(progress)
-        for token in config["tokens"]:
-            nursery.start_soon(_sim_hub, config, token, context, limiter, stats)
+        for index, token in enumerate(config["tokens"]):
+            nursery.start_soon(
+                _sim_hub, config, token, context, limiter, stats, config.get("first", 0) + index
+            )
 
 
 def fleet_worker_main(path: str) -> None:
@@ -826,15 +836,21 @@ class Worker:
                 self.last = json.loads(line)
 
 
-def start_workers(root: Path, mgr: Manager, space: str, tokens: list[str]) -> list[Worker]:
-    """``WORKERS`` processes running the simulated hubs of ``tokens`` (split evenly)."""
+def start_workers(
+    root: Path, mgr: Manager, space: str, tokens: list[str], urls: list[str] | None = None
+) -> list[Worker]:
+    """``WORKERS`` processes running the simulated hubs of ``tokens`` (split evenly); with
+    ``urls`` (replicas), the hubs start spread over them and move on when one fails."""
     workers = []
     for index in range(WORKERS):
         config = {
             "url": mgr.link_url(),
+            "urls": urls or [],
+            "first": index,
             "ca": str(mgr.ca) if TLS else "",
             "space": space,
             "tokens": tokens[index::WORKERS],
+            "dial_concurrency": DIAL_CONCURRENCY,
         }
         path = root / f"worker{index}.json"
         path.write_text(json.dumps(config))

@@ -350,8 +350,12 @@ class LinkClient:
         return urls[self._url_index % len(urls)]
 
     def _next_url(self) -> None:
-        """After a failed attempt or a lost link, the next replica (if several are given)."""
-        self._url_index += 1
+        """After a failed attempt or a lost link, another replica (if several are given),
+        drawn at random: when a replica dies, its hubs spread over the others instead of
+        all landing on the one listed next."""
+        count = len(self._config.cpm_urls)
+        if count > 1:
+            self._url_index = (self._url_index + random.randrange(1, count)) % count
 
     def _move(self, trigger: LinkTrigger) -> None:
         self.state = next_state(self.state, trigger)

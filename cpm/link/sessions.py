@@ -597,15 +597,17 @@ class HubSessions:
             raise Refusal("bad-request", str(exc)) from None
         assert isinstance(hello, Join | Auth)  # the table allows nothing else now
         space = hello.space
-        try:
-            await self.db(self.registry.get_space, space)
-        except SpaceNotFound:
-            raise Refusal("space-unknown", f"The manager has no space {space!r}") from None
-        hub = await (self._join(hello, nonce) if isinstance(hello, Join) else self._auth(hello, nonce))
-        try:
-            hub, epoch = await self.db(self.registry.claim_hub, hub.id, self.manager_id)
-        except HubRevoked as exc:
-            raise Refusal(exc.code, exc.message) from None
+        if isinstance(hello, Auth):
+            # The common case (every reconnect, thousands at once when a replica dies): one
+            # trip to a worker thread for the lookups, the signature and the claim.
+            hub, epoch = await self.db(self._auth_and_claim, hello, nonce)
+        else:
+            await self.db(self._space_exists, space)
+            hub = await self._join(hello, nonce)
+            try:
+                hub, epoch = await self.db(self.registry.claim_hub, hub.id, self.manager_id)
+            except HubRevoked as exc:
+                raise Refusal(exc.code, exc.message) from None
         welcome = Welcome(
             hub_id=hub.id,
             space=space,
@@ -651,13 +653,21 @@ class HubSessions:
         logger.info("hub %s joined space %s", hub.id, space)
         return hub
 
-    async def _auth(self, message: Auth, nonce: bytes) -> Hub:
+    def _space_exists(self, space: str) -> None:
+        try:
+            self.registry.get_space(space)
+        except SpaceNotFound:
+            raise Refusal("space-unknown", f"The manager has no space {space!r}") from None
+
+    def _auth_and_claim(self, message: Auth, nonce: bytes) -> tuple[Hub, int]:
+        """A known hub proves its key; it is then claimed by this replica. In a worker thread."""
         hub_id, space, signature = message.hub_id, message.space, message.signature
+        self._space_exists(space)
         unknown = Refusal(
             "hub-unknown", f"The manager knows no hub {hub_id!r} in space {space!r}; join again"
         )
         try:
-            hub = await self.db(self.registry.get_hub, hub_id)
+            hub = self.registry.get_hub(hub_id)
         except HubNotFound:
             raise unknown from None
         if hub.space != space:
@@ -667,7 +677,10 @@ class HubSessions:
             raise Refusal(HubRevoked.code, reason or HubRevoked.default_message)
         if not verify_challenge(hub.public_key, challenge_payload(nonce, hub_id, space), signature):
             raise Refusal("bad-signature", "The signature does not match the key this hub joined with")
-        return hub
+        try:
+            return self.registry.claim_hub(hub.id, self.manager_id)
+        except HubRevoked as exc:
+            raise Refusal(exc.code, exc.message) from None
 
     # -- pings --------------------------------------------------------------------------------
 

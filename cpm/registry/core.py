@@ -629,31 +629,38 @@ class Registry:
         """Record that ``replica`` holds the hub's link from now on (it came up there): the hub
         and the new ownership epoch, one more than any before it. :class:`HubRevoked` for a
         revoked hub. Any other replica still holding a link of this hub sees the newer epoch
-        and closes its link (fencing: cpm/replicas.py)."""
-        with self._transaction() as db:
-            hub = self._hub(db, hub_id)
-            if hub.revoked:
+        and closes its link (fencing: cpm/replicas.py).
+
+        Not serialised with other writers (a reconnect storm claims thousands of hubs at
+        once): the upsert takes the hub's ownership row lock, so two claims of one hub still
+        get one epoch each, and a revocation racing a claim is seen by the watchdog, which
+        closes revoked hubs' links."""
+        now = self._clock() if when is None else when
+        with self._transaction(write=False) as db:
+            row = db.execute(
+                "UPDATE hubs SET last_connected = ? WHERE id = ? AND revoked_at IS NULL RETURNING *",
+                (now, hub_id),
+            ).fetchone()
+            if row is None:
+                hub = self._hub(db, hub_id)  # HubNotFound, or revoked:
                 raise HubRevoked(
                     f"{HubRevoked.default_message}: {hub.revoked_reason}"
                     if hub.revoked_reason
                     else HubRevoked.default_message
                 )
-            db.execute(
-                "UPDATE hubs SET last_connected = ? WHERE id = ?",
-                (self._clock() if when is None else when, hub_id),
-            )
             (epoch,) = db.execute(
                 "INSERT INTO hub_owners (hub_id, replica, epoch) VALUES (?, ?, 1)"
                 " ON CONFLICT (hub_id) DO UPDATE SET replica = excluded.replica,"
                 " epoch = hub_owners.epoch + 1 RETURNING epoch",
                 (hub_id, replica),
             ).fetchone()
-            return self._hub(db, hub_id), int(epoch)
+            return _hub(row), int(epoch)
 
     def release_hub(self, hub_id: str, replica: str, epoch: int, when: float | None = None) -> bool:
         """The link ``replica`` held at ``epoch`` ended: forget the ownership and record
-        ``lastDisconnected``, unless a newer link (here or on another replica) took over."""
-        with self._transaction() as db:
+        ``lastDisconnected``, unless a newer link (here or on another replica) took over.
+        Not serialised with other writers either (see :meth:`claim_hub`)."""
+        with self._transaction(write=False) as db:
             gone = db.execute(
                 "DELETE FROM hub_owners WHERE hub_id = ? AND replica = ? AND epoch = ?",
                 (hub_id, replica, epoch),

@@ -14,7 +14,8 @@ wrote (a revoked token or hub, a hub taken over) without reading any table.
 
 A lost connection or a database that does not answer within :data:`CONNECT_WAIT_SECONDS`
 raises :class:`~cpm.errors.RegistryUnavailable` (503); the pool reconnects by itself
-when the database is back.
+when the database is back. Connections are not checked each time they are taken (a round
+trip per transaction): one the database dropped fails its call once (503) and is replaced.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ __all__ = ["POOL_SIZE", "PostgresDatabase", "is_postgres_url", "safe_location"]
 logger = logging.getLogger("cpm.registry")
 
 #: Connections one manager keeps to the database at most (and worker threads using them).
-POOL_SIZE: Final = 4
+POOL_SIZE: Final = 8
 #: Seconds a call waits for a connection (a database that is down answers 503 after this).
 CONNECT_WAIT_SECONDS: Final = 3.0
 #: Seconds one statement may run before the database cancels it.
@@ -134,7 +135,6 @@ class PostgresDatabase:
                 "application_name": "cpm",
                 "options": f"-c statement_timeout={STATEMENT_TIMEOUT_MS}",
             },
-            check=ConnectionPool.check_connection,
             open=False,
             name="cpm-registry",
         )

@@ -34,7 +34,7 @@ from cpm.errors import (
     TokenUnknown,
     TokenUsed,
 )
-from cpm.registry import SCHEMA_VERSION, Hub, Registry, iso_utc, migrate
+from cpm.registry import SCHEMA_VERSION, Hub, HubOwner, Registry, iso_utc, migrate
 from harness.postgres import TemporaryPostgres
 
 ISO_MS_Z = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
@@ -578,3 +578,81 @@ def test_hub_standing(registry: Registry, space: str) -> None:
         stolen.id: (space, "stolen"),
         silent.id: (space, ""),
     }
+
+
+# -- replicas: ownership, liveness, shared settings --------------------------------------------
+
+
+def test_claims_grow_the_epoch_and_only_the_holder_releases(
+    registry: Registry, space: str, clock: FakeClock
+) -> None:
+    hub = join(registry, space, key(1))
+    _, first = registry.claim_hub(hub.id, "r1")
+    assert registry.owned_by("r1") == {hub.id: first}
+    clock.now += 1
+    again, second = registry.claim_hub(hub.id, "r2")  # the hub linked to another replica
+    assert second == first + 1 and again.last_connected == clock.now
+    assert registry.owners() == {hub.id: ("r2", second)}
+    # r1's old link ends: it releases nothing, and records no disconnection.
+    assert not registry.release_hub(hub.id, "r1", first)
+    assert registry.get_hub(hub.id).last_disconnected is None
+    assert registry.hub_owner(hub.id) == HubOwner("r2", second, None, None)
+    clock.now += 1
+    assert registry.release_hub(hub.id, "r2", second)
+    assert registry.hub_owner(hub.id) is None
+    assert registry.get_hub(hub.id).last_disconnected == clock.now
+    # The next claim goes on from 1 again: the row is gone, not the hub.
+    assert registry.claim_hub(hub.id, "r1")[1] == 1
+    registry.revoke_hub(hub.id, "stolen")
+    with pytest.raises(HubRevoked):
+        registry.claim_hub(hub.id, "r2")
+
+
+def test_liveness_dead_replicas_and_forgetting_one(registry: Registry, space: str, clock: FakeClock) -> None:
+    hubs = [join(registry, space, key(n)) for n in (1, 2, 3)]
+    registry.replica_alive("r1", "https://r1:9000", T0)
+    registry.replica_alive("r2", "https://r2:9000", T0)
+    registry.claim_hub(hubs[0].id, "r1")
+    registry.claim_hub(hubs[1].id, "r2")
+    registry.claim_hub(hubs[2].id, "r3")  # a replica with no liveness row at all
+    assert [r.id for r in registry.replicas()] == ["r1", "r2"]
+    assert registry.hub_owner(hubs[0].id) == HubOwner("r1", 1, "https://r1:9000", clock.now)
+    clock.now += 20
+    registry.replica_alive("r1", "https://r1:9000", T0)
+    assert registry.dead_replicas(15) == ["r2", "r3"]
+    registry.cluster_value("home:topics", lambda: "r2")
+    assert registry.forget_replica("r2") == 1
+    assert registry.forget_replica("r3") == 1
+    assert registry.dead_replicas(15) == []
+    assert registry.owners() == {hubs[0].id: ("r1", 1)}
+    assert registry.get_hub(hubs[1].id).last_disconnected == clock.now
+    # What the dead replica was home to goes to the next that asks.
+    assert registry.cluster_value("home:topics", lambda: "r1") == "r1"
+
+
+def test_reasserting_keeps_a_newer_owner(registry: Registry, space: str) -> None:
+    mine, taken = join(registry, space, key(1)), join(registry, space, key(2))
+    _, epoch = registry.claim_hub(mine.id, "r1")
+    registry.claim_hub(taken.id, "r1")
+    registry.forget_replica("r1")  # released by another replica during an outage
+    _, newer = registry.claim_hub(taken.id, "r2")  # and one hub linked elsewhere meanwhile
+    registry.reassert_hubs("r1", {mine.id: epoch, taken.id: 1, "sth-gone": 4})
+    assert registry.owners() == {mine.id: ("r1", epoch), taken.id: ("r2", newer)}
+
+
+def test_a_cluster_value_is_made_once(registry: Registry) -> None:
+    made: list[str] = []
+
+    def make() -> str:
+        made.append("x")
+        return f"secret-{len(made)}"
+
+    assert registry.cluster_value("peer-secret", make) == "secret-1"
+    assert registry.cluster_value("peer-secret", make) == "secret-1"
+    assert made == ["x"]
+
+
+def test_liveness_does_not_count_as_a_change(registry: Registry) -> None:
+    before = registry.data_version()
+    registry.replica_alive("r1", "https://r1:9000", T0)
+    assert registry.data_version() == before
