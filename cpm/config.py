@@ -166,6 +166,16 @@ def _check(config: ManagerConfig) -> ManagerConfig:
         or not config.registry.startswith(("postgresql://", "postgres://"))
     ):
         raise ConfigError("registry must be a postgresql://USER@HOST[:PORT]/DATABASE URL")
+    if (
+        config.registry is not None
+        and config.advertise_url is None
+        and config.public_url is None
+        and config.hostname in ("0.0.0.0", "::", "")
+    ):
+        raise ConfigError(
+            f"a replica listening on {config.hostname or 'every address'} needs advertise_url"
+            " (--advertise-url https://HOST:PORT): how the other replicas reach it"
+        )
     if config.advertise_url is not None:
         url = config.advertise_url
         if not isinstance(url, str) or PUBLIC_URL.fullmatch(url.rstrip("/")) is None:

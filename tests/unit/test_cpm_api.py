@@ -164,6 +164,34 @@ def test_plain_http_only_on_loopback(tmp_path: Path) -> None:
     assert not load_config(None, {"tls": False, "hostname": "::1", "data_dir": tmp_path}).tls
 
 
+def test_replica_options(tmp_path: Path) -> None:
+    url = "postgresql://spacehub@db.example/spacehub"
+    config = load_config(
+        None, {"registry": url, "advertise_url": "https://cpm1.example:9000/", "data_dir": tmp_path}
+    )
+    assert config.registry_location == url and config.advertise_url == "https://cpm1.example:9000"
+    assert load_config(None, {"data_dir": tmp_path}).registry_location == str(tmp_path / "registry.sqlite3")
+    with pytest.raises(ConfigError, match="postgresql://"):
+        load_config(None, {"registry": "mysql://x/y", "data_dir": tmp_path})
+    with pytest.raises(ConfigError, match="advertise_url"):
+        load_config(None, {"registry": url, "advertise_url": "cpm1:9000", "data_dir": tmp_path})
+    # Listening on every address, a replica cannot guess how its peers reach it.
+    with pytest.raises(ConfigError, match="advertise"):
+        load_config(None, {"registry": url, "hostname": "0.0.0.0", "data_dir": tmp_path})
+    assert (
+        load_config(
+            None,
+            {
+                "registry": url,
+                "hostname": "0.0.0.0",
+                "public_url": "https://space.example:9000",
+                "data_dir": tmp_path,
+            },
+        ).advertise_url
+        is None
+    )
+
+
 # -- the link, spoken by a minimal hub over a real websocket ---------------------------------------
 #
 # The hub here is the shared link shell (LinkSession + serve_asgi) with a tiny ASGI app, so these

@@ -507,6 +507,10 @@ def test_describe_error_names_certificate_failures() -> None:
         ({"cpm_url": "ws://cpm.example:9000", "space": "main", "cpm_insecure": True}, None),
         ({"cpm_url": "https://cpm.example", "space": "main"}, "wss://"),
         ({"cpm_url": "wss://cpm.example:9000"}, "--space"),
+        ({"cpm_url": ["wss://a.example:9000", "wss://b.example:9000"], "space": "main"}, None),
+        ({"cpm_url": ["wss://a.example:9000", "ws://b.example:9000"], "space": "main"}, "--cpm-insecure"),
+        ({"cpm_url": [], "space": "main"}, "list of URLs"),
+        ({"cpm_url": ["wss://a.example:9000", 5], "space": "main"}, "list of URLs"),
         ({"cpm_fingerprint": "nothex"}, "fingerprint"),
         ({"tags": ["a", 1]}, "tags"),
     ],
@@ -518,6 +522,31 @@ def test_link_options_are_validated(options: dict[str, Any], error: str | None) 
     else:
         with pytest.raises(ConfigError, match=error.replace("-", r"\-")):
             load_config(None, options)
+
+
+def test_several_replicas_a_lost_link_moves_to_another_at_random(tmp_path: Path) -> None:
+    urls = ["wss://a.example:9000", "wss://b.example:9000", "wss://c.example:9000"]
+    config = load_config(None, {"cpm_url": [*urls, urls[0]], "space": "main", "data_dir": tmp_path})
+    assert config.cpm_url == urls[0] and config.cpm_urls == urls  # repeats dropped, order kept
+    assert config.public()["cpm"]["urls"] == urls
+    client = LinkClient(config, _ignore_app)
+    assert client._url == urls[0]  # the first as given
+    seen = []
+    for _ in range(60):
+        before = client._url
+        client._next_url()
+        assert client._url != before  # never the one that just failed
+        seen.append(client._url)
+    assert set(seen) == set(urls)  # and every other one in time
+    single = LinkClient(
+        load_config(None, {"cpm_url": urls[1], "space": "main", "data_dir": tmp_path}), _ignore_app
+    )
+    single._next_url()
+    assert single._url == urls[1]
+
+
+async def _ignore_app(scope: Any, receive: Any, send: Any) -> None:
+    """An ASGI app that is never called."""
 
 
 def test_join_token_never_in_public_config() -> None:
