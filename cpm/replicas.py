@@ -12,11 +12,14 @@ Spaces. Each is a *replica*, named by its manager id, reachable by the others at
   those hubs disconnected, so nothing stays stuck on it. Heartbeats of hubs never reach
   the database: only links coming up and going down do.
 * **Ownership with fencing.** Admitting a hub's link claims the hub in ``hub_owners``
-  with an epoch one above the last (cpm/registry: ``claim_hub``); a link that ends
-  releases only its own epoch. Every replica's watchdog re-reads the owners when the
+  with an epoch one above the last (cpm/registry: ``take_over``) and tells the replica
+  that held it, over the peer link, to close its old link before the new one is welcomed
+  (``POST /api/v1/peer/fence``, :meth:`Replicas.tell_taken_over`); a link that ends
+  releases only its own epoch. Every replica's watchdog also re-reads the owners when the
   registry's change counter moves and closes any link of a hub another replica has
-  claimed with a newer epoch (:meth:`cpm.link.sessions.HubSessions.fence`): a hub that
-  dials a second replica ends up linked to exactly one. A replica that lost the
+  claimed with a newer epoch (:meth:`cpm.link.sessions.HubSessions.fence`), which covers
+  a holder that could not be told: a hub that dials a second replica ends up linked to
+  exactly one. A replica that lost the
   database long enough for its rows to be released puts back those of the links it
   still holds, unless someone claimed them meanwhile.
 * **Forwarding.** A call for a hub whose link another replica holds goes to that
@@ -101,6 +104,8 @@ REPLICA_DEAD_AFTER: Final = 15.0
 PEER_LINK_PATH: Final = "/api/v1/peer-link"
 #: The cluster view: what a replica's linked hubs of a space last reported (peer links only).
 REPORTS_PATH: Final = "/api/v1/peer/reports"
+#: A take-over: "close your link of this hub, I hold it at this epoch" (peer links only).
+FENCE_PATH: Final = "/api/v1/peer/fence"
 #: Header naming the replica a call was forwarded by (served by the far replica's own app).
 FORWARDED_BY: Final = "x-spacehub-forwarded-by"
 #: Names in the ``cluster`` table.
@@ -112,6 +117,9 @@ RELAYED_HUB: Final = "x-spacehub-hub"
 RELAYED_SPACE: Final = "x-spacehub-space"
 #: Seconds to dial a peer (and to wait for its reports) before answering without it.
 PEER_TIMEOUT: Final = 3.0
+#: Seconds a peer that could not be dialled is not dialled again (calls for its hubs fail at
+#: once meanwhile: after a kill -9, thousands of them in the seconds before it is taken for dead).
+PEER_REDIAL_SECONDS: Final = 2.0
 #: Most bytes of one peer's reports read (a few KB a hub).
 MAX_REPORTS_BYTES: Final = 64 * 1024 * 1024
 #: Largest websocket message on a peer link (as on hubs' links: one frame and room to spare).
@@ -216,6 +224,8 @@ class Replicas:
         #: outbound peer links, by replica id
         self._links: dict[str, LinkSession] = {}
         self._dialing: dict[str, trio.Lock] = {}
+        #: trio time until which a peer that could not be dialled is not tried again
+        self._unreachable: dict[str, float] = {}
         self._nursery: trio.Nursery | None = None
         #: counters (metrics, the replicas' benchmark)
         self.forwarded_calls = 0
@@ -350,6 +360,18 @@ class Replicas:
         await serve_asgi(stream, self._peer_app)
 
     async def _peer_app(self, scope: MutableMapping[str, Any], receive: Any, send: Any) -> None:
+        if scope["path"] == FENCE_PATH:
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            try:
+                hub, replica, epoch = query["hub"][0], query["replica"][0], int(query["epoch"][0])
+            except (KeyError, IndexError, ValueError):
+                status = 400
+            else:
+                await self.manager.sessions.fence({hub: (replica, epoch)})
+                status = 204
+            await send({"type": "http.response.start", "status": status, "headers": []})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
         if scope["path"] == REPORTS_PATH:
             query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
             space = (query.get("space") or [""])[0]
@@ -382,12 +404,16 @@ class Replicas:
             link = self._links.get(replica)
             if link is not None and not link.closed:
                 return link
+            if trio.current_time() < self._unreachable.get(replica, -1.0):
+                raise HubUnavailable(f"replica {replica} at {url} cannot be reached (just tried)")
             try:
                 with trio.fail_after(PEER_TIMEOUT):
                     started: LinkSession = await self._nursery.start(self._hold_link, replica, url)
+                    self._unreachable.pop(replica, None)
                     return started
             except (OSError, trio.TooSlowError, LinkClosed, LinkError, WebSocketException) as exc:
                 # Refused, timed out, a bad certificate, a refused handshake (wrong secret).
+                self._unreachable[replica] = trio.current_time() + PEER_REDIAL_SECONDS
                 raise HubUnavailable(f"replica {replica} at {url} cannot be reached: {exc!r}") from None
 
     async def _hold_link(
@@ -452,6 +478,21 @@ class Replicas:
                 f"The {name} holding this hub went away during the call ({reason}); retry"
             ),
         )
+
+    async def tell_taken_over(self, previous: str, hub: str, epoch: int) -> None:
+        """This replica took ``hub`` over at ``epoch`` from ``previous``: have it close its old
+        link now (fencing without waiting for its watchdog). A peer that cannot be reached is
+        left to its watchdog, or is dead."""
+        peer = next((p for p in self.peers if p.id == previous), None)
+        if peer is None:
+            return
+        target = f"{FENCE_PATH}?hub={quote(hub)}&replica={quote(self.id)}&epoch={epoch}"
+        try:
+            link = await self._link_to(peer.id, peer.url)
+            stream = await link.open_stream("POST", target, [], end=True)
+            await stream.response()
+        except (ManagerError, LinkClosed, LinkError, StreamAborted) as exc:
+            logger.info("could not tell replica %s that hub %s moved here: %s", previous, hub, exc)
 
     # -- Space-wide topics ---------------------------------------------------------------
 

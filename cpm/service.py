@@ -74,6 +74,7 @@ class Manager:
         self.replicas = Replicas(self)
         # Hubs' topic streams: served here, or relayed to the replica keeping the topics.
         self.sessions.on_hub_stream = self.replicas.serve_hub_stream
+        self.sessions.on_taken_over = self.replicas.tell_taken_over
         #: with --fault-injection only (cpm/faults.py)
         self.faults: Faults | None = None
         if config.fault_injection:

@@ -150,6 +150,8 @@ T = TypeVar("T")
 
 #: Seconds a hub has, once connected, to answer the challenge.
 HANDSHAKE_TIMEOUT: Final = 10.0
+#: Seconds a take-over waits for the replica that held the hub to close its old link.
+TAKEOVER_NOTICE_SECONDS: Final = 1.0
 #: Seconds between the watchdog's rounds (health changes, revocations).
 WATCHDOG_INTERVAL: Final = 2.0
 #: Seconds a refusal or a revocation notice gets to leave before the link is closed.
@@ -363,6 +365,9 @@ class HubSessions:
         #: told every hub's (space, revoked reason) when the registry changed (cpm/topics.py
         #: stops keeping records for revoked hubs)
         self.on_standing: Callable[[dict[str, tuple[str, str | None]]], None] | None = None
+        #: told (replica, hub, epoch) when a hub's link comes up here while another replica held
+        #: it (cpm/replicas.py tells that replica to let its old link go)
+        self.on_taken_over: Callable[[str, str, int], Awaitable[None]] | None = None
         #: serves the streams hubs open (Space-wide topics, cpm/topics.py): hub id, space, stream
         self.on_hub_stream: Callable[[str, str, InboundStream], Awaitable[None]] | None = None
 
@@ -600,7 +605,12 @@ class HubSessions:
         if isinstance(hello, Auth):
             # The common case (every reconnect, thousands at once when a replica dies): one
             # trip to a worker thread for the lookups, the signature and the claim.
-            hub, epoch = await self.db(self._auth_and_claim, hello, nonce)
+            hub, epoch, previous = await self.db(self._auth_and_claim, hello, nonce)
+            if previous not in (None, self.manager_id) and self.on_taken_over is not None:
+                # Tell the replica that held it at once (the watchdog would within 2 s), so that
+                # its old link is closed before this one is welcomed.
+                with trio.move_on_after(TAKEOVER_NOTICE_SECONDS):
+                    await self.on_taken_over(str(previous), hub.id, epoch)
         else:
             await self.db(self._space_exists, space)
             hub = await self._join(hello, nonce)
@@ -659,7 +669,7 @@ class HubSessions:
         except SpaceNotFound:
             raise Refusal("space-unknown", f"The manager has no space {space!r}") from None
 
-    def _auth_and_claim(self, message: Auth, nonce: bytes) -> tuple[Hub, int]:
+    def _auth_and_claim(self, message: Auth, nonce: bytes) -> tuple[Hub, int, str | None]:
         """A known hub proves its key; it is then claimed by this replica. In a worker thread."""
         hub_id, space, signature = message.hub_id, message.space, message.signature
         self._space_exists(space)
@@ -678,7 +688,7 @@ class HubSessions:
         if not verify_challenge(hub.public_key, challenge_payload(nonce, hub_id, space), signature):
             raise Refusal("bad-signature", "The signature does not match the key this hub joined with")
         try:
-            return self.registry.claim_hub(hub.id, self.manager_id)
+            return self.registry.take_over(hub.id, self.manager_id)
         except HubRevoked as exc:
             raise Refusal(exc.code, exc.message) from None
 

@@ -626,6 +626,10 @@ class Registry:
     # -- replicas: who holds each hub's link ----------------------------------------------------
 
     def claim_hub(self, hub_id: str, replica: str, when: float | None = None) -> tuple[Hub, int]:
+        hub, epoch, _previous = self.take_over(hub_id, replica, when)
+        return hub, epoch
+
+    def take_over(self, hub_id: str, replica: str, when: float | None = None) -> tuple[Hub, int, str | None]:
         """Record that ``replica`` holds the hub's link from now on (it came up there): the hub
         and the new ownership epoch, one more than any before it. :class:`HubRevoked` for a
         revoked hub. Any other replica still holding a link of this hub sees the newer epoch
@@ -634,7 +638,8 @@ class Registry:
         Not serialised with other writers (a reconnect storm claims thousands of hubs at
         once): the upsert takes the hub's ownership row lock, so two claims of one hub still
         get one epoch each, and a revocation racing a claim is seen by the watchdog, which
-        closes revoked hubs' links."""
+        closes revoked hubs' links. :meth:`take_over` also names the replica that held it
+        before (None if none did)."""
         now = self._clock() if when is None else when
         with self._transaction(write=False) as db:
             row = db.execute(
@@ -648,13 +653,14 @@ class Registry:
                     if hub.revoked_reason
                     else HubRevoked.default_message
                 )
+            before = db.execute("SELECT replica FROM hub_owners WHERE hub_id = ?", (hub_id,)).fetchone()
             (epoch,) = db.execute(
                 "INSERT INTO hub_owners (hub_id, replica, epoch) VALUES (?, ?, 1)"
                 " ON CONFLICT (hub_id) DO UPDATE SET replica = excluded.replica,"
                 " epoch = hub_owners.epoch + 1 RETURNING epoch",
                 (hub_id, replica),
             ).fetchone()
-            return _hub(row), int(epoch)
+            return _hub(row), int(epoch), None if before is None else str(before["replica"])
 
     def release_hub(self, hub_id: str, replica: str, epoch: int, when: float | None = None) -> bool:
         """The link ``replica`` held at ``epoch`` ended: forget the ownership and record

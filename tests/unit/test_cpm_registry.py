@@ -602,7 +602,9 @@ def test_claims_grow_the_epoch_and_only_the_holder_releases(
     assert registry.hub_owner(hub.id) is None
     assert registry.get_hub(hub.id).last_disconnected == clock.now
     # The next claim goes on from 1 again: the row is gone, not the hub.
-    assert registry.claim_hub(hub.id, "r1")[1] == 1
+    assert registry.take_over(hub.id, "r1")[1:] == (1, None)
+    # A take-over names the replica that held it (to be told to let go).
+    assert registry.take_over(hub.id, "r2")[1:] == (2, "r1")
     registry.revoke_hub(hub.id, "stolen")
     with pytest.raises(HubRevoked):
         registry.claim_hub(hub.id, "r2")
