@@ -85,13 +85,7 @@ def _healthy(mgr: Manager, api_token: str) -> int:
 
 def _connected_here(mgr: Manager, token: str) -> int:
     """Hubs this replica holds a healthy link of (its hubs gauge, state "connected")."""
-    with httpx.Client(verify=mgr.verify(), timeout=30) as client:
-        text = client.get(f"{mgr.base}/metrics", headers={"Authorization": f"Bearer {token}"}).text
-    prefix = f'spacehub_cpm_hubs{{space="{SPACE}",state="connected"}} '
-    for line in text.splitlines():
-        if line.startswith(prefix):
-            return int(float(line.split()[1]))
-    return 0
+    return int(_metric(mgr, token, f'spacehub_cpm_hubs{{space="{SPACE}",state="connected"}}'))
 
 
 def _latencies(base: str, mgr: Manager, api_token: str, hub: str) -> list[float]:

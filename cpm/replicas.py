@@ -73,6 +73,7 @@ from spacehub.server.link import (
 from spacehub.tls import client_ssl_context
 
 from .config import ConfigError
+from .console.auth import same_secret
 from .errors import HubUnavailable, ManagerError
 from .link.sessions import DROP_REQUEST_HEADERS, RemoteHub, forward_on, remote_hubs
 from .link.transport import AsgiWebSocketTransport
@@ -328,8 +329,6 @@ class Replicas:
 
     def admits(self, authorization: str | None) -> bool:
         """Whether a peer link's ``authorization`` carries the replicas' secret."""
-        from .console.auth import same_secret
-
         if not self.active or self._secret is None or authorization is None:
             return False
         scheme, _, secret = authorization.partition(" ")

@@ -683,8 +683,8 @@ class HubSessions:
         if hub.space != space:
             raise unknown
         if hub.revoked:
-            reason = f"{HubRevoked.default_message}: {hub.revoked_reason}" if hub.revoked_reason else None
-            raise Refusal(HubRevoked.code, reason or HubRevoked.default_message)
+            refused = hub.refused()
+            raise Refusal(refused.code, refused.message)
         if not verify_challenge(hub.public_key, challenge_payload(nonce, hub_id, space), signature):
             raise Refusal("bad-signature", "The signature does not match the key this hub joined with")
         try:

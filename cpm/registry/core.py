@@ -135,6 +135,12 @@ class Hub:
     def revoked(self) -> bool:
         return self.revoked_at is not None
 
+    def refused(self) -> HubRevoked:
+        """The error a revoked hub's link is refused with (its reason, if one was given)."""
+        if self.revoked_reason:
+            return HubRevoked(f"{HubRevoked.default_message}: {self.revoked_reason}")
+        return HubRevoked()
+
     def record(self) -> HubRecord:
         """The manager's per-hub record, as in the seed; ``info`` keys are omitted when unknown."""
         times = (
@@ -602,11 +608,7 @@ class Registry:
         with self._transaction() as db:
             hub = self._hub(db, hub_id)
             if hub.revoked:
-                raise HubRevoked(
-                    f"{HubRevoked.default_message}: {hub.revoked_reason}"
-                    if hub.revoked_reason
-                    else HubRevoked.default_message
-                )
+                raise hub.refused()
             db.execute(
                 "UPDATE hubs SET last_connected = ? WHERE id = ?",
                 (self._clock() if when is None else when, hub_id),
@@ -647,12 +649,7 @@ class Registry:
                 (now, hub_id),
             ).fetchone()
             if row is None:
-                hub = self._hub(db, hub_id)  # HubNotFound, or revoked:
-                raise HubRevoked(
-                    f"{HubRevoked.default_message}: {hub.revoked_reason}"
-                    if hub.revoked_reason
-                    else HubRevoked.default_message
-                )
+                raise self._hub(db, hub_id).refused()  # (or HubNotFound)
             before = db.execute("SELECT replica FROM hub_owners WHERE hub_id = ?", (hub_id,)).fetchone()
             (epoch,) = db.execute(
                 "INSERT INTO hub_owners (hub_id, replica, epoch) VALUES (?, ?, 1)"

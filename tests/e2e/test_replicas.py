@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import signal
 from collections.abc import AsyncIterator, Iterator
-from contextlib import ExitStack, asynccontextmanager, contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from harness.postgres import TemporaryPostgres
 from tests.cpm_helpers import ManagerProcess, cpm, run_cpm
 from tests.helpers import HubProcess, python_package, run_sth
 
-from .test_link_e2e import FAST, TIMEOUT, ssl_context
+from .test_link_e2e import FAST, TIMEOUT, space_client, ssl_context
 
 pytest.importorskip("agent.link.client")
 
@@ -49,6 +49,13 @@ def admin(data: Path, url: str, *args: str) -> str:
     return cpm(data, *args, "--registry", url)
 
 
+def demo_space(data: Path, url: str, hubs: int) -> tuple[str, list[str]]:
+    """Space "demo" in the shared registry: an API token, and a join token for each of ``hubs``."""
+    admin(data, url, "space", "create", "demo")
+    token = admin(data, url, "token", "create", "--space", "demo")
+    return token, [admin(data, url, "join-token", "create", "--space", "demo") for _ in range(hubs)]
+
+
 @contextmanager
 def hub_on(
     tmp: Path, name: str, managers: list[ManagerProcess], join: str | None = None
@@ -64,17 +71,6 @@ def hub_on(
     args += ["--link-backoff-cap", "2", "--kill-grace", "1"]
     with run_sth(data / "sequences", *args) as hub:
         yield hub
-
-
-@asynccontextmanager
-async def space_of(manager: ManagerProcess, token: str) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        base_url=manager.space_url("demo"),
-        headers={"Authorization": f"Bearer {token}"},
-        verify=ssl_context(manager),
-        timeout=TIMEOUT,
-    ) as client:
-        yield client
 
 
 async def hub_id_of(hub: HubProcess) -> str:
@@ -116,9 +112,7 @@ async def test_every_route_answers_the_same_from_every_replica(
     url = postgres.new_database()
     data = tmp_path / "r0"
     with replicas(tmp_path, url) as managers:
-        admin(data, url, "space", "create", "demo")
-        token = admin(data, url, "token", "create", "--space", "demo")
-        joins = [admin(data, url, "join-token", "create", "--space", "demo") for _ in managers]
+        token, joins = demo_space(data, url, len(managers))
         # All three replicas serve under the one CA the first made.
         assert len({m.ca_file.read_bytes() for m in managers}) == 1
         assert len({m.fingerprint for m in managers}) == 1
@@ -131,9 +125,9 @@ async def test_every_route_answers_the_same_from_every_replica(
             held = owners(url)
             assert [held[hub_id][0] for hub_id in ids] == [manager_id(m) for m in managers]
             async with (
-                space_of(managers[0], token) as s0,
-                space_of(managers[1], token) as s1,
-                space_of(managers[2], token) as s2,
+                space_client(managers[0], token) as s0,
+                space_client(managers[1], token) as s1,
+                space_client(managers[2], token) as s2,
             ):
                 spaces = [s0, s1, s2]
                 for space in spaces:
@@ -213,9 +207,7 @@ async def test_a_replica_killed_its_hubs_come_back_on_the_others(
     url = postgres.new_database()
     data = tmp_path / "r0"
     with replicas(tmp_path, url) as managers:
-        admin(data, url, "space", "create", "demo")
-        token = admin(data, url, "token", "create", "--space", "demo")
-        joins = [admin(data, url, "join-token", "create", "--space", "demo") for _ in range(3)]
+        token, joins = demo_space(data, url, 3)
         doomed, survivors = managers[2], managers[:2]
         with ExitStack() as stack:
             # Two hubs start on the doomed replica and know the others; one knows only it.
@@ -228,7 +220,7 @@ async def test_a_replica_killed_its_hubs_come_back_on_the_others(
             stranded_id = await hub_id_of(stranded)
             doomed_id = manager_id(doomed)
             assert {owners(url)[h][0] for h in [*mover_ids, stranded_id]} == {doomed_id}
-            async with space_of(survivors[0], token) as s0, space_of(survivors[1], token) as s1:
+            async with space_client(survivors[0], token) as s0, space_client(survivors[1], token) as s1:
                 await until_listed(s0, {*mover_ids, stranded_id})
                 doomed.process.send_signal(signal.SIGKILL)
                 doomed.process.wait(timeout=10)
@@ -268,9 +260,7 @@ async def test_one_hub_identity_on_two_replicas_is_served_by_one(
     url = postgres.new_database()
     data = tmp_path / "r0"
     with replicas(tmp_path, url, 2) as managers:
-        admin(data, url, "space", "create", "demo")
-        token = admin(data, url, "token", "create", "--space", "demo")
-        join = admin(data, url, "join-token", "create", "--space", "demo")
+        token, [join] = demo_space(data, url, 1)
         with hub_on(tmp_path, "original", [managers[0]], join) as original:
             hub_id = await hub_id_of(original)
             assert owners(url)[hub_id][1] == 1
@@ -283,7 +273,7 @@ async def test_one_hub_identity_on_two_replicas_is_served_by_one(
                 (clone / name).write_bytes(source.read_bytes())
                 (clone / name).chmod(0o600)
         with hub_on(tmp_path, "original", [managers[0]]), hub_on(tmp_path, "clone", [managers[1]]):
-            async with space_of(managers[0], token) as s0, space_of(managers[1], token) as s1:
+            async with space_client(managers[0], token) as s0, space_client(managers[1], token) as s1:
                 fenced_before = sum(_fenced(m) for m in managers)
                 epochs = []
                 with trio.fail_after(60):
@@ -326,18 +316,16 @@ async def test_a_space_topic_spans_hubs_on_different_replicas(
     url = postgres.new_database()
     data = tmp_path / "r0"
     with replicas(tmp_path, url) as managers:
-        admin(data, url, "space", "create", "demo")
-        token = admin(data, url, "token", "create", "--space", "demo")
-        joins = [admin(data, url, "join-token", "create", "--space", "demo") for _ in range(3)]
+        token, joins = demo_space(data, url, 3)
         with (
             hub_on(tmp_path, "a", [managers[0]], joins[0]) as a,
             hub_on(tmp_path, "b", [managers[1]], joins[1]) as b,
             hub_on(tmp_path, "c", [managers[2]], joins[2]) as c,
         ):
             async with (
-                space_of(managers[0], token) as s0,
-                space_of(managers[1], token) as s1,
-                space_of(managers[2], token) as s2,
+                space_client(managers[0], token) as s0,
+                space_client(managers[1], token) as s1,
+                space_client(managers[2], token) as s2,
                 httpx.AsyncClient(base_url=a.url, timeout=TIMEOUT) as hub_a,
                 httpx.AsyncClient(base_url=b.url, timeout=TIMEOUT) as hub_b,
                 httpx.AsyncClient(base_url=c.url, timeout=TIMEOUT) as hub_c,
@@ -398,15 +386,13 @@ async def test_the_database_stopped_and_started_under_load(tmp_path: Path) -> No
         url = own.new_database()
         data = tmp_path / "r0"
         with replicas(tmp_path, url, 2) as managers:
-            admin(data, url, "space", "create", "demo")
-            token = admin(data, url, "token", "create", "--space", "demo")
-            joins = [admin(data, url, "join-token", "create", "--space", "demo") for _ in range(3)]
+            token, joins = demo_space(data, url, 3)
             with (
                 hub_on(tmp_path, "h0", [managers[0]], joins[0]) as h0,
                 hub_on(tmp_path, "h1", [managers[1]], joins[1]) as h1,
             ):
                 ids = [await hub_id_of(h0), await hub_id_of(h1)]
-                async with space_of(managers[0], token) as s0, space_of(managers[1], token) as s1:
+                async with space_client(managers[0], token) as s0, space_client(managers[1], token) as s1:
                     await until_listed(s0, set(ids))
                     await until_listed(s1, set(ids))
                     await trio.sleep(2.5)  # a watchdog round has read who holds which hub
@@ -453,7 +439,7 @@ async def test_the_database_stopped_and_started_under_load(tmp_path: Path) -> No
                     assert set(statuses) == {200}
                     fresh = admin(data, url, "token", "create", "--space", "demo")
                     for manager in managers:
-                        async with space_of(manager, fresh) as space:
+                        async with space_client(manager, fresh) as space:
                             assert (await space.get("/list")).status_code == 200
     finally:
         own.close()
